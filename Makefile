@@ -1,0 +1,40 @@
+# onnxprune: every target installs what it needs into .venv first (a fresh clone needs nothing else).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench models lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Prune the reference ResNet (trained on scikit-learn's digits) by 40% and evaluate it.
+demo: install
+	@mkdir -p build
+	$(BIN)/onnxprune models/resnet.onnx build/resnet_pruned.onnx --ratio 0.4 --latency
+	$(BIN)/onnxprune eval models/resnet.onnx --data models/digits_test_32x32.npz --compare build/resnet_pruned.onnx
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[plot]'
+	$(BIN)/python bench/run.py
+
+# Rebuild models/ (needs torch==2.13.0: pip takes the local CPU wheel). Never needed otherwise.
+models: install
+	$(BIN)/python -m pip install --quiet -r models/requirements.txt
+	$(BIN)/python models/build.py
+
+lint: install
+	$(BIN)/python -m pip install --quiet ruff
+	$(BIN)/ruff check onnxprune passes tests
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,248 @@
+"""Command line: ``onnxprune IN OUT --ratio R``, ``onnxprune inspect IN``, ``onnxprune eval MODEL``.
+
+User errors print one line and exit 2; a fidelity check below ``--min-cosine`` exits 3 (the
+output is written only with ``--keep-failed``); anything else is a bug and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from onnxprune import __version__
+from onnxprune.errors import FidelityError, OnnxPruneError, UserError
+from onnxprune.model_io import load_model_info, save_model
+from onnxprune.passes.methods import METHODS
+from onnxprune.pipeline import PruneReport, analyse, prune
+from onnxprune.plan import PruningPlan
+from onnxprune.shapes import parse_input_shapes
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got '{text}'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other user error
+        console.print(f"[red]onnxprune: error:[/] {message}  (see --help)", highlight=False)
+        sys.exit(2)
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune", description="Data-free structured pruning of ONNX models. "
+                "Other commands: 'onnxprune inspect IN', 'onnxprune eval MODEL --data D.npz'.")
+    p.add_argument("input", help="the model to prune (.onnx, external data beside it)")
+    p.add_argument("output", help="where to write the pruned model")
+    p.add_argument("--ratio", type=_ratio, required=True, help="share of each group's channels to remove, in (0, 1)")
+    p.add_argument("--method", choices=sorted(METHODS), default="magnitude", help="how channels are chosen")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
+                   help="concrete shape for an input with dynamic dimensions (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="protect groups touching nodes whose names match (repeatable)")
+    p.add_argument("--round-to", type=_positive, default=1, metavar="N", help="keep channel counts multiples of N")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    p.add_argument("--check", type=int, default=8, metavar="N",
+                   help="synthetic probes for the fidelity check (default 8, 0 to skip the report)")
+    p.add_argument("--min-cosine", type=float, metavar="X",
+                   help="fail with exit code 3 if the mean output cosine on probes falls below X")
+    p.add_argument("--keep-failed", action="store_true", help="write the output even if --min-cosine fails")
+    p.add_argument("--report", metavar="R.json", help="write the report (and the plan) as JSON")
+    p.add_argument("--save-plan", metavar="P.json", help="write the pruning plan as JSON")
+    p.add_argument("--plan", metavar="P.json", help="apply a saved plan instead of planning")
+    p.add_argument("--latency", action="store_true", help="also time both models in onnxruntime")
+    p.add_argument("--force", action="store_true", help="allow the output to overwrite the input")
+    p.add_argument("--dry-run", action="store_true", help="plan and check, write nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    p.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    return p
+
+
+@contextmanager
+def _progress():
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        tasks = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+        yield update
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}P"
+
+
+def summary_table(report: PruneReport, latency: tuple[float, float, float] | None = None) -> Table:
+    b, a = report.before, report.after
+    table = Table(title=f"onnxprune: {report.method}, ratio {report.ratio}", title_justify="left")
+    for col, just in (("", "left"), ("before", "right"), ("after", "right"), ("kept", "right")):
+        table.add_column(col, justify=just)
+
+    def row(name, x, y, fmt=_human):
+        table.add_row(name, fmt(x), fmt(y), f"{y / x:.1%}" if x else "-")
+    row("parameters", b.params, a.params)
+    row("MACs", b.macs, a.macs)
+    row("size (bytes)", b.bytes, a.bytes)
+    row("nodes", b.nodes, a.nodes, str)
+    for op in sorted(set(b.ops) | set(a.ops)):
+        if b.ops.get(op, 0) != a.ops.get(op, 0):
+            row(f"  {op}", b.ops.get(op, 0), a.ops.get(op, 0), str)
+    if latency:
+        table.add_row("latency (ms)", f"{latency[0]:.3f}", f"{latency[1]:.3f}", f"{latency[2]:.1%}")
+    table.add_section()
+    table.add_row("groups pruned", f"{report.groups_pruned}/{report.groups_total}",
+                  f"{report.channels_removed} ch", f"of {report.channels_prunable} prunable")
+    if report.fidelity:
+        f = report.fidelity
+        top1 = f"{f.top1:.1%}" if f.top1 is not None else "-"
+        table.add_row(f"fidelity ({f.probes} probes)", f"cos {f.cosine:.4f}", f"relL2 {f.rel_l2:.4f}", f"top1 {top1}")
+    table.add_row("time", "", f"{sum(report.seconds.values()):.2f} s", "")
+    return table
+
+
+def _blocked_table(report: PruneReport) -> Table | None:
+    if not report.blocked:
+        return None
+    table = Table(title="groups left alone", title_justify="left")
+    table.add_column("groups", justify="right")
+    table.add_column("why")
+    for reason, count in sorted(report.blocked.items(), key=lambda kv: -kv[1])[:12]:
+        table.add_row(str(count), reason)
+    if len(report.blocked) > 12:
+        table.add_row("…", f"{len(report.blocked) - 12} more reasons (onnxprune inspect lists all)")
+    return table
+
+
+def run_prune(argv: list[str]) -> int:
+    args = _prune_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    src, dst = Path(args.input), Path(args.output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve() and not args.force:
+        raise UserError(f"output {dst} is the input; pass --force to overwrite it")
+    if not args.dry_run and not (dst.parent if str(dst.parent) else Path(".")).is_dir():
+        raise UserError(f"output folder {dst.parent} does not exist")
+    model, external = load_model_info(src)
+    plan = PruningPlan.load(args.plan) if args.plan else None
+    with _progress() as progress:
+        try:
+            pruned, report = prune(model, args.ratio, method=args.method,
+                                   input_shapes=parse_input_shapes(args.input_shape), exclude=args.exclude,
+                                   round_to=args.round_to, seed=args.seed, check=args.check,
+                                   min_cosine=args.min_cosine, plan=plan, progress=progress)
+            failure = None
+        except FidelityError as exc:
+            pruned, report, failure = exc.model, exc.report, exc
+    latency = None
+    if args.latency:
+        from onnxprune.fidelity import latency_ratio
+        latency = latency_ratio(model, pruned, report.input_shapes)
+    out.print(summary_table(report, latency))
+    blocked = _blocked_table(report)
+    if blocked is not None:
+        out.print(blocked)
+    if args.report:
+        data = report.to_dict()
+        if latency:
+            data["latency_ms"] = {"before": latency[0], "after": latency[1], "ratio": latency[2]}
+        Path(args.report).write_text(json.dumps(data, indent=1))
+    if args.save_plan:
+        report.plan.save(args.save_plan)
+    if failure is not None and not args.keep_failed:
+        console.print(f"[red]onnxprune: {failure}; nothing written (use --keep-failed to write it)[/]")
+        return failure.exit_code
+    if args.dry_run:
+        console.print("dry run: nothing written")
+    else:
+        written = save_model(pruned, dst, external_data=external or None)
+        console.print(f"wrote {', '.join(str(p) for p in written)}")
+    return failure.exit_code if failure is not None else 0
+
+
+def run_inspect(argv: list[str]) -> int:
+    p = _Parser(prog="onnxprune inspect", description="List every channel group: size, members, "
+                "prunable or the reason it is not.")
+    p.add_argument("input")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    model, _ = load_model_info(args.input)
+    analysis = analyse(model, parse_input_shapes(args.input_shape))
+    rows = []
+    for g in analysis.dep.groups:
+        rows.append({"id": g.id, "name": g.name, "size": g.size, "spaces": len(g.spaces),
+                     "producers": [n.name for n in g.producers], "members": len(g.nodes),
+                     "prunable": g.prunable, "why": g.blocked})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = Table(title=f"{args.input}: {len(rows)} channel groups, "
+                        f"{sum(r['prunable'] for r in rows)} prunable", title_justify="left")
+    for col in ("id", "producers", "channels", "nodes", "status"):
+        table.add_column(col, justify="right" if col in ("id", "channels", "nodes") else "left")
+    for r in rows:
+        status = "[green]prunable[/]" if r["prunable"] else f"[yellow]blocked[/]: {r['why'][0]}"
+        table.add_row(str(r["id"]), r["name"], str(r["size"]), str(r["members"]), status)
+    out.print(table)
+    return 0
+
+
+COMMANDS = {"inspect": run_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        return command(argv[1:]) if command else run_prune(argv)
+    except OnnxPruneError as exc:
+        kind = "error" if isinstance(exc, UserError) else "internal error (a bug, please report it)"
+        console.print(f"[red]onnxprune: {kind}:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[red]onnxprune: interrupted; nothing written[/]")
+        return 130
+    except Exception as exc:  # a bug: say so, keep the traceback for those who ask
+        if os.environ.get("ONNXPRUNE_DEBUG"):
+            raise
+        console.print(f"[red]onnxprune: internal error (a bug, please report it; ONNXPRUNE_DEBUG=1 shows "
+                      f"the traceback):[/] {type(exc).__name__}: {exc}", highlight=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

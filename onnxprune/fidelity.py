@@ -1,0 +1,85 @@
+"""Fidelity of a pruned model to its original on seeded synthetic inputs, and relative latency."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxprune.shapes import Shape, random_inputs, session
+
+
+@dataclass
+class Fidelity:
+    probes: int
+    cosine: float      # mean cosine similarity of output vectors (worst output)
+    rel_l2: float      # mean ||pruned - original|| / ||original|| (worst output)
+    top1: float | None  # share of probes whose argmax agrees (classification-like outputs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _per_sample(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+
+
+def compare_outputs(ref: list[np.ndarray], new: list[np.ndarray]) -> Fidelity:
+    cosines, errors, agree = [], [], []
+    for a, b in zip(ref, new):
+        if not np.issubdtype(np.asarray(a).dtype, np.floating):
+            continue
+        a2, b2 = _per_sample(a), _per_sample(b)
+        na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
+        dot = (a2 * b2).sum(axis=1)
+        cos = np.where((na > 0) & (nb > 0), dot / np.maximum(na * nb, 1e-30), (na == nb).astype(float))
+        cosines.append(cos.mean())
+        errors.append((np.linalg.norm(a2 - b2, axis=1) / np.maximum(na, 1e-12)).mean())
+        if np.asarray(a).ndim >= 1 and np.asarray(a).shape[-1] > 1:
+            agree.append((np.argmax(a, axis=-1) == np.argmax(b, axis=-1)).mean())
+    return Fidelity(
+        probes=int(np.asarray(ref[0]).shape[0]) if ref and np.asarray(ref[0]).ndim else 1,
+        cosine=float(min(cosines)) if cosines else 1.0,
+        rel_l2=float(max(errors)) if errors else 0.0,
+        top1=float(min(agree)) if agree else None,
+    )
+
+
+def _run_batched(sess: ort.InferenceSession, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    runs = [sess.run(None, f) for f in feeds]
+    return [np.concatenate([r[i] for r in runs], axis=0) if np.ndim(runs[0][i]) else np.stack([r[i] for r in runs])
+            for i in range(len(runs[0]))]
+
+
+def probe_feeds(model: onnx.ModelProto, shapes: dict[str, Shape], count: int, seed: int) -> list[dict]:
+    """``count`` synthetic samples, one feed per sample (models may have a fixed batch of 1)."""
+    rng = np.random.default_rng(seed)
+    return [random_inputs(model, shapes, rng) for _ in range(count)]
+
+
+def measure_fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict[str, Shape],
+                     count: int, seed: int = 0) -> Fidelity:
+    feeds = probe_feeds(original, shapes, count, seed)
+    return compare_outputs(_run_batched(session(original), feeds), _run_batched(session(pruned), feeds))
+
+
+def latency_ratio(original: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict[str, Shape],
+                  seconds: float = 2.0, threads: int = 1) -> tuple[float, float, float]:
+    """(original ms, pruned ms, pruned/original): medians of interleaved runs on the same input."""
+    a, b = session(original, threads), session(pruned, threads)
+    feed = random_inputs(original, shapes, np.random.default_rng(0))
+    for _ in range(3):
+        a.run(None, feed), b.run(None, feed)
+    times_a, times_b = [], []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times_a) < 5:
+        for sess, times in ((a, times_a), (b, times_b)):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+    ta, tb = float(np.median(times_a)) * 1e3, float(np.median(times_b)) * 1e3
+    return ta, tb, tb / ta

@@ -1,0 +1,170 @@
+"""The pipeline: load -> lower -> analyse -> plan -> rewrite -> verify/report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from onnxprune.depgraph import DependencyGraph
+from onnxprune.errors import FidelityError, InternalError, UserError
+from onnxprune.fidelity import Fidelity, measure_fidelity
+from onnxprune.metrics import ModelStats, model_stats
+from onnxprune.model_io import load_model
+from onnxprune.pass_infra import PassManager
+from onnxprune.passes.lower import DedupeConstants, lowering_passes
+from onnxprune.passes.methods import METHODS, Budget, Progress
+from onnxprune.plan import PruningPlan
+from onnxprune.rewrite import apply_plan
+from onnxprune.shapes import Shape, concrete_input_shapes, graph_inputs, resolve_shapes, skeleton
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Analysis:
+    """Everything passes may read about the model being pruned."""
+
+    model: onnx.ModelProto          # as loaded
+    graph: gs.Graph                 # the lowered graph the dependency graph indexes
+    input_shapes: dict[str, Shape]
+    shapes: dict[str, Shape]
+    dep: DependencyGraph
+
+
+@dataclass
+class PruneReport:
+    method: str
+    ratio: float
+    before: ModelStats
+    after: ModelStats
+    groups_total: int
+    groups_prunable: int
+    groups_pruned: int
+    blocked: dict[str, int]
+    channels_removed: int
+    channels_prunable: int
+    fidelity: Fidelity | None
+    input_shapes: dict[str, Shape]
+    plan: PruningPlan
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
+def _to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` with the template's opsets, functions and metadata (not its weights)."""
+    model = onnx.ModelProto()
+    model.graph.CopyFrom(OnnxExporter.export_graph(graph, do_type_check=False))
+    for name in _MODEL_FIELDS:
+        setattr(model, name, getattr(template, name))
+    model.opset_import.extend(template.opset_import)
+    model.metadata_props.extend(template.metadata_props)
+    model.functions.extend(template.functions)
+    model.ir_version = max(template.ir_version, 4)  # initializers no longer listed as inputs
+    return model
+
+
+def analyse(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, Shape] | None = None,
+            options: dict | None = None) -> Analysis:
+    """Lower a model and build its channel dependency graph."""
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model)
+    shapes_in = concrete_input_shapes(model, input_shapes or {})
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:
+        raise UserError(f"cannot read the model's graph: {exc}") from None
+    graph = PassManager(lowering_passes()).call(graph).graph
+    graph.cleanup().toposort()
+    shapes = resolve_shapes(skeleton(graph, model), shapes_in)
+    dep = DependencyGraph(graph, shapes, options)
+    return Analysis(model, graph, shapes_in, shapes, dep)
+
+
+def _check_signature(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
+    def signature(m):
+        return [(v.name, v.type.tensor_type.elem_type,
+                 [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim])
+                for v in list(graph_inputs(m)) + list(m.graph.output)]
+    if signature(original) != signature(pruned):
+        raise InternalError(f"the pruned model's signature changed: {signature(original)} -> {signature(pruned)}")
+
+
+def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, method: str = "magnitude",
+          input_shapes: dict[str, Shape] | None = None, exclude: list[str] | None = None, round_to: int = 1,
+          seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
+          options: dict | None = None, progress: Progress | None = None,
+          ) -> tuple[onnx.ModelProto, PruneReport]:
+    """Prune ``model`` and return the pruned ModelProto and a report.
+
+    Raises :class:`UserError` for bad input, :class:`FidelityError` when the mean output cosine
+    on ``check`` probes falls below ``min_cosine`` (the pruned model rides on the exception as
+    ``.model`` and ``.report``), :class:`InternalError` when the result fails validation.
+    """
+    if not 0 < ratio < 1:
+        raise UserError(f"ratio must be in (0, 1), got {ratio}")
+    if method not in METHODS:
+        raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    if round_to < 1:
+        raise UserError(f"--round-to must be a positive integer, got {round_to}")
+    timings = {}
+    t0 = time.perf_counter()
+    analysis = analyse(model, input_shapes, options)
+    original = analysis.model
+    timings["analyse"] = time.perf_counter() - t0
+    budget = Budget(ratio, round_to, list(exclude or []), seed)
+
+    t0 = time.perf_counter()
+    if plan is None:
+        plan = METHODS[method]().plan(analysis, budget, progress)
+    timings["plan"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    graph = apply_plan(analysis.graph, analysis.dep, plan)
+    graph = DedupeConstants().call(graph).graph
+    pruned = _to_model(graph, original)
+    timings["rewrite"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    try:
+        onnx.checker.check_model(pruned)
+    except onnx.checker.ValidationError as exc:
+        raise InternalError(f"the pruned model fails onnx.checker (a bug): {str(exc).splitlines()[0]}") from None
+    _check_signature(original, pruned)
+    try:
+        fidelity = measure_fidelity(original, pruned, analysis.input_shapes, max(check, 1), seed)
+    except Exception as exc:
+        raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
+    after_shapes = resolve_shapes(skeleton(graph, pruned), analysis.input_shapes)
+    timings["verify"] = time.perf_counter() - t0
+
+    dep = analysis.dep
+    prunable = dep.prunable_groups(budget.exclude)
+    blocked: dict[str, int] = {}
+    for g in dep.groups:
+        if g.blocked:
+            blocked[g.blocked[0]] = blocked.get(g.blocked[0], 0) + 1
+    report = PruneReport(
+        method=plan.method, ratio=ratio,
+        before=model_stats(original, analysis.shapes), after=model_stats(pruned, after_shapes),
+        groups_total=len(dep.groups), groups_prunable=len(prunable), groups_pruned=len(plan.groups),
+        blocked=blocked, channels_removed=plan.removed_units,
+        channels_prunable=sum(g.size for g in prunable),
+        fidelity=fidelity if check > 0 else None, input_shapes=analysis.input_shapes, plan=plan,
+        seconds=timings,
+    )
+    if min_cosine is not None and fidelity.cosine < min_cosine:
+        error = FidelityError(f"output cosine {fidelity.cosine:.4f} is below --min-cosine {min_cosine}")
+        error.model, error.report = pruned, report  # type: ignore[attr-defined]
+        raise error
+    return pruned, report

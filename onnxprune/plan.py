@@ -1,0 +1,64 @@
+"""A pruning plan: plain data saying which units of which group go (and where they merge).
+
+Plans are produced by methods, saved as JSON, inspected, and re-applied to the same model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from onnxprune.errors import UserError
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class GroupPlan:
+    group: int
+    name: str
+    size: int
+    remove: list[int]
+    #: Reconstruction: removed unit ``remove[i]`` is merged into kept unit ``merge_into[i]``
+    #: with coefficient ``merge_scale[i]`` (empty lists: no merging).
+    merge_into: list[int] = field(default_factory=list)
+    merge_scale: list[float] = field(default_factory=list)
+
+
+@dataclass
+class PruningPlan:
+    method: str
+    ratio: float
+    seed: int
+    groups: list[GroupPlan] = field(default_factory=list)
+    #: Free-form per-method details (step counts, annealing temperatures...).
+    details: dict = field(default_factory=dict)
+
+    @property
+    def removed_units(self) -> int:
+        return sum(len(g.remove) for g in self.groups)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": PLAN_VERSION, **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> PruningPlan:
+        try:
+            data = json.loads(text)
+            if data.pop("version", None) != PLAN_VERSION:
+                raise ValueError("unknown plan version")
+            groups = [GroupPlan(**g) for g in data.pop("groups")]
+            return cls(groups=groups, **data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UserError(f"not an onnxprune plan: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> PruningPlan:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read the plan: {exc.strerror}") from None

@@ -1,0 +1,159 @@
+"""Ops that act on each element or each channel alone: activations, broadcasting arithmetic,
+pooling, padding, resizing, softmax and reductions over other axes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.coupling import PASSIVE, Coupling, OpRule, blocked, register, same, slice_all
+
+
+def _through(node, tensor, axis, ctx, out_axis=None) -> Coupling:
+    """Tie axis ``axis`` of the data input to ``out_axis`` (default the same) of output 0."""
+    x, y = node.inputs[0], node.outputs[0]
+    out_axis = axis if out_axis is None else out_axis
+    if tensor.name == x.name:
+        return Coupling(PASSIVE, [same((y.name, out_axis), ctx.shape(x)[axis])])
+    return Coupling(PASSIVE, [same((x.name, axis), ctx.shape(y)[axis])])
+
+
+def _only_first_output_used(node) -> bool:
+    return all(not out.outputs for out in node.outputs[1:])
+
+
+@register("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Erf", "Elu",
+          "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Exp", "Log", "Abs", "Neg",
+          "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Identity", "Cast",
+          "Dropout", "Clip", "Not", "IsNaN", "Shrink")
+class UnaryRule(OpRule):
+    def couple(self, node, tensor, axis, ctx):
+        if tensor.name != node.inputs[0].name and tensor.name != node.outputs[0].name:
+            return blocked(f"{node.op} '{node.name}' uses a channel tensor as a parameter")
+        if not _only_first_output_used(node):
+            return blocked(f"{node.op} '{node.name}' has a second output in use")
+        return _through(node, tensor, axis, ctx)
+
+
+@register("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu")
+class BroadcastRule(OpRule):
+    """Numpy broadcasting: equal-sized operands are tied, constants are sliced, size-1 broadcast."""
+
+    _SCALES = {"Mul", "Div", "PRelu", "Pow"}
+
+    def couple(self, node, tensor, axis, ctx):
+        out = node.outputs[0]
+        out_shape = ctx.shape(out)
+        rank = len(out_shape)
+        out_axis = axis if tensor.name == out.name else axis + rank - len(ctx.shape(tensor))
+        size = out_shape[out_axis]
+        if ctx.shape(tensor)[axis] != size:
+            return blocked(f"{node.op} '{node.name}' broadcasts one channel over {size}")
+        kind = "weight" if node.op in self._SCALES else "shift"
+        links, params = [], []
+        for operand in node.inputs:
+            shape = ctx.shape(operand)
+            a = out_axis - (rank - len(shape))
+            if a < 0 or shape[a] == 1:
+                continue
+            if ctx.const(operand) is not None:
+                params.append(slice_all(operand, a, size, kind))
+            elif operand.name != tensor.name:
+                links.append(same((operand.name, a), size))
+        if tensor.name != out.name:
+            links.append(same((out.name, out_axis), size))
+        return Coupling(PASSIVE, links, params)
+
+
+@register("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool")
+class PoolRule(OpRule):
+    def couple(self, node, tensor, axis, ctx):
+        if axis >= 2:
+            return blocked(f"{node.op} '{node.name}' pools over this axis")
+        if not _only_first_output_used(node):
+            return blocked(f"{node.op} '{node.name}' uses its indices output")
+        return _through(node, tensor, axis, ctx)
+
+
+def _pads(node, ctx):
+    if len(node.inputs) > 1:
+        return ctx.const(node.inputs[1])
+    return np.asarray(node.attrs.get("pads", node.attrs.get("paddings", [])))
+
+
+@register("Pad")
+class PadRule(OpRule):
+    def couple(self, node, tensor, axis, ctx):
+        if tensor.name not in (node.inputs[0].name, node.outputs[0].name):
+            return blocked(f"Pad '{node.name}' reads its pads from a channel tensor")
+        pads = _pads(node, ctx)
+        if pads is None or (len(node.inputs) > 3 and node.inputs[3].name):
+            return blocked(f"Pad '{node.name}' has pads computed at run time or explicit axes")
+        rank = len(ctx.shape(node.inputs[0]))
+        if pads[axis] != 0 or pads[axis + rank] != 0:
+            return blocked(f"Pad '{node.name}' pads the channel axis")
+        return _through(node, tensor, axis, ctx)
+
+
+@register("Resize", "Upsample")
+class ResizeRule(OpRule):
+    def couple(self, node, tensor, axis, ctx):
+        if tensor.name not in (node.inputs[0].name, node.outputs[0].name):
+            return blocked(f"{node.op} '{node.name}' reads its sizes from a channel tensor")
+        if ctx.shape(node.inputs[0])[axis] != ctx.shape(node.outputs[0])[axis]:
+            return blocked(f"{node.op} '{node.name}' resizes this axis")
+        sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name else None
+        if sizes is not None and ctx.const(sizes) is None:
+            return blocked(f"Resize '{node.name}' has sizes computed at run time")
+        return _through(node, tensor, axis, ctx)
+
+    def rewrite(self, node, removed, ctx):
+        if node.op != "Resize" or len(node.inputs) <= 3 or not node.inputs[3].name:
+            return
+        sizes = np.array(node.inputs[3].values, copy=True)
+        for (name, axis), gone in removed.items():
+            if name == node.outputs[0].name:
+                sizes[axis] -= len(gone)
+        node.inputs[3].values = sizes
+
+
+def _softmax_axes(node, ctx) -> set[int]:
+    rank = len(ctx.shape(node.inputs[0]))
+    opset = ctx.graph.opset
+    default = -1 if opset >= 13 else 1
+    first = int(node.attrs.get("axis", default)) % rank
+    return {first} if opset >= 13 else set(range(first, rank))
+
+
+@register("Softmax", "LogSoftmax", "Hardmax")
+class SoftmaxRule(OpRule):
+    def couple(self, node, tensor, axis, ctx):
+        if axis in _softmax_axes(node, ctx):
+            return blocked(f"{node.op} '{node.name}' normalises over this axis")
+        return _through(node, tensor, axis, ctx)
+
+
+@register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin")
+class ReduceRule(OpRule):
+    def couple(self, node, tensor, axis, ctx):
+        rank = len(ctx.shape(node.inputs[0]))
+        if node.op in ("ArgMax", "ArgMin"):
+            axes = [int(node.attrs.get("axis", 0))]
+        elif len(node.inputs) > 1 and node.inputs[1].name:
+            value = ctx.const(node.inputs[1])
+            if value is None:
+                return blocked(f"{node.op} '{node.name}' reduces over axes computed at run time")
+            axes = [int(a) for a in value.ravel()]
+        else:
+            axes = node.attrs.get("axes")
+        if not axes:
+            return blocked(f"{node.op} '{node.name}' reduces over every axis")
+        axes = sorted(a % rank for a in axes)
+        keep = int(node.attrs.get("keepdims", 1))
+        if tensor.name == node.inputs[0].name:
+            if axis in axes:
+                return blocked(f"{node.op} '{node.name}' reduces over this axis")
+            out_axis = axis if keep else axis - sum(a < axis for a in axes)
+            return Coupling(PASSIVE, [same((node.outputs[0].name, out_axis), ctx.shape(tensor)[axis])])
+        in_axis = axis if keep else [a for a in range(rank) if a not in axes][axis]
+        return Coupling(PASSIVE, [same((node.inputs[0].name, in_axis), ctx.shape(tensor)[axis])])

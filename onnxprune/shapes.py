@@ -1,0 +1,202 @@
+"""Concrete shapes for analysis.
+
+The dependency graph needs the size of every channel axis. Shapes are resolved at concrete
+input shapes (``--input-shape``; a lone dynamic batch dimension defaults to 1) by onnx shape
+inference, and whatever inference leaves symbolic is read from one onnxruntime run with the
+missing tensors added as outputs. The model that is written keeps its dynamic dimensions:
+these shapes serve analysis only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx import helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxprune.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+#: Marks the inputs of a :func:`skeleton` that stand for weights.
+_WEIGHT_INPUT = "onnxprune:weight"
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: IR<4 models also list their initializers as inputs."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    shape = value.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
+
+
+def concrete_input_shapes(model: onnx.ModelProto, overrides: dict[str, Shape]) -> dict[str, Shape]:
+    """Every graph input's concrete shape, or a UserError that says which dimension is missing."""
+    names = {i.name for i in graph_inputs(model)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise UserError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
+    shapes: dict[str, Shape] = {}
+    for value in graph_inputs(model):
+        if value.name in overrides:
+            shapes[value.name] = tuple(overrides[value.name])
+            continue
+        dims = _dims(value)
+        if not value.type.tensor_type.HasField("shape"):
+            raise UserError(f"input '{value.name}' has no shape; give one with --input-shape {value.name}:...")
+        dynamic = [k for k, d in enumerate(dims) if not isinstance(d, int) or d <= 0]
+        if dynamic == [0] or not dynamic:
+            shapes[value.name] = tuple(1 if k in dynamic else int(d) for k, d in enumerate(dims))
+            continue
+        shown = ",".join(str(d) for d in dims)
+        raise UserError(
+            f"input '{value.name}' has dynamic dimensions [{shown}]; give a concrete shape with "
+            f"--input-shape {value.name}:{','.join('1' if k == 0 else (str(d) if k not in dynamic else 'N') for k, d in enumerate(dims))}"
+        )
+    return shapes
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, Shape]:
+    """Parse ``NAME:1,3,224,224`` specs (the onnx-simplifier convention)."""
+    shapes: dict[str, Shape] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.split(","))
+            if any(d <= 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--input-shape '{spec}': expected NAME:D1,D2,... with positive integers") from None
+        shapes[name] = shape
+    return shapes
+
+
+def graph_inputs_of(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    return [i for i in graph_inputs(model) if i.doc_string != _WEIGHT_INPUT]
+
+
+def random_inputs(model: onnx.ModelProto, shapes: dict[str, Shape], rng: np.random.Generator,
+                  batch: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded synthetic inputs: standard normal floats, small non-negative integers."""
+    feeds = {}
+    for value in graph_inputs_of(model):
+        shape = list(shapes[value.name])
+        if batch is not None and shape:
+            shape[0] = batch
+        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = np.ones(shape, dtype=dtype)
+        else:
+            feeds[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+_SKELETON_MAX = 4096
+
+
+def skeleton(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its large constants turned into typed inputs: shapes without the weight
+    bytes, so that inferring them costs the same for a 500 MB model as for a 5 MB one."""
+    nodes = [OnnxExporter.export_node(n) for n in graph.nodes]
+    inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+    inits = []
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant):
+            continue
+        small = not isinstance(tensor._values, LazyValues) and tensor.values.size <= _SKELETON_MAX
+        if small or np.dtype(tensor.dtype).kind in "iub":  # shape-like tensors: inference reads them
+            inits.append(OnnxExporter.export_tensor_proto(tensor))
+        else:
+            dtype = helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+            value = helper.make_tensor_value_info(tensor.name, dtype, list(tensor.shape))
+            value.doc_string = _WEIGHT_INPUT
+            inputs.append(value)
+    outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
+    model = helper.make_model(helper.make_graph(nodes, graph.name or "skeleton", inputs, outputs, inits),
+                              opset_imports=template.opset_import)
+    model.ir_version = max(template.ir_version, 4)
+    return model
+
+
+def resolve_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape],
+                   wanted: set[str] | None = None) -> dict[str, Shape]:
+    """Concrete shapes of the model's tensors at the given input shapes.
+
+    ``model`` may be a :func:`skeleton`. ``wanted`` limits the onnxruntime fallback to the
+    tensors the caller needs (by default every tensor some node or graph output reads).
+    """
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in input_shapes[value.name]:
+                dims.add().dim_value = d
+    del fixed.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception as exc:  # inference is best effort; onnxruntime is the ground truth
+        logger.debug("shape inference failed: %s", exc)
+        inferred = fixed
+    shapes: dict[str, Shape] = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        dims = _dims(value)
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
+                and all(isinstance(d, int) for d in dims):
+            shapes[value.name] = tuple(int(d) for d in dims)
+    for t in model.graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+    produced = {o for n in model.graph.node for o in n.output if o}
+    if wanted is None:
+        wanted = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    missing = sorted((wanted & produced) - shapes.keys())
+    if missing:
+        shapes.update(_run_for_shapes(fixed, input_shapes, missing))
+    return shapes
+
+
+def _run_for_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape], names: list[str]) -> dict[str, Shape]:
+    logger.debug("reading %d shapes from an onnxruntime run", len(names))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in present:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    try:
+        sess = session(probe)
+    except Exception as exc:
+        raise UserError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    feeds = random_inputs(model, input_shapes, np.random.default_rng(0))
+    for value in model.graph.input:
+        if value.doc_string == _WEIGHT_INPUT:  # a skeleton's weight: any values give the shapes
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            feeds[value.name] = np.zeros(dims, helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+    wanted = [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(wanted, feeds)
+    except Exception as exc:
+        raise UserError(f"onnxruntime cannot run the model at {input_shapes}: {str(exc).splitlines()[0]}") from None
+    return {n: tuple(np.shape(v)) for n, v in zip(wanted, values) if n in set(names)}

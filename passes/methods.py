@@ -1,0 +1,71 @@
+"""Pruning methods: each turns an analysed model and a budget into a plan.
+
+A method is looked up by name (``--method``); every method registered here is also picked up
+by ``make bench``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from onnxprune.passes.planning import uniform_plan
+from onnxprune.passes.scoring import MagnitudeScorer, RandomScorer, Scorer
+
+from onnxprune.plan import PruningPlan
+
+
+@dataclass
+class Budget:
+    ratio: float
+    round_to: int = 1
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class Method:
+    name = "method"
+    description = ""
+
+    def plan(self, analysis, budget: Budget, progress: Progress | None = None) -> PruningPlan:
+        raise NotImplementedError
+
+
+class ScoredMethod(Method):
+    """Score every prunable group once, remove its lowest units at a uniform ratio."""
+
+    def scorer(self, budget: Budget) -> Scorer:
+        raise NotImplementedError
+
+    def plan(self, analysis, budget, progress=None):
+        scorer = self.scorer(budget)
+        groups = analysis.dep.prunable_groups(budget.exclude)
+        scores = {}
+        for i, g in enumerate(groups):
+            scores[g.id] = scorer.score(g)
+            if progress:
+                progress("scoring", i + 1, len(groups))
+        return PruningPlan(self.name, budget.ratio, budget.seed,
+                           uniform_plan(groups, scores, budget.ratio, budget.round_to))
+
+
+class Magnitude(ScoredMethod):
+    name = "magnitude"
+    description = "L2 norm of each channel's weights across its group (baseline)"
+
+    def scorer(self, budget):
+        return MagnitudeScorer()
+
+
+class Random(ScoredMethod):
+    name = "random"
+    description = "uniformly random channels, seeded (the floor)"
+
+    def scorer(self, budget):
+        return RandomScorer(budget.seed)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Random)}
