@@ -26,7 +26,7 @@ from onnxprune.pipeline import PruneReport, analyse, prune
 from onnxprune.plan import PruningPlan
 from onnxprune.shapes import parse_input_shapes
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 out = Console()
 
 
@@ -52,8 +52,7 @@ def _positive(text: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other user error
-        console.print(f"[red]onnxprune: error:[/] {message}  (see --help)", highlight=False)
-        sys.exit(2)
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def _prune_parser() -> argparse.ArgumentParser:

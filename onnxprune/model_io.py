@@ -40,8 +40,10 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         raise UserError(f"{path}: is a directory, expected an .onnx file")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise UserError(f"{path}: not a readable ONNX model (truncated or not ONNX): {exc}") from None
+    except (DecodeError, RuntimeError, ValueError):
+        raise UserError(f"{path}: not an ONNX model, or a truncated one (protobuf cannot parse it)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it: {exc.strerror}") from None
     if not model.graph.node and not model.graph.output:
         raise UserError(f"{path}: not an ONNX model (no graph found; is it truncated or another format?)")
     external = _check_external_data(model, path.parent.resolve())

@@ -54,8 +54,8 @@ def _numpy_fold(node: gs.Node, inputs: list) -> list[np.ndarray] | None:
         value = _const_attr(node)
         return None if value is None else [value]
     if op == "ConstantOfShape":
-        fill = node.attrs.get("value")
-        fill = np.asarray(fill.values if isinstance(fill, gs.Constant) else (fill if fill is not None else np.zeros(1, np.float32)))
+        fill = node.attrs.get("value", np.zeros(1, np.float32))  # the spec's default: float zeros
+        fill = np.asarray(fill.values if isinstance(fill, gs.Constant) else fill)
         return [np.full(tuple(int(d) for d in x), fill.ravel()[0], dtype=fill.dtype)]
     if op == "Identity":
         return [x]
@@ -175,8 +175,26 @@ class DedupeConstants(GraphPass):
         return PassResult(graph, modified)
 
 
+class NameNodes(GraphPass):
+    """Give unnamed nodes stable names (``Conv_12``): groups, reports and ``--exclude`` use them."""
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        taken = {n.name for n in graph.nodes if n.name}
+        modified = False
+        for i, node in enumerate(graph.nodes):
+            if node.name:
+                continue
+            name, k = f"{node.op}_{i}", 1
+            while name in taken:
+                name, k = f"{node.op}_{i}_{k}", k + 1
+            node.name = name
+            taken.add(name)
+            modified = True
+        return PassResult(graph, modified)
+
+
 def lowering_passes() -> list[GraphPass]:
-    return [FoldConstants(), UnshareWeights()]
+    return [NameNodes(), FoldConstants(), UnshareWeights()]
 
 
-__all__ = ["FoldConstants", "UnshareWeights", "DedupeConstants", "lowering_passes"]
+__all__ = ["NameNodes", "FoldConstants", "UnshareWeights", "DedupeConstants", "lowering_passes"]

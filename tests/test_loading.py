@@ -1,0 +1,123 @@
+"""Loading real exporters' quirks: external data, Constant-node weights, weight chains, shared
+initializers, opset 9, and both torch exporters' files in models/."""
+
+from pathlib import Path
+
+import nets
+import numpy as np
+import onnx
+import pytest
+from exactness import assert_exact
+from onnx import helper, numpy_helper
+
+from onnxprune import prune
+from onnxprune.model_io import load_model_info, save_model
+from onnxprune.pipeline import analyse
+from onnxprune.shapes import random_inputs, session
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _outputs(model, shapes, seed=0):
+    return session(model).run(None, random_inputs(model, shapes, np.random.default_rng(seed)))
+
+
+def test_external_data_round_trip(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(nets.resnet(), str(src), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    model, external = load_model_info(src)
+    assert external
+    pruned, _ = prune(model, 0.4)
+    written = save_model(pruned, tmp_path / "out.onnx", external_data=True)
+    assert [p.name for p in written] == ["out.onnx", "out.onnx.data"]
+    reloaded, external = load_model_info(tmp_path / "out.onnx")
+    assert external and len(reloaded.graph.initializer) == len(pruned.graph.initializer)
+
+
+def _weights_as_constant_nodes(model):
+    nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+    nodes += list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_constant_node_weights_prune_like_initializers():
+    plain, as_nodes = nets.resnet(), _weights_as_constant_nodes(nets.resnet())
+    a, _ = prune(plain, 0.4)
+    b, _ = prune(as_nodes, 0.4)
+    shapes = {"x": (1, 3, 8, 8)}
+    for x, y in zip(_outputs(a, shapes), _outputs(b, shapes)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_behind_constant_of_shape_identity_and_cast_chains_are_folded():
+    model = nets.resnet()
+    # fc weight: float64 initializer -> Cast -> Identity; stem bias-like constant: ConstantOfShape.
+    fc = next(t for t in model.graph.initializer if t.name == "fc_w")
+    wide = numpy_helper.from_array(numpy_helper.to_array(fc).astype(np.float64), "fc_w64")
+    model.graph.initializer.remove(fc)
+    model.graph.initializer.append(wide)
+    shape = numpy_helper.from_array(np.array([16], np.int64), "zeros_shape")
+    model.graph.initializer.append(shape)
+    model.graph.node.extend([
+        helper.make_node("Cast", ["fc_w64"], ["fc_w32"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Identity", ["fc_w32"], ["fc_w"]),
+        helper.make_node("ConstantOfShape", ["zeros_shape"], ["zeros16"],
+                         value=numpy_helper.from_array(np.array([0.5], np.float32))),
+    ])
+    add = next(n for n in model.graph.node if n.op_type == "Add" and "r2s" in n.output)
+    add.output[0] = "r2s_pre"
+    model.graph.node.append(helper.make_node("Add", ["r2s_pre", "zeros16b"], ["r2s"]))
+    model.graph.node.append(helper.make_node("Reshape", ["zeros16", "shape3"], ["zeros16b"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([16, 1, 1], np.int64), "shape3"))
+    nets._toposort(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    analysis = analyse(model)
+    assert {n.op for n in analysis.graph.nodes}.isdisjoint({"Cast", "Identity", "ConstantOfShape"})
+    spine = next(g for g in analysis.dep.groups if any(n.outputs[0].name == "b2_c" for n in g.producers))
+    assert spine.prunable
+    assert_exact(model, spine.id, [0, 3, 9])
+
+
+def test_shared_initializer_is_copied_before_slicing():
+    text = ("net (float[1,4,8,8] x, float[8,4,3,3] w1, float[8,8,3,3] shared, float[10,8] fc_w) => (float[1,10] y) {\n"
+            "  a = Conv<pads=[1,1,1,1]>(x, w1)\n  ar = Relu(a)\n  b = Conv<pads=[1,1,1,1]>(ar, shared)\n"
+            "  br = Relu(b)\n  c = Conv<pads=[1,1,1,1]>(br, shared)\n  g = GlobalAveragePool(c)\n  f = Flatten(g)\n"
+            "  y = Gemm<transB=1>(f, fc_w)\n}")
+    model = nets.from_text(text)
+    groups = analyse(model).dep.prunable_groups()
+    assert len(groups) == 3
+    for g in groups:
+        assert_exact(model, g.id, [1, 2, 5])
+    pruned, _ = prune(model, 0.5)
+    b, c = [n for n in pruned.graph.node if n.op_type == "Conv"][1:]
+    assert b.input[1] != c.input[1]  # `shared` was copied, each copy sliced for its own groups
+
+
+def test_opset9_sum_residual_and_old_batchnorm():
+    text = ("net (float[1,3,8,8] x, float[8,3,3,3] s_w, float[8,8,3,3] a_w, float[8] bn_scale, float[8] bn_b,"
+            " float[8] bn_mean, float[8] bn_var, float[10,8] fc_w, float[10] fc_b) => (float[1,10] y) {\n"
+            "  s = Conv<pads=[1,1,1,1]>(x, s_w)\n  sr = Relu(s)\n  a = Conv<pads=[1,1,1,1]>(sr, a_w)\n"
+            "  an = BatchNormalization<epsilon=0.00001>(a, bn_scale, bn_b, bn_mean, bn_var)\n"
+            "  r = Sum(an, sr, sr)\n  u = Upsample<mode=\"nearest\">(r, up)\n  g = GlobalAveragePool(u)\n"
+            "  f = Flatten(g)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n"
+            "  up = Constant<value=float[4] {1.0,1.0,2.0,2.0}>()\n}")
+    model = nets.from_text(text, opset=9)
+    (group,) = analyse(model).dep.prunable_groups()
+    assert group.size == 8 and len(group.producers) == 2
+    assert_exact(model, group.id, [2, 7])
+
+
+@pytest.mark.parametrize("name", ["resnet", "resnet_dynamo", "mobilenet", "mobilenet_dynamo", "densenet_dynamo"])
+def test_torch_exports_prune_and_keep_a_dynamic_batch(name):
+    path = MODELS / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not built")
+    model, _ = load_model_info(path)
+    pruned, report = prune(model, 0.4, check=2)
+    assert report.groups_pruned > 0 and report.after.params < report.before.params
+    x = np.random.default_rng(0).random((5, 1, 32, 32), dtype=np.float32)
+    (logits,) = session(pruned).run(None, {"input": x})
+    assert logits.shape == (5, 10)
