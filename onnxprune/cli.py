@@ -220,7 +220,66 @@ def run_inspect(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"inspect": run_inspect}
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not values or any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"epsilons are fractions of the input range in (0, 1), got '{text}'")
+    return values
+
+
+def run_eval(argv: list[str]) -> int:
+    from onnxprune.evaluate import compare, evaluate, load_npz
+
+    p = _Parser(prog="onnxprune eval", description="Top-1 accuracy and adversarial robustness (FGSM, PGD) "
+                "on labelled data; with --compare, an original and a pruned model side by side.")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, metavar="D.npz", help="arrays x (inputs) and y (integer labels)")
+    p.add_argument("--compare", metavar="PRUNED", help="a pruned model to evaluate beside MODEL")
+    p.add_argument("--epsilons", type=_floats, default=[0.01, 0.05, 0.1], metavar="E1,E2,...",
+                   help="FGSM strengths as fractions of the input range (default 0.01,0.05,0.1)")
+    p.add_argument("--pgd-steps", type=int, default=10, metavar="N", help="PGD iterations (0 skips PGD)")
+    p.add_argument("--pgd-epsilon", type=float, metavar="E", help="PGD strength (default: the middle epsilon)")
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--report", metavar="R.json", help="write the results as JSON")
+    args = p.parse_args(argv)
+    x, y = load_npz(args.data, load_model_info(args.model)[0])
+    options = dict(epsilons=args.epsilons, pgd_steps=args.pgd_steps, pgd_epsilon=args.pgd_epsilon,
+                   batch_size=args.batch_size)
+    with _progress() as progress:
+        def tick(done: int, total: int, label: str) -> None:
+            progress("evaluating", done, total)
+        if args.compare:
+            result = compare(load_model_info(args.model)[0], load_model_info(args.compare)[0], x, y,
+                             progress=tick, **options)
+            reports = {"original": result.original, "pruned": result.pruned}
+        else:
+            result = evaluate(load_model_info(args.model)[0], x, y, progress=tick, **options)
+            reports = {"model": result}
+    table = Table(title=f"{args.model} on {args.data} ({len(y)} samples)", title_justify="left")
+    table.add_column("")
+    for name in reports:
+        table.add_column(name, justify="right")
+    first = next(iter(reports.values()))
+    table.add_row("accuracy", *[f"{r.accuracy:.4f}" for r in reports.values()])
+    for eps in first.fgsm:
+        table.add_row(f"FGSM ε={eps:g}", *[f"{r.fgsm[eps]:.4f}" for r in reports.values()])
+    for eps in first.pgd:
+        table.add_row(f"PGD-{first.pgd_steps} ε={eps:g}", *[f"{r.pgd[eps]:.4f}" for r in reports.values()])
+    if args.compare:
+        table.add_section()
+        table.add_row("top-1 agreement", "", f"{result.agreement:.4f}")
+        table.add_row("output cosine", "", f"{result.cosine:.4f}")
+    table.add_row("gradient", *[r.gradient for r in reports.values()])
+    out.print(table)
+    if args.report:
+        Path(args.report).write_text(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
+COMMANDS = {"inspect": run_inspect, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
