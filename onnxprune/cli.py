@@ -40,6 +40,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI, got '{text}'") from None
+    if not low < high:
+        raise argparse.ArgumentTypeError(f"needs LO < HI, got '{text}'")
+    return low, high
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -61,12 +71,19 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="the model to prune (.onnx, external data beside it)")
     p.add_argument("output", help="where to write the pruned model")
     p.add_argument("--ratio", type=_ratio, required=True, help="share of each group's channels to remove, in (0, 1)")
-    p.add_argument("--method", choices=sorted(METHODS), default="magnitude", help="how channels are chosen")
+    p.add_argument("--method", choices=sorted(METHODS), default="magnitude",
+                   help="how channels are chosen: " + "; ".join(f"{k}: {m.description}" for k, m in METHODS.items()))
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
                    help="concrete shape for an input with dynamic dimensions (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="protect groups touching nodes whose names match (repeatable)")
     p.add_argument("--round-to", type=_positive, default=1, metavar="N", help="keep channel counts multiples of N")
+    p.add_argument("--input-range", type=_range, metavar="LO,HI",
+                   help="the range input values live in (synthetic probes stay inside it)")
+    p.add_argument("--step", type=_ratio, metavar="S",
+                   help="progressive methods: share of each group removed per step (default 0.05)")
+    p.add_argument("--no-compensation", action="store_true",
+                   help="do not compensate removed channels (bias, variance, merges): the raw baseline")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     p.add_argument("--check", type=int, default=8, metavar="N",
                    help="synthetic probes for the fidelity check (default 8, 0 to skip the report)")
@@ -162,7 +179,9 @@ def run_prune(argv: list[str]) -> int:
             pruned, report = prune(model, args.ratio, method=args.method,
                                    input_shapes=parse_input_shapes(args.input_shape), exclude=args.exclude,
                                    round_to=args.round_to, seed=args.seed, check=args.check,
-                                   min_cosine=args.min_cosine, plan=plan, progress=progress)
+                                   min_cosine=args.min_cosine, plan=plan, progress=progress,
+                                   compensate=not args.no_compensation, input_range=args.input_range,
+                                   step=args.step)
             failure = None
         except FidelityError as exc:
             pruned, report, failure = exc.model, exc.report, exc

@@ -19,7 +19,9 @@ from onnxprune.model_io import load_model
 from onnxprune.pass_infra import PassManager
 from onnxprune.passes.lower import DedupeConstants, lowering_passes
 from onnxprune.passes.methods import METHODS, Budget, Progress
+from onnxprune.passes.reconstruct import Reconstructor
 from onnxprune.plan import PruningPlan
+from onnxprune.priors import InputPrior, MomentPropagation, infer_input_prior
 from onnxprune.rewrite import apply_plan
 from onnxprune.shapes import Shape, concrete_input_shapes, graph_inputs, resolve_shapes, skeleton
 
@@ -35,6 +37,21 @@ class Analysis:
     input_shapes: dict[str, Shape]
     shapes: dict[str, Shape]
     dep: DependencyGraph
+    input_range: tuple[float, float] | None = None
+    _moments: MomentPropagation | None = None
+
+    @property
+    def prior(self) -> InputPrior:
+        """Synthetic inputs: fitted to the first BatchNorm, within ``--input-range`` if given."""
+        prior = infer_input_prior(self.graph)
+        return prior.within(*self.input_range) if self.input_range else prior
+
+    @property
+    def moments(self) -> MomentPropagation:
+        """Data-free channel statistics of the graph as it was analysed (computed once)."""
+        if self._moments is None:
+            self._moments = MomentPropagation(self.graph, self.shapes, self.prior)
+        return self._moments
 
 
 @dataclass
@@ -75,7 +92,7 @@ def _to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def analyse(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, Shape] | None = None,
-            options: dict | None = None) -> Analysis:
+            options: dict | None = None, input_range: tuple[float, float] | None = None) -> Analysis:
     """Lower a model and build its channel dependency graph."""
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
@@ -88,7 +105,9 @@ def analyse(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, 
     graph.cleanup().toposort()
     shapes = resolve_shapes(skeleton(graph, model), shapes_in)
     dep = DependencyGraph(graph, shapes, options)
-    return Analysis(model, graph, shapes_in, shapes, dep)
+    if input_range is not None and not input_range[0] < input_range[1]:
+        raise UserError(f"--input-range needs LOW < HIGH, got {input_range[0]:g},{input_range[1]:g}")
+    return Analysis(model, graph, shapes_in, shapes, dep, input_range)
 
 
 def _check_signature(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
@@ -103,7 +122,8 @@ def _check_signature(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None
 def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, method: str = "magnitude",
           input_shapes: dict[str, Shape] | None = None, exclude: list[str] | None = None, round_to: int = 1,
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
-          options: dict | None = None, progress: Progress | None = None,
+          options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
+          input_range: tuple[float, float] | None = None, step: float | None = None,
           ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
@@ -119,14 +139,18 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
         raise UserError(f"--round-to must be a positive integer, got {round_to}")
     timings = {}
     t0 = time.perf_counter()
-    analysis = analyse(model, input_shapes, options)
+    analysis = analyse(model, input_shapes, options, input_range)
     original = analysis.model
     timings["analyse"] = time.perf_counter() - t0
-    budget = Budget(ratio, round_to, list(exclude or []), seed)
+    budget = Budget(ratio, round_to, list(exclude or []), seed, compensate, step)
 
     t0 = time.perf_counter()
     if plan is None:
         plan = METHODS[method]().plan(analysis, budget, progress)
+    elif not compensate:
+        plan.compensate = False
+    if plan.compensate and not plan.details.get("compensated"):
+        Reconstructor(analysis.dep, analysis.moments).apply(plan)
     timings["plan"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

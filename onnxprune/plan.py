@@ -21,9 +21,22 @@ class GroupPlan:
     size: int
     remove: list[int]
     #: Reconstruction: removed unit ``remove[i]`` is merged into kept unit ``merge_into[i]``
-    #: with coefficient ``merge_scale[i]`` (empty lists: no merging).
+    #: (-1: not merged) with coefficient ``merge_scale[i]``; ``merge_corr[i]`` is how well the
+    #: two correlate (it sets how much variance the merge keeps). Empty lists: no merging.
     merge_into: list[int] = field(default_factory=list)
     merge_scale: list[float] = field(default_factory=list)
+    merge_corr: list[float] = field(default_factory=list)
+    #: The progressive step that removed ``remove[i]`` (compensation replays in that order).
+    steps: list[int] = field(default_factory=list)
+
+    def entries(self) -> list[tuple[int, int, int, float, float]]:
+        """(step, unit, merge target or -1, scale, correlation) in the order to apply them."""
+        n = len(self.remove)
+        into = self.merge_into or [-1] * n
+        scale = self.merge_scale or [0.0] * n
+        corr = self.merge_corr or [0.0] * n
+        steps = self.steps or [0] * n
+        return sorted(zip(steps, self.remove, into, scale, corr), key=lambda e: (e[0], e[1]))
 
 
 @dataclass
@@ -34,6 +47,8 @@ class PruningPlan:
     groups: list[GroupPlan] = field(default_factory=list)
     #: Free-form per-method details (step counts, annealing temperatures...).
     details: dict = field(default_factory=dict)
+    #: Whether removed channels are compensated (bias, variance, merges) before slicing.
+    compensate: bool = True
 
     @property
     def removed_units(self) -> int:

@@ -21,6 +21,8 @@ class Budget:
     round_to: int = 1
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
+    compensate: bool = True
+    step: float | None = None  # progressive methods: share of each group removed per step
 
 
 Progress = Callable[[str, int, int], None]
@@ -49,7 +51,7 @@ class ScoredMethod(Method):
             if progress:
                 progress("scoring", i + 1, len(groups))
         return PruningPlan(self.name, budget.ratio, budget.seed,
-                           uniform_plan(groups, scores, budget.ratio, budget.round_to))
+                           uniform_plan(groups, scores, budget.ratio, budget.round_to), compensate=budget.compensate)
 
 
 class Magnitude(ScoredMethod):
@@ -68,4 +70,9 @@ class Random(ScoredMethod):
         return RandomScorer(budget.seed)
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Random)}
+def _registry() -> dict[str, type[Method]]:
+    from onnxprune.passes.progressive import Paoding, Srdfp
+    return {m.name: m for m in (Magnitude, Random, Paoding, Srdfp)}
+
+
+METHODS: dict[str, type[Method]] = _registry()

@@ -1,0 +1,258 @@
+"""Probes: measure, in onnxruntime, what removing channels does to the output layer.
+
+The probe model is the lowered model with a mask in front of every consumer of every probed
+group: ``x' = x * m + (1 - m) * mean`` where ``m`` comes from a per-group graph input of
+shape ``[N, units]`` (so every batch row carries its own ablation) and ``mean`` is the
+channel's data-free expected value (removal *with* compensation, as it will be applied).
+One session, built once, scores many ablations in one batched run: row ``r`` of a run is
+probe sample ``r % P`` under mask row ``r // P``. Nothing is rebuilt per candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.coupling import CONSUMER
+from onnxprune.depgraph import ChannelGroup
+from onnxprune.priors import InputPrior, MomentPropagation
+from onnxprune.shapes import graph_inputs, session
+
+logger = logging.getLogger(__name__)
+
+
+def mask_name(group: ChannelGroup) -> str:
+    return f"onnxprune_mask_{group.id}"
+
+
+def merge_src_name(group: ChannelGroup) -> str:
+    return f"onnxprune_merge_src_{group.id}"
+
+
+def merge_dst_name(group: ChannelGroup) -> str:
+    return f"onnxprune_merge_dst_{group.id}"
+
+
+class _Nodes:
+    """Appends nodes and constants to a graph under fresh names."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph, self.nodes, self.count = graph, [], 0
+
+    def fresh(self) -> str:
+        self.count += 1
+        return f"onnxprune_probe_{self.count}"
+
+    def const(self, value: np.ndarray) -> str:
+        name = self.fresh()
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        out = self.fresh()
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def gather(self, name: str, index: str, pad_value: float) -> str:
+        """Unit-level [N, U] to space-level [N, C]: padded column U for foreign atoms."""
+        padded = self.op("Pad", name, self.const(np.array([0, 0, 0, 1], np.int64)),
+                         self.const(np.array(pad_value, np.float32)))
+        return self.op("Gather", padded, index, axis=1)
+
+
+@dataclass
+class Impact:
+    """Per ablation row: how far the output layer moved from the unablated model."""
+
+    rel_l2: np.ndarray    # mean ||y - y0|| / ||y0||
+    cosine: np.ndarray    # mean 1 - cos(y, y0)
+    top1: np.ndarray      # share of probes whose arg-max changed
+    margin: np.ndarray    # mean drop of (top-1 logit - runner-up logit), baseline classes
+    # Robustness view of the deviation (SRDFP): per output unit, the interval of y - y0 over
+    # the probes; its total width (L1) and the entropy of how the width spreads over units.
+    width: np.ndarray
+    entropy: np.ndarray
+
+
+def impacts(outputs: np.ndarray, base: np.ndarray) -> Impact:
+    """``outputs`` [R, P, O] against ``base`` [P, O]."""
+    delta = outputs - base[None]
+    base_norm = np.linalg.norm(base, axis=-1)[None] + 1e-12
+    rel_l2 = (np.linalg.norm(delta, axis=-1) / base_norm).mean(axis=1)
+    cos = (outputs * base[None]).sum(-1) / (np.linalg.norm(outputs, axis=-1) * base_norm + 1e-12)
+    top = base.argmax(axis=-1)
+    changed = (outputs.argmax(axis=-1) != top[None]).mean(axis=1)
+    if base.shape[-1] > 1:
+        second = np.sort(base, axis=-1)[:, -2]
+        base_margin = base.max(axis=-1) - second
+        picked = np.take_along_axis(outputs, top[None, :, None], axis=-1)[..., 0]
+        others = np.where(np.arange(base.shape[-1])[None, None] == top[None, :, None], -np.inf, outputs)
+        margin = (base_margin[None] - (picked - others.max(axis=-1))).mean(axis=1)
+    else:
+        margin = np.zeros(len(outputs))
+    width = delta.max(axis=1) - delta.min(axis=1)  # [R, O]
+    total = width.sum(axis=-1)
+    share = width / (total[:, None] + 1e-12)
+    entropy = -(share * np.log(share + 1e-12)).sum(axis=-1)
+    return Impact(rel_l2, 1 - cos.mean(axis=1), changed, margin, total / base.shape[-1], entropy)
+
+
+class ProbeModel:
+    """A session over the masked model and the seeded synthetic probe inputs."""
+
+    def __init__(self, graph: gs.Graph, template: onnx.ModelProto, groups: list[ChannelGroup],
+                 moments: MomentPropagation, prior: InputPrior, input_shapes: dict, probes: int = 16,
+                 seed: int = 0, max_rows: int = 2048):
+        from onnxprune.pipeline import _to_model
+        self.groups = [g for g in groups if _consumer_spaces(g)]
+        model = _to_model(graph.copy(), template)
+        self.output = _probe_output(model)
+        self._add_masks(model, moments)
+        _make_batch_dynamic(model)
+        self.session = session(model)
+        rng = np.random.default_rng(seed)
+        self.inputs = {}
+        for value in graph_inputs(template):
+            shape = (probes, *input_shapes[value.name][1:])
+            dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            if np.issubdtype(dtype, np.floating):
+                self.inputs[value.name] = prior.sample(shape, rng).astype(dtype)
+            else:
+                self.inputs[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        self.probes = probes
+        self.max_rows = max_rows
+        self.runs = 0
+        self.base = self.run({})[0]
+
+    def _add_masks(self, model: onnx.ModelProto, moments: MomentPropagation) -> None:
+        """Per consumer space S: ``x' = x*M + (1-M)*mean + D*sum_c(x*S) - S*sum_c(D*mean)``.
+
+        M is the removal mask; S (one-hot, the removed unit) and D (the merge scale at the kept
+        unit) express "u is merged into v": v's slot gains ``s * x_u``, u's slot keeps only the
+        compensation ``mean_u - s * mean_v``. Merges are expressed where units are single
+        channels; elsewhere (a flattened block) a row measures compensated removal alone."""
+        g = model.graph
+        nodes_by_name = {n.name: n for n in g.node}
+        per_space: dict[tuple, list[tuple[ChannelGroup, np.ndarray, bool]]] = {}
+        consumers: dict[tuple, set[str]] = {}
+        for group in self.groups:
+            for name in (mask_name(group), merge_src_name(group), merge_dst_name(group)):
+                g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", group.size]))
+            for space, names in _consumer_spaces(group).items():
+                local, unit = group.atoms[space]
+                index = np.full(moments.shapes[space[0]][space[1]], group.size, dtype=np.int64)
+                index[local] = unit  # atoms of other groups read the padded column
+                single = len(np.unique(unit)) == len(unit)
+                per_space.setdefault(space, []).append((group, index, single))
+                consumers.setdefault(space, set()).update(names)
+        b = _Nodes(g)
+        for space, entries in per_space.items():
+            tensor, axis = space
+            rank, size = len(moments.shapes[tensor]), moments.shapes[tensor][axis]
+            shape = [-1] + [1] * (axis - 1) + [size] + [1] * (rank - axis - 1)
+            m = moments.get(tensor, axis)
+            mean = b.const((np.zeros(size) if m is None else m.mean).astype(np.float32).reshape(shape[1:]))
+            x = tensor
+            for group, index, single in entries:
+                idx = b.const(index)
+                mask = b.gather(mask_name(group), idx, 1.0)
+                mb = b.op("Reshape", mask, b.const(np.array(shape, np.int64)))
+                kept = b.op("Mul", x, mb)
+                fill = b.op("Sub", mean, b.op("Mul", mean, mb))
+                x = b.op("Add", kept, fill)
+                if single:
+                    src = b.op("Reshape", b.gather(merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
+                    dst = b.op("Reshape", b.gather(merge_dst_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
+                    axes = b.const(np.array([axis], np.int64))
+                    moved = b.op("ReduceSum", b.op("Mul", tensor, src), axes)
+                    lost = b.op("ReduceSum", b.op("Mul", dst, mean), axes)
+                    x = b.op("Sub", b.op("Add", x, b.op("Mul", dst, moved)), b.op("Mul", src, lost))
+            for name in consumers[space]:
+                node = nodes_by_name[name]
+                for i, inp in enumerate(node.input):
+                    if inp == tensor:
+                        node.input[i] = x
+        nodes = list(g.node) + b.nodes
+        del g.node[:]
+        g.node.extend(_toposort(nodes, {i.name for i in g.input} | {t.name for t in g.initializer}))
+        if self.output not in {o.name for o in g.output}:
+            g.output.append(helper.make_empty_tensor_value_info(self.output))
+
+    def run(self, masks: dict[str, np.ndarray]) -> np.ndarray:
+        """Outputs [R, P, O] for R rows of the named mask inputs (missing: no ablation)."""
+        rows = max((len(m) for m in masks.values()), default=1)
+        per_chunk = max(1, self.max_rows // self.probes)
+        results = []
+        for start in range(0, rows, per_chunk):
+            stop = min(rows, start + per_chunk)
+            feeds = {name: np.concatenate([x] * (stop - start)) for name, x in self.inputs.items()}
+            for group in self.groups:
+                for name, default in ((mask_name(group), 1.0), (merge_src_name(group), 0.0),
+                                      (merge_dst_name(group), 0.0)):
+                    m = masks.get(name)
+                    block = np.full((stop - start, group.size), default, np.float32) if m is None else m[start:stop]
+                    feeds[name] = np.repeat(block.astype(np.float32), self.probes, axis=0)
+            (y,) = self.session.run([self.output], feeds)
+            self.runs += stop - start
+            results.append(y.reshape(stop - start, self.probes, -1).astype(np.float64))
+        return np.concatenate(results)
+
+    def measure(self, masks: dict[str, np.ndarray]) -> Impact:
+        return impacts(self.run(masks), self.base)
+
+
+def _consumer_spaces(group: ChannelGroup) -> dict[tuple, set[str]]:
+    spaces: dict[tuple, set[str]] = {}
+    for m in group.members:
+        if m.coupling.role == CONSUMER and m.space[1] > 0:
+            spaces.setdefault(m.space, set()).add(m.node.name)
+    return spaces
+
+
+def _probe_output(model: onnx.ModelProto) -> str:
+    """The first output, or the logits in front of a final Softmax (more sensitive)."""
+    name = model.graph.output[0].name
+    for node in model.graph.node:
+        if name in node.output and node.op_type in ("Softmax", "LogSoftmax"):
+            return node.input[0]
+    return name
+
+
+def _make_batch_dynamic(model: onnx.ModelProto) -> None:
+    """Probes stack ablations on the batch axis: a fixed batch of 1 becomes symbolic, and
+    Reshape targets that hard-code it copy it instead."""
+    for value in list(graph_inputs(model)) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].dim_param = "N"
+    del model.graph.value_info[:]
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in inits:
+            shape = numpy_helper.to_array(inits[node.input[1]])
+            if shape.size and shape[0] == 1:
+                fixed = shape.copy()
+                fixed[0] = 0 if -1 in shape[1:] else -1
+                inits[node.input[1]].CopyFrom(numpy_helper.from_array(fixed, node.input[1]))
+
+
+def _toposort(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeProto]:
+    ready = set(ready) | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        progressed = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                progressed.append(node)
+        if len(progressed) == len(pending):
+            raise RuntimeError("probe model has a cycle")
+        pending = progressed
+    return ordered

@@ -1,0 +1,259 @@
+"""Progressive, probe-driven pruning: the PAODING and SRDFP methods.
+
+Both remove each group's channels in small steps (``--step``, a share of the group per
+step) until the target, and at every step:
+
+1. **nominate** — every kept unit ``u`` is paired with its most similar kept unit ``v`` of the
+   same group (cosine of their effective producer weights, BatchNorm folded in), with the
+   least-squares merge scale ``s``; a cheap saliency ranks the pairs: the variance the merge
+   leaves unexplained, ``var(u) (1 - cos^2)``, times the weight its consumers put on ``u``;
+2. **measure** — the best-nominated pairs (a few times the step's quota) are each applied in
+   one row of a batched probe run (removal, merge into ``v``, mean compensation) and their
+   effect on the output layer is measured on seeded synthetic inputs;
+3. **select** — PAODING takes the pairs with the least impact; SRDFP walks them with
+   simulated annealing on a robustness objective (the spread and entropy of the output
+   deviation), accepting a worse pair with probability ``exp(-delta/T)``, T falling as the
+   group is pruned;
+4. **commit** — merges and compensation are applied to the weights, removed units' consumer
+   weights are zeroed, and the probe model is rebuilt on the new weights for the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnxprune.passes.methods import Budget, Method, Progress
+from onnxprune.passes.planning import removal_count
+from onnxprune.passes.reconstruct import Reconstructor
+
+from onnxprune.coupling import CONSUMER, PRODUCER
+from onnxprune.depgraph import ChannelGroup
+from onnxprune.plan import GroupPlan, PruningPlan
+from onnxprune.probes import Impact, ProbeModel, mask_name, merge_dst_name, merge_src_name
+
+logger = logging.getLogger(__name__)
+
+
+def unit_vectors(group: ChannelGroup) -> np.ndarray:
+    """Each unit's effective pre-activation weights: every producer's filter for it, scaled
+    by the BatchNorm after that producer, with the folded bias as one more coordinate."""
+    parts = []
+    for member in group.members:
+        if member.coupling.role != PRODUCER:
+            continue
+        weight = next((p for p in member.coupling.params if p.kind == "weight"), None)
+        if weight is None:
+            continue
+        values = np.moveaxis(np.asarray(weight.tensor.values, np.float64), weight.axis, 0)
+        local, unit = group.atoms[member.space]
+        rows = np.zeros((group.size, values[0].size))
+        to_param = dict(zip(weight.space.tolist(), weight.param.tolist()))
+        first = {}
+        for atom, u in zip(local.tolist(), unit.tolist()):
+            first.setdefault(u, atom)
+        bias = np.zeros(group.size)
+        shift = next((p for p in member.coupling.params if p.kind == "shift"), None)
+        for u, atom in first.items():
+            rows[u] = values[to_param[atom]].ravel()
+            if shift is not None:
+                bias[u] = float(np.asarray(shift.tensor.values).reshape(-1)[to_param[atom]])
+        scale, offset = _following_norm(member.node, group.size, first)
+        parts.append(rows * scale[:, None])
+        parts.append(((bias - offset[0]) * scale + offset[1])[:, None])
+    return np.concatenate(parts, axis=1) if parts else np.zeros((group.size, 1))
+
+
+def _following_norm(node: gs.Node, size: int, first: dict[int, int]):
+    """(alpha, (running_mean, beta)) of a BatchNorm right after ``node``, per unit; identity otherwise."""
+    users = node.outputs[0].outputs
+    alpha, mean, beta = np.ones(size), np.zeros(size), np.zeros(size)
+    if len(users) == 1 and users[0].op == "BatchNormalization":
+        bn = users[0]
+        gamma, b, rm, rv = (np.asarray(t.values, np.float64) for t in bn.inputs[1:5])
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        for u, atom in first.items():
+            alpha[u] = gamma[atom] / math.sqrt(rv[atom] + eps)
+            mean[u], beta[u] = rm[atom], b[atom]
+    return alpha, (mean, beta)
+
+
+def _consumer_weight_norms(group: ChannelGroup) -> np.ndarray:
+    total = np.zeros(group.size)
+    for space, p in group.param_slices(kinds=("weight",)):
+        if not any(m.coupling.role == CONSUMER and p in m.coupling.params for m in group.members):
+            continue
+        per_index = np.zeros(int(max(group.atoms[space][0].max(), p.space.max())) + 1)
+        np.add.at(per_index, p.space, p.squared_norms())
+        total += group.unit_sums({space: per_index})
+    return total
+
+
+class Progressive(Method):
+    """The shared loop; subclasses choose among measured candidates."""
+
+    default_step = 0.05
+    objective = "rel_l2"
+
+    def __init__(self, probes: int = 16, nominate: float = 3.0):
+        self.probes = probes
+        self.nominate = nominate
+
+    def plan(self, analysis, budget: Budget, progress: Progress | None = None) -> PruningPlan:
+        dep = analysis.dep
+        groups = dep.prunable_groups(budget.exclude)
+        targets = {g.id: removal_count(g, budget.ratio, budget.round_to) for g in groups}
+        groups = [g for g in groups if targets[g.id] > 0]
+        step = budget.step or self.default_step
+        steps = max(1, math.ceil(budget.ratio / step - 1e-9))
+        plans = {g.id: GroupPlan(g.id, g.name, g.size, [], [], [], [], []) for g in groups}
+        plan = PruningPlan(self.name, budget.ratio, budget.seed, list(plans.values()), compensate=True,
+                           details={"steps": steps, "probes": self.probes, "compensated": True})
+        reconstructor = Reconstructor(dep, analysis.moments)
+        rng = np.random.default_rng(budget.seed)
+        consumer_norms = {g.id: _consumer_weight_norms(g) for g in groups}
+        measured_rows = 0
+        for t in range(steps):
+            quota = {g.id: round(targets[g.id] * (t + 1) / steps) - len(plans[g.id].remove) for g in groups}
+            active = [g for g in groups if quota[g.id] > 0]
+            if not active:
+                continue
+            probe = ProbeModel(analysis.graph, analysis.model, active, analysis.moments, analysis.prior,
+                               analysis.input_shapes, probes=self.probes, seed=budget.seed)
+            for g in active:
+                chosen = self._step_group(g, plans[g.id], quota[g.id], probe, consumer_norms[g.id], analysis, rng,
+                                          targets[g.id])
+                gp = plans[g.id]
+                for u, v, s, corr in chosen:
+                    gp.remove.append(u)
+                    gp.merge_into.append(v)
+                    gp.merge_scale.append(s)
+                    gp.merge_corr.append(corr)
+                    gp.steps.append(t)
+            measured_rows += probe.runs
+            reconstructor.apply(plan, steps={t}, zero_removed=True)
+            if progress:
+                progress(f"{self.name} steps", t + 1, steps)
+        plan.groups = [gp for gp in plans.values() if gp.remove]
+        plan.details["probe_rows"] = measured_rows
+        return plan
+
+    def _candidates(self, group: ChannelGroup, gp: GroupPlan, analysis, norms: np.ndarray):
+        removed = set(gp.remove)
+        kept = np.array([u for u in range(group.size) if u not in removed])
+        vectors = unit_vectors(group)
+        lengths = np.linalg.norm(vectors, axis=1) + 1e-12
+        unit = vectors / lengths[:, None]
+        cos = unit[kept] @ unit[kept].T
+        np.fill_diagonal(cos, -np.inf)
+        if group.balance is not None:  # merge only inside the same conv-group block
+            same = group.balance[kept][:, None] == group.balance[kept][None, :]
+            cos = np.where(same, cos, -np.inf)
+        best = cos.argmax(axis=1)
+        var = self._unit_variance(group, analysis)
+        rows = []
+        for i, u in enumerate(kept):
+            v, c = int(kept[best[i]]), float(cos[i, best[i]])
+            s = float(vectors[u] @ vectors[v] / (vectors[v] @ vectors[v] + 1e-12))
+            if not np.isfinite(c) or c <= 0 or s <= 0:
+                v, c, s = -1, 0.0, 0.0
+            saliency = norms[u] * var[u] * (1 - c**2)
+            rows.append((saliency, int(u), v, s, c))
+        rows.sort()
+        return rows
+
+    @staticmethod
+    def _unit_variance(group: ChannelGroup, analysis) -> np.ndarray:
+        for member in group.members:
+            if member.coupling.role == CONSUMER:
+                m = analysis.moments.get(*member.space)
+                if m is not None:
+                    local, unit = group.atoms[member.space]
+                    var = np.ones(group.size)
+                    var[unit] = np.maximum(m.var[local], 1e-12)
+                    return var
+        return np.ones(group.size)
+
+    def _step_group(self, group, gp, quota, probe: ProbeModel, norms, analysis, rng, target):
+        candidates = self._candidates(group, gp, analysis, norms)
+        pool = candidates[: max(quota, int(math.ceil(self.nominate * quota)), 4)]
+        n = len(pool)
+        mask = np.ones((n, group.size), np.float32)
+        src = np.zeros((n, group.size), np.float32)
+        dst = np.zeros((n, group.size), np.float32)
+        for r, (_, u, v, s, _) in enumerate(pool):
+            mask[r, u] = 0
+            if v >= 0:
+                src[r, u], dst[r, v] = 1, s
+        impact = probe.measure({mask_name(group): mask, merge_src_name(group): src, merge_dst_name(group): dst})
+        progress = len(gp.remove) / max(target, 1)
+        order = self.select(pool, impact, quota, rng, progress)
+        return self._feasible(group, pool, order, quota)
+
+    def select(self, pool, impact: Impact, quota: int, rng, progress: float) -> list[int]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _feasible(group, pool, order, quota):
+        """Take candidates in ``order``: a unit that absorbs another this step stays, and
+        balanced groups lose the same count per block."""
+        blocks = 1 if group.balance is None else int(group.balance.max()) + 1
+        per_block = quota // blocks if blocks > 1 else quota
+        taken, targets, removed, counts = [], set(), set(), {}
+        for r in order:
+            _, u, v, s, c = pool[r]
+            if u in targets or v in removed:
+                continue
+            block = 0 if group.balance is None else int(group.balance[u])
+            if counts.get(block, 0) >= per_block:
+                continue
+            taken.append((u, v, s, c))
+            removed.add(u)
+            if v >= 0:
+                targets.add(v)
+            counts[block] = counts.get(block, 0) + 1
+            if len(taken) == per_block * blocks:
+                break
+        return taken
+
+
+class Paoding(Progressive):
+    name = "paoding"
+    description = "PAODING: progressive pair merging decided by measured impact on the output layer"
+
+    def select(self, pool, impact, quota, rng, progress):
+        score = impact.rel_l2 + impact.top1  # output change, plus decisions it flips
+        return list(np.argsort(score, kind="stable"))
+
+
+class Srdfp(Progressive):
+    name = "srdfp"
+    description = "SRDFP: progressive, simulated annealing on robustness of the output deviation"
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha, self.beta = alpha, beta
+
+    def select(self, pool, impact, quota, rng, progress):
+        # Robustness objective: how wide the output deviation spreads over the probes (L1
+        # of the per-output intervals) and how its width is distributed (entropy), both
+        # squashed by a logistic as paoding-dl does, relative to the pool's median.
+        width = impact.width / (np.median(impact.width) + 1e-12)
+        entropy = impact.entropy / (np.median(impact.entropy) + 1e-12)
+        score = self.alpha / (1 + np.exp(-width)) + self.beta / (1 + np.exp(-entropy))
+        temperature = max(1.0 - progress, 1e-4) * float(np.std(score) + 1e-12)
+        order, pending = [], list(range(len(pool)))  # walked in saliency order
+        current = None
+        while pending and len(order) < len(pool):
+            for r in list(pending):
+                delta = 0.0 if current is None else score[r] - current
+                if delta <= 0 or rng.random() < math.exp(-delta / temperature):
+                    order.append(r)
+                    pending.remove(r)
+                    current = score[r]
+            if pending and len(order) >= quota:
+                break
+            current = None if pending else current  # re-walk: the next pass accepts the first again
+        return order + [r for r in np.argsort(score, kind="stable") if r not in order]

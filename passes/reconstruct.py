@@ -1,0 +1,197 @@
+"""Reconstruction: compensate, in the kept weights, for what removed channels contributed.
+
+Three data-free corrections, applied at every consumer of a removed unit ``u``:
+
+- **merge** (Srinivas & Babu; Neuron Merging): if ``u`` was found to behave like a kept unit
+  ``v`` scaled by ``s``, the consumer's weights for ``v`` absorb ``s`` times those for ``u``;
+- **bias**: what is left, ``u - s*v``, is replaced by its expected value (from
+  :mod:`onnxprune.priors`): ``W_u * (mean_u - s*mean_v)`` moves into the consumer's bias;
+- **variance**: a BatchNorm downstream of the consumer normalised by a variance that included
+  ``u``'s share, ``W_u**2 * var(u - s*v)``; that share is taken out of its running variance so
+  the next layer sees activations at the scale it was trained on.
+
+Corrections are replayed in the plan's step order, so a progressive method that applies them
+step by step and a saved plan re-applied later give the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.coupling import CONSUMER, PRODUCER, ParamSlice, slice_all
+from onnxprune.depgraph import ChannelGroup, DependencyGraph
+from onnxprune.plan import GroupPlan, PruningPlan
+from onnxprune.priors import MomentPropagation
+
+logger = logging.getLogger(__name__)
+
+_LINEAR_PASSTHROUGH = {"Identity", "Dropout", "Add", "Sum", "Concat"}
+
+
+def _consumer_weight(coupling) -> ParamSlice | None:
+    return next((p for p in coupling.params if p.kind == "weight"), None)
+
+
+def _columns(values: np.ndarray, p: ParamSlice, param_idx: int) -> tuple[np.ndarray, np.ndarray]:
+    """The consumer weights reading one input index, as [outputs, k] (zeros outside its conv
+    group), and the output rows they belong to."""
+    if p.groups > 1:
+        per, rows = values.shape[1], values.shape[0] // p.groups
+        g = param_idx // per
+        block = values[g * rows:(g + 1) * rows, param_idx % per].reshape(rows, -1)
+        return block, np.arange(g * rows, (g + 1) * rows)
+    moved = np.moveaxis(values, p.axis, 0)[param_idx]  # Conv [out, k, k], Gemm/MatMul [out]
+    return moved.reshape(moved.shape[0], -1), np.arange(moved.shape[0])
+
+
+def _add_columns(values: np.ndarray, p: ParamSlice, dst: int, src: int, scale: float) -> None:
+    if p.groups > 1:
+        per, rows = values.shape[1], values.shape[0] // p.groups
+        if dst // per != src // per:
+            return  # different conv groups: the kept unit cannot absorb this one
+        g = dst // per
+        values[g * rows:(g + 1) * rows, dst % per] += scale * values[g * rows:(g + 1) * rows, src % per]
+        return
+    index_dst = [slice(None)] * values.ndim
+    index_src = list(index_dst)
+    index_dst[p.axis], index_src[p.axis] = dst, src
+    values[tuple(index_dst)] += scale * values[tuple(index_src)]
+
+
+def _bias(node: gs.Node, outputs: int, dep: DependencyGraph) -> tuple[gs.Constant | None, float]:
+    """The consumer's bias constant and its multiplier. Conv and Gemm get one when they have
+    none, registered with the group of their outputs so that pruning those slices it too."""
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        if len(node.inputs) < 3 or not node.inputs[2].name:
+            dtype = np.asarray(node.inputs[1].values).dtype
+            bias = gs.Constant(f"{node.name}_compensation", np.zeros(outputs, dtype))
+            if len(node.inputs) > 2:  # an empty optional input
+                node.inputs[2] = bias
+            else:
+                node.inputs.append(bias)
+            for member in dep.members.get((node.outputs[0].name, 1), []):
+                if member.node is node and member.coupling.role == PRODUCER:
+                    member.coupling.params.append(slice_all(bias, 0, outputs, "shift"))
+        bias = node.inputs[2]
+        if not isinstance(bias, gs.Constant):
+            return None, 0.0
+        if node.op == "Gemm":
+            beta, alpha = float(node.attrs.get("beta", 1.0)), float(node.attrs.get("alpha", 1.0))
+            return bias, alpha / beta if beta else 0.0
+        return bias, 1.0
+    if node.op == "MatMul":  # exporters put the bias in an Add right after
+        for user in node.outputs[0].outputs:
+            if user.op == "Add":
+                const = next((t for t in user.inputs if isinstance(t, gs.Constant)), None)
+                if const is not None and np.asarray(const.values).shape[-1:] == (outputs,):
+                    return const, 1.0
+    return None, 0.0
+
+
+def _downstream_norm(node: gs.Node, rows: np.ndarray, shapes: dict) -> list[tuple[gs.Node, np.ndarray]]:
+    """BatchNorms that normalise the consumer's output linearly (through Concat offsets,
+    residual sums, Identity), with the channel each consumer output row lands on."""
+    found, frontier = [], [(node.outputs[0], rows)]
+    for _ in range(8):
+        nxt = []
+        for tensor, channels in frontier:
+            for user in tensor.outputs:
+                if user.op == "BatchNormalization" and user.inputs[0] is tensor:
+                    found.append((user, channels))
+                elif user.op in _LINEAR_PASSTHROUGH:
+                    offset = 0
+                    if user.op == "Concat":
+                        for t in user.inputs:
+                            if t is tensor:
+                                break
+                            offset += shapes[t.name][1]
+                    nxt.append((user.outputs[0], channels + offset))
+        frontier = nxt
+    return found
+
+
+class Reconstructor:
+    """Applies a plan's compensation to a lowered graph, in step order."""
+
+    def __init__(self, dep: DependencyGraph, moments: MomentPropagation, variance: bool = True):
+        self.dep = dep
+        self.moments = moments
+        self.variance = variance
+        self.shapes = dep.ctx.shapes
+
+    def apply(self, plan: PruningPlan, steps: set[int] | None = None, zero_removed: bool = False) -> None:
+        for gp in plan.groups:
+            group = self.dep.groups[gp.group]
+            for step, unit, into, scale, corr in gp.entries():
+                if steps is None or step in steps:
+                    self._compensate(group, unit, into, scale, corr, zero_removed)
+
+    def _compensate(self, group: ChannelGroup, unit: int, into: int, scale: float, corr: float,
+                    zero_removed: bool) -> None:
+        for member in group.members:
+            if member.coupling.role != CONSUMER:
+                continue
+            p = _consumer_weight(member.coupling)
+            if p is None:
+                continue
+            tensor, axis = member.space
+            local, units = group.atoms[member.space]
+            src = np.sort(local[units == unit])
+            dst = np.sort(local[units == into]) if into >= 0 else None
+            m = self.moments.get(tensor, axis)
+            values = np.array(p.tensor.values, dtype=np.float64, copy=True)
+            to_param = dict(zip(p.space.tolist(), p.param.tolist()))
+            outputs = values.shape[0] if p.groups > 1 else _columns(values, p, 0)[0].shape[0]
+            shift, drop = np.zeros(outputs), np.zeros(outputs)
+            for k, atom in enumerate(src):
+                col, rows = _columns(values, p, to_param[int(atom)])
+                mean_u = m.mean[atom] if m is not None else 0.0
+                var_u = m.var[atom] if m is not None else 0.0
+                residual_mean, residual_var = mean_u, var_u
+                if dst is not None and len(dst) == len(src):
+                    mean_v = m.mean[dst[k]] if m is not None else 0.0
+                    residual_mean = mean_u - scale * mean_v
+                    residual_var = var_u * max(0.0, 1 - corr**2)
+                shift[rows] += col.sum(axis=1) * residual_mean
+                drop[rows] += (col**2).sum(axis=1) * residual_var
+                if dst is not None and len(dst) == len(src):
+                    _add_columns(values, p, to_param[int(dst[k])], to_param[int(atom)], scale)
+                if zero_removed:
+                    _add_columns(values, p, to_param[int(atom)], to_param[int(atom)], -1.0)
+            p.tensor.values = values.astype(np.asarray(p.tensor.values).dtype)
+            self._shift_bias(member.node, shift)
+            if self.variance:
+                self._reduce_variance(member.node, drop)
+
+    def _shift_bias(self, node: gs.Node, shift: np.ndarray) -> None:
+        if not np.any(shift):
+            return
+        bias, factor = _bias(node, len(shift), self.dep)
+        if bias is None:
+            logger.debug("no bias to compensate %s", node.name)
+            return
+        values = np.asarray(bias.values)
+        bias.values = (values + factor * shift.reshape((1,) * (values.ndim - 1) + (-1,))).astype(values.dtype)
+
+    def _reduce_variance(self, node: gs.Node, drop: np.ndarray) -> None:
+        if not np.any(drop) or node.op not in ("Conv", "Gemm", "MatMul"):
+            return
+        for bn, channels in _downstream_norm(node, np.arange(len(drop)), self.shapes):
+            var = np.array(bn.inputs[4].values, dtype=np.float64, copy=True)
+            if channels.max() >= len(var):
+                continue
+            # Never below a tenth: the estimate assumes independent channels.
+            var[channels] = np.maximum(var[channels] - drop, 0.1 * var[channels])
+            bn.inputs[4].values = var.astype(np.asarray(bn.inputs[4].values).dtype)
+
+
+def compensate(dep: DependencyGraph, moments: MomentPropagation, plan: PruningPlan) -> None:
+    """Apply every compensation of ``plan`` to ``dep``'s graph (before the rewriter slices)."""
+    if plan.compensate:
+        Reconstructor(dep, moments).apply(plan)
+
+
+__all__ = ["Reconstructor", "compensate", "GroupPlan"]
