@@ -56,7 +56,7 @@ def apply_plan(graph: gs.Graph, dep: DependencyGraph, plan: PruningPlan) -> gs.G
     for param, idx in deletions.values():
         if idx:
             values = np.asarray(param.tensor.values)
-            param.tensor.values = np.ascontiguousarray(param.deleted(values, np.array(sorted(idx))))
+            param.tensor.values = np.array(param.deleted(values, np.array(sorted(idx))), order="C")
     for node in touched.values():
         names = {t.name for t in list(node.inputs) + list(node.outputs)}
         mine = {s: g for s, g in removed.items() if s[0] in names}

@@ -119,7 +119,7 @@ class FoldConstants(GraphPass):
             if sum(o.size for o in outputs) > _MAX_FOLD_ELEMENTS:
                 continue
             for tensor, value in zip(node.outputs, outputs):
-                tensor.to_constant(np.ascontiguousarray(value))
+                tensor.to_constant(np.array(value, order="C"))  # (ascontiguousarray makes scalars 1-D)
             node.outputs.clear()
             modified = True
         if modified:
@@ -164,7 +164,7 @@ class DedupeConstants(GraphPass):
             for slot, tensor in enumerate(node.inputs):
                 if not isinstance(tensor, gs.Constant):
                     continue
-                values = np.ascontiguousarray(tensor.values)
+                values = np.array(tensor.values, order="C")
                 key = (values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest())
                 first = canonical.setdefault(key, tensor)
                 if first is not tensor:
