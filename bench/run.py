@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from onnxprune.passes.methods import METHODS
 from rich.console import Console
 from rich.table import Table
 
@@ -25,7 +26,6 @@ from onnxprune import prune
 from onnxprune.evaluate import evaluate, load_npz
 from onnxprune.fidelity import latency_ratio
 from onnxprune.model_io import load_model
-from onnxprune.passes.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -82,7 +82,7 @@ def table(rows: list[dict]) -> Table:
         acc = f"{r['accuracy'][0]:.3f} → {r['accuracy'][1]:.3f}"
         if r["accuracy"][1] == best[(r["model"], r["ratio"])]:
             acc = f"[bold]{acc}[/]"
-        t.add_row(r["model"], r["method"], f"{r['ratio']:.1f}", f"{r['params_kept']:.1%}", f"{r['macs_kept']:.1%}",
+        t.add_row(r["model"], r["method"], f"{r['ratio']:g}", f"{r['params_kept']:.1%}", f"{r['macs_kept']:.1%}",
                   f"{r['latency_kept']:.1%}", acc, f"{r['fgsm_0.05'][0]:.3f} → {r['fgsm_0.05'][1]:.3f}",
                   f"{r['prune_seconds']:.1f}")
     return t

@@ -145,11 +145,13 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
     budget = Budget(ratio, round_to, list(exclude or []), seed, compensate, step)
 
     t0 = time.perf_counter()
+    applied = False  # progressive methods compensate step by step while they plan
     if plan is None:
         plan = METHODS[method]().plan(analysis, budget, progress)
+        applied = plan.details.pop("compensated", False)
     elif not compensate:
         plan.compensate = False
-    if plan.compensate and not plan.details.get("compensated"):
+    if plan.compensate and not applied:
         Reconstructor(analysis.dep, analysis.moments).apply(plan)
     timings["plan"] = time.perf_counter() - t0
 

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 logger = logging.getLogger(__name__)
 
-_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(40)
+_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(64)
 _WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
 _erf = np.vectorize(math.erf, otypes=[float])
 
@@ -66,12 +66,24 @@ class InputPrior:
         return self.std**2
 
     def sample(self, shape, rng: np.random.Generator) -> np.ndarray:
-        if self.fitted:
-            x = self.mean + self.std * rng.standard_normal(shape)
-            return np.clip(x, self.low, self.high) if self.low is not None else x
-        if self.low is not None and self.high is not None:
+        if self.low is not None and self.high is not None and not self.fitted:
             return rng.uniform(self.low, self.high, shape)
-        return self.mean + self.std * rng.standard_normal(shape)
+        x = self.mean + self.std * _noise(shape, rng)
+        return np.clip(x, self.low, self.high) if self.low is not None else x
+
+
+def _noise(shape, rng: np.random.Generator) -> np.ndarray:
+    """Standard noise; for images, a sum of octaves of blocky noise (unit variance), because
+    natural images are spatially correlated and white noise drives deep layers off-distribution."""
+    if len(shape) != 4 or min(shape[2:]) < 8:
+        return rng.standard_normal(shape)
+    n, c, h, w = shape
+    total = np.zeros(shape)
+    scales = [s for s in (1, 2, 4, 8) if min(h, w) >= 2 * s]
+    for s in scales:
+        small = rng.standard_normal((n, c, -(-h // s), -(-w // s)))
+        total += small.repeat(s, axis=2).repeat(s, axis=3)[:, :, :h, :w]
+    return total / math.sqrt(len(scales))
 
 
 def infer_input_prior(graph: gs.Graph) -> InputPrior:
@@ -147,6 +159,17 @@ def gaussian_moments(fn, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray,
     return m1, np.maximum(m2 - m1**2, 0)
 
 
+def relu_moments(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Closed form for ReLU of N(mean, var): m*Phi(m/s) + s*phi(m/s), and the second moment."""
+    s = np.sqrt(np.maximum(var, 1e-24))
+    a = mean / s
+    pdf = np.exp(-0.5 * a**2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + _erf(a / math.sqrt(2)))
+    first = mean * cdf + s * pdf
+    second = (mean**2 + s**2) * cdf + mean * s * pdf
+    return first, np.maximum(second - first**2, 0)
+
+
 class MomentPropagation:
     """Per-tensor channel moments of a lowered graph, computed once in topological order."""
 
@@ -166,7 +189,7 @@ class MomentPropagation:
                 logger.debug("moments stop at %s (%s): %r", node.name, node.op, exc)
         self.refined = self._refine_from_next_norms(graph)
 
-    def _refine_from_next_norms(self, graph: gs.Graph, ridge: float = 1e-3) -> int:
+    def _refine_from_next_norms(self, graph: gs.Graph, ridge: float = 1e-6) -> int:
         """Solve a tensor's channel means back from the BatchNorms behind its consumers.
 
         A Conv or Gemm reading tensor ``a`` and feeding a BatchNorm satisfies, on the data
@@ -250,6 +273,9 @@ class MomentPropagation:
             moments = self._linear(node, ins[0])
             if moments is not None:
                 self.moments[out.name] = moments
+        elif op == "Relu" and ins[0] is not None:
+            mean, var = relu_moments(ins[0].mean, ins[0].var)
+            self.moments[out.name] = Moments(ins[0].axis, mean, var)
         elif _activation(node) is not None and ins[0] is not None:
             mean, var = gaussian_moments(_activation(node), ins[0].mean, ins[0].var)
             self.moments[out.name] = Moments(ins[0].axis, mean, var)

@@ -130,12 +130,13 @@ class ProbeModel:
         self.base = self.run({})[0]
 
     def _add_masks(self, model: onnx.ModelProto, moments: MomentPropagation) -> None:
-        """Per consumer space S: ``x' = x*M + (1-M)*mean + D*sum_c(x*S) - S*sum_c(D*mean)``.
+        """Per consumer space: ``x' = x*M + (1-M)*mean + S*(sum_c(D*x) - sum_c(D*mean))``.
 
-        M is the removal mask; S (one-hot, the removed unit) and D (the merge scale at the kept
-        unit) express "u is merged into v": v's slot gains ``s * x_u``, u's slot keeps only the
-        compensation ``mean_u - s * mean_v``. Merges are expressed where units are single
-        channels; elsewhere (a flattened block) a row measures compensated removal alone."""
+        M is the removal mask; S (one-hot at the removed unit u) and D (the merge scale s at the
+        kept unit v) express "u is merged into v": the consumer weights for v absorb s times
+        u's, which is the same as u's slot reading ``s * x_v + mean_u - s * mean_v``. Merges are
+        expressed where units are single channels; elsewhere (a flattened block) a row
+        measures compensated removal alone."""
         g = model.graph
         nodes_by_name = {n.name: n for n in g.node}
         per_space: dict[tuple, list[tuple[ChannelGroup, np.ndarray, bool]]] = {}
@@ -169,9 +170,10 @@ class ProbeModel:
                     src = b.op("Reshape", b.gather(merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
                     dst = b.op("Reshape", b.gather(merge_dst_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
                     axes = b.const(np.array([axis], np.int64))
-                    moved = b.op("ReduceSum", b.op("Mul", tensor, src), axes)
+                    # u's slot reads s * x_v (what the merged weights see) minus its mean.
+                    moved = b.op("ReduceSum", b.op("Mul", tensor, dst), axes)
                     lost = b.op("ReduceSum", b.op("Mul", dst, mean), axes)
-                    x = b.op("Sub", b.op("Add", x, b.op("Mul", dst, moved)), b.op("Mul", src, lost))
+                    x = b.op("Add", x, b.op("Mul", src, b.op("Sub", moved, lost)))
             for name in consumers[space]:
                 node = nodes_by_name[name]
                 for i, inp in enumerate(node.input):

@@ -23,6 +23,7 @@ class Budget:
     seed: int = 0
     compensate: bool = True
     step: float | None = None  # progressive methods: share of each group removed per step
+    uniform: bool = False  # progressive methods: the same share from every group
 
 
 Progress = Callable[[str, int, int], None]

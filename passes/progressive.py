@@ -106,39 +106,118 @@ class Progressive(Method):
         groups = dep.prunable_groups(budget.exclude)
         targets = {g.id: removal_count(g, budget.ratio, budget.round_to) for g in groups}
         groups = [g for g in groups if targets[g.id] > 0]
+        total = sum(targets.values())
+        # The budget is the same number of channels as a uniform ratio; measured impact on the
+        # output layer (comparable across groups) decides where they come from, within caps.
+        caps = {g.id: self._cap(g, budget, targets[g.id]) for g in groups}
         step = budget.step or self.default_step
         steps = max(1, math.ceil(budget.ratio / step - 1e-9))
         plans = {g.id: GroupPlan(g.id, g.name, g.size, [], [], [], [], []) for g in groups}
         plan = PruningPlan(self.name, budget.ratio, budget.seed, list(plans.values()), compensate=True,
-                           details={"steps": steps, "probes": self.probes, "compensated": True})
+                           details={"steps": steps, "probes": self.probes, "compensated": True,
+                                    "allocation": "uniform" if budget.uniform else "by measured impact"})
         reconstructor = Reconstructor(dep, analysis.moments)
         rng = np.random.default_rng(budget.seed)
-        consumer_norms = {g.id: _consumer_weight_norms(g) for g in groups}
-        measured_rows = 0
+        norms = {g.id: _consumer_weight_norms(g) for g in groups}
+        removed, rows_measured = 0, 0
         for t in range(steps):
-            quota = {g.id: round(targets[g.id] * (t + 1) / steps) - len(plans[g.id].remove) for g in groups}
-            active = [g for g in groups if quota[g.id] > 0]
+            if budget.uniform:
+                quota = {g.id: round(targets[g.id] * (t + 1) / steps) - len(plans[g.id].remove) for g in groups}
+            else:
+                want = round(total * (t + 1) / steps) - removed
+                quota = self._global_quota(groups, plans, caps, want)
+            active = [g for g in groups if quota.get(g.id, 0) > 0]
             if not active:
                 continue
             probe = ProbeModel(analysis.graph, analysis.model, active, analysis.moments, analysis.prior,
                                analysis.input_shapes, probes=self.probes, seed=budget.seed)
+            pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id], analysis) for g in active}
+            impact = self._measure(probe, active, pools)
+            if budget.uniform:
+                chosen = {}
+                for g in active:
+                    order = self.order(impact[g.id], rng, len(plans[g.id].remove) / targets[g.id], quota[g.id])
+                    chosen[g.id] = self._feasible(g, pools[g.id], order, quota[g.id])
+            else:
+                chosen = self._select_global(active, pools, impact, want, plans, caps, rng, removed / max(total, 1))
             for g in active:
-                chosen = self._step_group(g, plans[g.id], quota[g.id], probe, consumer_norms[g.id], analysis, rng,
-                                          targets[g.id])
                 gp = plans[g.id]
-                for u, v, s, corr in chosen:
+                for u, v, s_, corr in chosen.get(g.id, []):
                     gp.remove.append(u)
                     gp.merge_into.append(v)
-                    gp.merge_scale.append(s)
+                    gp.merge_scale.append(s_)
                     gp.merge_corr.append(corr)
                     gp.steps.append(t)
-            measured_rows += probe.runs
+                    removed += 1
+            rows_measured += probe.runs
             reconstructor.apply(plan, steps={t}, zero_removed=True)
             if progress:
                 progress(f"{self.name} steps", t + 1, steps)
         plan.groups = [gp for gp in plans.values() if gp.remove]
-        plan.details["probe_rows"] = measured_rows
+        plan.details["probe_rows"] = rows_measured
         return plan
+
+    @staticmethod
+    def _cap(group: ChannelGroup, budget: Budget, target: int) -> int:
+        """The most a group may lose: twice its share, at most 90%, and whole balanced blocks."""
+        cap = min(group.size - 1, max(target, round(group.size * min(0.9, 2 * budget.ratio))))
+        if group.balance is not None:
+            return target  # grouped convolutions keep their uniform, block-balanced share
+        return cap
+
+    @staticmethod
+    def _global_quota(groups, plans, caps, want: int) -> dict[int, int]:
+        """How many candidates each group may contribute this step (room left under its cap,
+        and a fair share of the step so that no group is measured for nothing)."""
+        room = {g.id: caps[g.id] - len(plans[g.id].remove) for g in groups}
+        left = sum(max(r, 0) for r in room.values())
+        if want <= 0 or left <= 0:
+            return {}
+        return {gid: min(r, max(1, math.ceil(2 * want * r / left))) for gid, r in room.items() if r > 0}
+
+    def _pool(self, group, gp, quota, norms, analysis):
+        candidates = self._candidates(group, gp, analysis, norms)
+        return candidates[: max(quota, int(math.ceil(self.nominate * quota)), 4)]
+
+    @staticmethod
+    def _measure(probe: ProbeModel, groups, pools) -> dict[int, Impact]:
+        """One batched run: each row ablates one candidate of one group."""
+        n = sum(len(pools[g.id]) for g in groups)
+        feeds, spans, row = {}, {}, 0
+        for g in groups:
+            mask = np.ones((n, g.size), np.float32)
+            src = np.zeros((n, g.size), np.float32)
+            dst = np.zeros((n, g.size), np.float32)
+            for k, (_, u, v, s, _) in enumerate(pools[g.id]):
+                mask[row + k, u] = 0
+                if v >= 0:
+                    src[row + k, u], dst[row + k, v] = 1, s
+            feeds.update({mask_name(g): mask, merge_src_name(g): src, merge_dst_name(g): dst})
+            spans[g.id] = slice(row, row + len(pools[g.id]))
+            row += len(pools[g.id])
+        impact = probe.measure(feeds)
+        return {gid: Impact(*(getattr(impact, f)[span] for f in Impact.__dataclass_fields__))
+                for gid, span in spans.items()}
+
+    def _select_global(self, groups, pools, impact, want, plans, caps, rng, progress):
+        """Rank every measured candidate of every group together and take ``want``."""
+        keys = [(g.id, r) for g in groups for r in range(len(pools[g.id]))]
+        merged = Impact(*(np.concatenate([getattr(impact[g.id], f) for g in groups])
+                          for f in Impact.__dataclass_fields__))
+        taken = {g.id: [] for g in groups}
+        count = 0
+        for k in self.order(merged, rng, progress, want):
+            if count >= want:
+                break
+            gid, r = keys[k]
+            if caps[gid] - len(plans[gid].remove) - len(taken[gid]) <= 0:
+                continue
+            _, u, v, s, c = pools[gid][r]
+            if any(u == t[1] for t in taken[gid]) or any(v == t[0] for t in taken[gid] if v >= 0):
+                continue
+            taken[gid].append((u, v, s, c))
+            count += 1
+        return taken
 
     def _candidates(self, group: ChannelGroup, gp: GroupPlan, analysis, norms: np.ndarray):
         removed = set(gp.remove)
@@ -176,24 +255,10 @@ class Progressive(Method):
                     return var
         return np.ones(group.size)
 
-    def _step_group(self, group, gp, quota, probe: ProbeModel, norms, analysis, rng, target):
-        candidates = self._candidates(group, gp, analysis, norms)
-        pool = candidates[: max(quota, int(math.ceil(self.nominate * quota)), 4)]
-        n = len(pool)
-        mask = np.ones((n, group.size), np.float32)
-        src = np.zeros((n, group.size), np.float32)
-        dst = np.zeros((n, group.size), np.float32)
-        for r, (_, u, v, s, _) in enumerate(pool):
-            mask[r, u] = 0
-            if v >= 0:
-                src[r, u], dst[r, v] = 1, s
-        impact = probe.measure({mask_name(group): mask, merge_src_name(group): src, merge_dst_name(group): dst})
-        progress = len(gp.remove) / max(target, 1)
-        order = self.select(pool, impact, quota, rng, progress)
-        return self._feasible(group, pool, order, quota)
-
-    def select(self, pool, impact: Impact, quota: int, rng, progress: float) -> list[int]:
-        raise NotImplementedError
+    def order(self, impact: Impact, rng: np.random.Generator, progress: float, quota: int) -> list[int]:
+        """Candidate rows in the order this method takes them; PAODING: least impact on the
+        output layer first (relative L2 change, plus the share of decisions it flips)."""
+        return list(np.argsort(impact.rel_l2 + impact.top1, kind="stable"))
 
     @staticmethod
     def _feasible(group, pool, order, quota):
@@ -223,10 +288,6 @@ class Paoding(Progressive):
     name = "paoding"
     description = "PAODING: progressive pair merging decided by measured impact on the output layer"
 
-    def select(self, pool, impact, quota, rng, progress):
-        score = impact.rel_l2 + impact.top1  # output change, plus decisions it flips
-        return list(np.argsort(score, kind="stable"))
-
 
 class Srdfp(Progressive):
     name = "srdfp"
@@ -236,24 +297,27 @@ class Srdfp(Progressive):
         super().__init__(**kwargs)
         self.alpha, self.beta = alpha, beta
 
-    def select(self, pool, impact, quota, rng, progress):
-        # Robustness objective: how wide the output deviation spreads over the probes (L1
-        # of the per-output intervals) and how its width is distributed (entropy), both
-        # squashed by a logistic as paoding-dl does, relative to the pool's median.
+    def order(self, impact, rng, progress, quota):
+        # Robustness objective, as paoding-dl scores a pair: the L1 size of the output
+        # deviation intervals and their entropy, each squashed by a logistic (here relative to
+        # the candidates' median so that the scale of the logits does not matter).
         width = impact.width / (np.median(impact.width) + 1e-12)
         entropy = impact.entropy / (np.median(impact.entropy) + 1e-12)
         score = self.alpha / (1 + np.exp(-width)) + self.beta / (1 + np.exp(-entropy))
+        # Walk the candidates from least to most output change; accept one at least as good
+        # as the last accepted, a worse one with probability exp(-delta / T), T falling from
+        # 1 to 0 as pruning progresses (in units of the scores' spread).
         temperature = max(1.0 - progress, 1e-4) * float(np.std(score) + 1e-12)
-        order, pending = [], list(range(len(pool)))  # walked in saliency order
-        current = None
-        while pending and len(order) < len(pool):
-            for r in list(pending):
-                delta = 0.0 if current is None else score[r] - current
+        walk = list(np.argsort(impact.rel_l2 + impact.top1, kind="stable"))
+        order, current = [], None
+        while walk and len(order) < quota:
+            rejected = []
+            for r in walk:
+                delta = 0.0 if current is None else float(score[r] - current)
                 if delta <= 0 or rng.random() < math.exp(-delta / temperature):
                     order.append(r)
-                    pending.remove(r)
                     current = score[r]
-            if pending and len(order) >= quota:
-                break
-            current = None if pending else current  # re-walk: the next pass accepts the first again
-        return order + [r for r in np.argsort(score, kind="stable") if r not in order]
+                else:
+                    rejected.append(r)
+            walk, current = rejected, None  # walk again over the rejected ones
+        return order + walk

@@ -123,11 +123,13 @@ class Reconstructor:
         self.shapes = dep.ctx.shapes
 
     def apply(self, plan: PruningPlan, steps: set[int] | None = None, zero_removed: bool = False) -> None:
-        for gp in plan.groups:
-            group = self.dep.groups[gp.group]
-            for step, unit, into, scale, corr in gp.entries():
-                if steps is None or step in steps:
-                    self._compensate(group, unit, into, scale, corr, zero_removed)
+        """Step by step, group by group in plan order: a progressive method applying each step
+        as it goes and a saved plan replayed at once add the same numbers in the same order."""
+        entries = [(entry[0], k, entry) for k, gp in enumerate(plan.groups) for entry in gp.entries()]
+        for step, k, (_, unit, into, scale, corr) in sorted(entries, key=lambda e: (e[0], e[1], e[2][1])):
+            if steps is None or step in steps:
+                group = self.dep.groups[plan.groups[k].group]
+                self._compensate(group, unit, into, scale, corr, zero_removed)
 
     def _compensate(self, group: ChannelGroup, unit: int, into: int, scale: float, corr: float,
                     zero_removed: bool) -> None:
