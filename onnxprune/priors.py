@@ -189,7 +189,7 @@ class MomentPropagation:
                 logger.debug("moments stop at %s (%s): %r", node.name, node.op, exc)
         self.refined = self._refine_from_next_norms(graph)
 
-    def _refine_from_next_norms(self, graph: gs.Graph, ridge: float = 1e-6) -> int:
+    def _refine_from_next_norms(self, graph: gs.Graph, ridge: float = 1e-3) -> int:
         """Solve a tensor's channel means back from the BatchNorms behind its consumers.
 
         A Conv or Gemm reading tensor ``a`` and feeding a BatchNorm satisfies, on the data

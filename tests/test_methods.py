@@ -1,0 +1,62 @@
+"""The data-free methods on the reference models: compensation, PAODING, SRDFP.
+
+Accuracy assertions use the held-out digits split shipped in models/; they guard the
+behaviour the methods exist for (keeping accuracy without data), with margins well below the
+figures measured by make bench.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nets
+from onnxprune import prune
+from onnxprune.plan import PruningPlan
+from onnxprune.shapes import session
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _accuracy(model, name):
+    data = np.load(MODELS / name)
+    return float((session(model).run(None, {"input": data["x"]})[0].argmax(1) == data["y"]).mean())
+
+
+def test_compensation_rescues_magnitude_pruning_on_vgg():
+    path = MODELS / "vgg.onnx"
+    raw, _ = prune(path, 0.3, compensate=False, input_range=(0.0, 1.0), check=1)
+    fixed, _ = prune(path, 0.3, input_range=(0.0, 1.0), check=1)
+    acc_raw, acc_fixed = _accuracy(raw, "digits_test_32x32.npz"), _accuracy(fixed, "digits_test_32x32.npz")
+    assert acc_fixed > 0.95 and acc_fixed > acc_raw + 0.1
+
+
+@pytest.mark.parametrize("method", ["paoding", "srdfp"])
+def test_progressive_methods_keep_the_mlp_accurate(method):
+    # The PAODING paper's anchor: a 64-128-128-10 digits MLP with 40.6% of hidden units gone
+    # (paoding-dl: 0.971 -> 0.853..0.913). Magnitude pruning here falls to about 0.76.
+    pruned, report = prune(MODELS / "mlp.onnx", 0.406, method=method, input_range=(0.0, 1.0), check=1)
+    assert report.channels_removed == 104
+    assert _accuracy(pruned, "digits_test_8x8.npz") > 0.93
+
+
+@pytest.mark.parametrize("method", ["paoding", "srdfp"])
+def test_saved_plan_replays_to_the_same_bytes(method):
+    model = nets.resnet()
+    pruned, report = prune(model, 0.4, method=method, seed=5)
+    plan = PruningPlan.from_json(report.plan.to_json())
+    assert any(g.merge_into for g in plan.groups) and max(s for g in plan.groups for s in g.steps) > 0
+    again, _ = prune(nets.resnet(), 0.4, plan=plan)
+    assert again.SerializeToString() == pruned.SerializeToString()
+
+
+def test_srdfp_is_seeded():
+    a, _ = prune(nets.mobile_net(), 0.5, method="srdfp", seed=1)
+    b, _ = prune(nets.mobile_net(), 0.5, method="srdfp", seed=1)
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_progressive_budget_matches_a_uniform_ratio():
+    _, uniform = prune(nets.concat_net(), 0.4, method="magnitude")
+    _, progressive = prune(nets.concat_net(), 0.4, method="paoding")
+    assert progressive.channels_removed == uniform.channels_removed
