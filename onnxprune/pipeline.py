@@ -7,14 +7,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import FidelityError, InternalError, UserError
 from onnxprune.fidelity import Fidelity, measure_fidelity
-from onnxprune.metrics import ModelStats, model_stats
+from onnxprune.metrics import ModelStats, count_macs, model_stats
 from onnxprune.model_io import load_model
 from onnxprune.pass_infra import PassManager
 from onnxprune.passes.lower import DedupeConstants, lowering_passes
@@ -24,6 +26,7 @@ from onnxprune.plan import PruningPlan
 from onnxprune.priors import InputPrior, MomentPropagation, infer_input_prior
 from onnxprune.rewrite import apply_plan
 from onnxprune.shapes import Shape, concrete_input_shapes, graph_inputs, resolve_shapes, skeleton
+from onnxprune.synthesis import distill
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +42,35 @@ class Analysis:
     dep: DependencyGraph
     input_range: tuple[float, float] | None = None
     _moments: MomentPropagation | None = None
+    _probe_inputs: dict | None = None
 
     @property
     def prior(self) -> InputPrior:
         """Synthetic inputs: fitted to the first BatchNorm, within ``--input-range`` if given."""
         prior = infer_input_prior(self.graph)
         return prior.within(*self.input_range) if self.input_range else prior
+
+    def probe_inputs(self, count: int, seed: int) -> dict[str, np.ndarray]:
+        """Seeded synthetic probe inputs, distilled from BatchNorm statistics where the model
+        has them (computed once, on the weights as analysed)."""
+        if self._probe_inputs is None or len(next(iter(self._probe_inputs.values()))) != count:
+            rng = np.random.default_rng(seed)
+            prior = self.prior
+            inputs = {}
+            for value in graph_inputs(self.model):
+                shape = (count, *self.input_shapes[value.name][1:])
+                dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+                if not np.issubdtype(dtype, np.floating):
+                    inputs[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+                    continue
+                distilled = None
+                if len(graph_inputs(self.model)) == 1:
+                    macs = max(count_macs(self.model, self.shapes), 1)
+                    steps = int(np.clip(2e11 / (3 * macs * count), 20, 150))
+                    distilled = distill(_to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
+                inputs[value.name] = (prior.sample(shape, rng) if distilled is None else distilled).astype(dtype)
+            self._probe_inputs = inputs
+        return self._probe_inputs
 
     @property
     def moments(self) -> MomentPropagation:

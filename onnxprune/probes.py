@@ -107,7 +107,7 @@ class ProbeModel:
 
     def __init__(self, graph: gs.Graph, template: onnx.ModelProto, groups: list[ChannelGroup],
                  moments: MomentPropagation, prior: InputPrior, input_shapes: dict, probes: int = 16,
-                 seed: int = 0, max_rows: int = 2048):
+                 seed: int = 0, max_rows: int = 2048, inputs: dict[str, np.ndarray] | None = None):
         from onnxprune.pipeline import _to_model
         self.groups = [g for g in groups if _consumer_spaces(g)]
         model = _to_model(graph.copy(), template)
@@ -115,15 +115,18 @@ class ProbeModel:
         self._add_masks(model, moments)
         _make_batch_dynamic(model)
         self.session = session(model)
-        rng = np.random.default_rng(seed)
-        self.inputs = {}
-        for value in graph_inputs(template):
-            shape = (probes, *input_shapes[value.name][1:])
-            dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            if np.issubdtype(dtype, np.floating):
-                self.inputs[value.name] = prior.sample(shape, rng).astype(dtype)
-            else:
-                self.inputs[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        if inputs is None:
+            rng = np.random.default_rng(seed)
+            inputs = {}
+            for value in graph_inputs(template):
+                shape = (probes, *input_shapes[value.name][1:])
+                dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+                if np.issubdtype(dtype, np.floating):
+                    inputs[value.name] = prior.sample(shape, rng).astype(dtype)
+                else:
+                    inputs[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        self.inputs = inputs
+        probes = len(next(iter(inputs.values())))
         self.probes = probes
         self.max_rows = max_rows
         self.runs = 0

@@ -120,6 +120,7 @@ class Progressive(Method):
         rng = np.random.default_rng(budget.seed)
         norms = {g.id: _consumer_weight_norms(g) for g in groups}
         removed, rows_measured = 0, 0
+        probe_inputs = analysis.probe_inputs(self.probes, budget.seed)  # before any weight changes
         for t in range(steps):
             if budget.uniform:
                 quota = {g.id: round(targets[g.id] * (t + 1) / steps) - len(plans[g.id].remove) for g in groups}
@@ -130,7 +131,7 @@ class Progressive(Method):
             if not active:
                 continue
             probe = ProbeModel(analysis.graph, analysis.model, active, analysis.moments, analysis.prior,
-                               analysis.input_shapes, probes=self.probes, seed=budget.seed)
+                               analysis.input_shapes, inputs=probe_inputs)
             pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id], analysis) for g in active}
             impact = self._measure(probe, active, pools)
             if budget.uniform:
