@@ -113,7 +113,7 @@ class ProbeModel:
         model = _to_model(graph.copy(), template)
         self.output = _probe_output(model)
         self._add_masks(model, moments)
-        _make_batch_dynamic(model)
+        make_batch_dynamic(model)
         self.session = session(model)
         if inputs is None:
             rng = np.random.default_rng(seed)
@@ -228,7 +228,7 @@ def _probe_output(model: onnx.ModelProto) -> str:
     return name
 
 
-def _make_batch_dynamic(model: onnx.ModelProto) -> None:
+def make_batch_dynamic(model: onnx.ModelProto) -> None:
     """Probes stack ablations on the batch axis: a fixed batch of 1 becomes symbolic, and
     Reshape targets that hard-code it copy it instead."""
     for value in list(graph_inputs(model)) + list(model.graph.output):

@@ -95,22 +95,30 @@ def distill(model: onnx.ModelProto, shape: tuple[int, ...], prior: InputPrior, r
     the model has no BatchNorm to match (or no gradient graph can be built)."""
     if len(shape) != 4:
         return None
-    aux = _statistics_model(model)
+    from onnxprune.probes import make_batch_dynamic
+
+    batched = onnx.ModelProto()
+    batched.CopyFrom(model)
+    make_batch_dynamic(batched)
+    aux = _statistics_model(batched)
     if aux is None:
         return None
     try:
-        grad_model = input_gradient_model(aux)
-    except GradientUnsupported as exc:
+        sess = session(input_gradient_model(aux))
+    except Exception as exc:  # no gradient graph (GradientUnsupported) or no session: use plain noise
         logger.info("no gradient graph for distillation: %s", exc)
         return None
-    sess = session(grad_model)
     name = graph_inputs(model)[0].name
     x = prior.sample(shape, rng).astype(np.float32)
     labels = np.zeros(shape[0], np.int64)
     scale = prior.std * lr
     m, v = np.zeros_like(x), np.zeros_like(x)
     for t in range(1, steps + 1):  # Adam on the input
-        (grad,) = sess.run([INPUT_GRAD], {name: x, LABELS: labels})
+        try:
+            (grad,) = sess.run([INPUT_GRAD], {name: x, LABELS: labels})
+        except Exception as exc:  # a model that does not batch: fall back to noise
+            logger.info("distillation stopped: %s", str(exc).splitlines()[0])
+            return None
         m = 0.9 * m + 0.1 * grad
         v = 0.999 * v + 0.001 * grad**2
         x = x - scale * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
