@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.gradient import INPUT_GRAD, LABELS, GradientUnsupported, input_gradient_model
+from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
 from onnxprune.priors import InputPrior
 from onnxprune.shapes import graph_inputs, session
 

@@ -7,10 +7,10 @@ figures measured by make bench.
 
 from pathlib import Path
 
+import nets
 import numpy as np
 import pytest
 
-import nets
 from onnxprune import prune
 from onnxprune.plan import PruningPlan
 from onnxprune.shapes import session
