@@ -110,7 +110,8 @@ def test_opset9_sum_residual_and_old_batchnorm():
     assert_exact(model, group.id, [2, 7])
 
 
-@pytest.mark.parametrize("name", ["resnet", "resnet_dynamo", "mobilenet", "mobilenet_dynamo", "densenet_dynamo", "vit", "vit_dynamo"])
+@pytest.mark.parametrize("name", ["resnet", "resnet_dynamo", "mobilenet", "mobilenet_dynamo", "densenet_dynamo",
+                                  "vit", "vit_dynamo"])
 def test_torch_exports_prune_and_keep_a_dynamic_batch(name):
     path = MODELS / f"{name}.onnx"
     if not path.exists():
