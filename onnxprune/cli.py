@@ -82,6 +82,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="the range input values live in (synthetic probes stay inside it)")
     p.add_argument("--step", type=_ratio, metavar="S",
                    help="progressive methods: share of each group removed per step (default 0.05)")
+    p.add_argument("--alpha", type=float, default=0.5, help="srdfp: weight of the output deviation's spread")
+    p.add_argument("--beta", type=float, default=0.5, help="srdfp: weight of the output deviation's entropy")
     p.add_argument("--no-compensation", action="store_true",
                    help="do not compensate removed channels (bias, variance, merges): the raw baseline")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
@@ -181,7 +183,9 @@ def run_prune(argv: list[str]) -> int:
                                    round_to=args.round_to, seed=args.seed, check=args.check,
                                    min_cosine=args.min_cosine, plan=plan, progress=progress,
                                    compensate=not args.no_compensation, input_range=args.input_range,
-                                   step=args.step)
+                                   step=args.step,
+                                   method_options={"alpha": args.alpha, "beta": args.beta}
+                                   if args.method == "srdfp" else None)
             failure = None
         except FidelityError as exc:
             pruned, report, failure = exc.model, exc.report, exc

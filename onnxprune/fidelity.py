@@ -55,15 +55,25 @@ def _run_batched(sess: ort.InferenceSession, feeds: list[dict[str, np.ndarray]])
             for i in range(len(runs[0]))]
 
 
-def probe_feeds(model: onnx.ModelProto, shapes: dict[str, Shape], count: int, seed: int) -> list[dict]:
-    """``count`` synthetic samples, one feed per sample (models may have a fixed batch of 1)."""
+def probe_feeds(model: onnx.ModelProto, shapes: dict[str, Shape], count: int, seed: int,
+                prior=None) -> list[dict]:
+    """``count`` synthetic samples, one feed per sample (models may have a fixed batch of 1);
+    float inputs follow ``prior`` (an :class:`~onnxprune.priors.InputPrior`) when given."""
     rng = np.random.default_rng(seed)
-    return [random_inputs(model, shapes, rng) for _ in range(count)]
+    feeds = []
+    for _ in range(count):
+        feed = random_inputs(model, shapes, rng)
+        if prior is not None:
+            for name, value in feed.items():
+                if np.issubdtype(value.dtype, np.floating):
+                    feed[name] = prior.sample(value.shape, rng).astype(value.dtype)
+        feeds.append(feed)
+    return feeds
 
 
 def measure_fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict[str, Shape],
-                     count: int, seed: int = 0) -> Fidelity:
-    feeds = probe_feeds(original, shapes, count, seed)
+                     count: int, seed: int = 0, prior=None) -> Fidelity:
+    feeds = probe_feeds(original, shapes, count, seed, prior)
     return compare_outputs(_run_batched(session(original), feeds), _run_batched(session(pruned), feeds))
 
 

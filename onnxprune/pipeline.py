@@ -43,12 +43,16 @@ class Analysis:
     input_range: tuple[float, float] | None = None
     _moments: MomentPropagation | None = None
     _probe_inputs: dict | None = None
+    _prior: InputPrior | None = None
 
     @property
     def prior(self) -> InputPrior:
-        """Synthetic inputs: fitted to the first BatchNorm, within ``--input-range`` if given."""
-        prior = infer_input_prior(self.graph)
-        return prior.within(*self.input_range) if self.input_range else prior
+        """Synthetic inputs: fitted to the first BatchNorm, within ``--input-range`` if given
+        (read once, off the weights as analysed)."""
+        if self._prior is None:
+            prior = infer_input_prior(self.graph)
+            self._prior = prior.within(*self.input_range) if self.input_range else prior
+        return self._prior
 
     def probe_inputs(self, count: int, seed: int) -> dict[str, np.ndarray]:
         """Seeded synthetic probe inputs, distilled from BatchNorm statistics where the model
@@ -150,6 +154,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
           input_range: tuple[float, float] | None = None, step: float | None = None,
+          method_options: dict | None = None,
           ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
@@ -173,7 +178,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
     t0 = time.perf_counter()
     applied = False  # progressive methods compensate step by step while they plan
     if plan is None:
-        plan = METHODS[method]().plan(analysis, budget, progress)
+        plan = METHODS[method](**(method_options or {})).plan(analysis, budget, progress)
         applied = plan.details.pop("compensated", False)
     elif not compensate:
         plan.compensate = False
@@ -194,7 +199,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
         raise InternalError(f"the pruned model fails onnx.checker (a bug): {str(exc).splitlines()[0]}") from None
     _check_signature(original, pruned)
     try:
-        fidelity = measure_fidelity(original, pruned, analysis.input_shapes, max(check, 1), seed)
+        fidelity = measure_fidelity(original, pruned, analysis.input_shapes, max(check, 1), seed, analysis.prior)
     except Exception as exc:
         raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
     after_shapes = resolve_shapes(skeleton(graph, pruned), analysis.input_shapes)
