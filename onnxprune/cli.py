@@ -82,6 +82,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="the range input values live in (synthetic probes stay inside it)")
     p.add_argument("--step", type=_ratio, metavar="S",
                    help="progressive methods: share of each group removed per step (default 0.05)")
+    p.add_argument("--budget", choices=["channels", "macs"], default="channels",
+                   help="progressive methods: remove as many channels as the uniform ratio (default), or as "
+                        "many MACs, spending it where the measured impact is lowest")
     p.add_argument("--alpha", type=float, default=0.5, help="srdfp: weight of the output deviation's spread")
     p.add_argument("--beta", type=float, default=0.5, help="srdfp: weight of the output deviation's entropy")
     p.add_argument("--no-compensation", action="store_true",
@@ -185,7 +188,7 @@ def run_prune(argv: list[str]) -> int:
                                    compensate=not args.no_compensation, input_range=args.input_range,
                                    step=args.step,
                                    method_options={"alpha": args.alpha, "beta": args.beta}
-                                   if args.method == "srdfp" else None)
+                                   if args.method == "srdfp" else None, target=args.budget)
             failure = None
         except FidelityError as exc:
             pruned, report, failure = exc.model, exc.report, exc

@@ -154,7 +154,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
           input_range: tuple[float, float] | None = None, step: float | None = None,
-          method_options: dict | None = None,
+          method_options: dict | None = None, target: str = "channels",
           ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
@@ -173,7 +173,9 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
     analysis = analyse(model, input_shapes, options, input_range)
     original = analysis.model
     timings["analyse"] = time.perf_counter() - t0
-    budget = Budget(ratio, round_to, list(exclude or []), seed, compensate, step)
+    if target not in ("channels", "macs"):
+        raise UserError(f"the budget target is 'channels' or 'macs', got '{target}'")
+    budget = Budget(ratio, round_to, list(exclude or []), seed, compensate, step, target=target)
 
     t0 = time.perf_counter()
     applied = False  # progressive methods compensate step by step while they plan

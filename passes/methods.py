@@ -24,6 +24,7 @@ class Budget:
     compensate: bool = True
     step: float | None = None  # progressive methods: share of each group removed per step
     uniform: bool = False  # progressive methods: the same share from every group
+    target: str = "channels"  # progressive methods: match a uniform ratio's "channels" or "macs"
 
 
 Progress = Callable[[str, int, int], None]

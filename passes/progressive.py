@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxprune.passes.cost import MacModel
 from onnxprune.passes.methods import Budget, Method, Progress
 from onnxprune.passes.planning import removal_count
 from onnxprune.passes.reconstruct import Reconstructor
@@ -35,6 +36,14 @@ from onnxprune.plan import GroupPlan, PruningPlan
 from onnxprune.probes import Impact, ProbeModel, mask_name, merge_dst_name, merge_src_name
 
 logger = logging.getLogger(__name__)
+
+
+def _per_saving(score: np.ndarray, saving: np.ndarray | None) -> np.ndarray:
+    """Impact per share of the MACs a removal saves (a floor keeps free units from winning on
+    noise alone)."""
+    if saving is None:
+        return score
+    return score / (saving + 0.1 * float(np.median(saving)) + 1e-12)
 
 
 def unit_vectors(group: ChannelGroup) -> np.ndarray:
@@ -106,10 +115,14 @@ class Progressive(Method):
         groups = dep.prunable_groups(budget.exclude)
         targets = {g.id: removal_count(g, budget.ratio, budget.round_to) for g in groups}
         groups = [g for g in groups if targets[g.id] > 0]
-        total = sum(targets.values())
-        # The budget is the same number of channels as a uniform ratio; measured impact on the
-        # output layer (comparable across groups) decides where they come from, within caps.
+        # The budget is what a uniform ratio removes: as many channels (default) or, with
+        # --budget macs, as many MACs. Measured impact on the output layer (comparable across
+        # groups; per MAC saved for a MAC budget) decides where it comes from, within caps.
         caps = {g.id: self._cap(g, budget, targets[g.id]) for g in groups}
+        cost = MacModel(dep, groups)
+        by_macs = budget.target == "macs"
+        total = sum(targets.values())
+        goal = cost.after_uniform(groups, targets)
         step = budget.step or self.default_step
         steps = max(1, math.ceil(budget.ratio / step - 1e-9))
         plans = {g.id: GroupPlan(g.id, g.name, g.size, [], [], [], [], []) for g in groups}
@@ -124,8 +137,13 @@ class Progressive(Method):
         for t in range(steps):
             if budget.uniform:
                 quota = {g.id: round(targets[g.id] * (t + 1) / steps) - len(plans[g.id].remove) for g in groups}
+            elif by_macs:
+                step_goal = cost.base - (cost.base - goal) * (t + 1) / steps
+                want = self._units_for(cost, groups, plans, caps, step_goal)
+                quota = self._global_quota(groups, plans, caps, want)
             else:
                 want = round(total * (t + 1) / steps) - removed
+                step_goal = None
                 quota = self._global_quota(groups, plans, caps, want)
             active = [g for g in groups if quota.get(g.id, 0) > 0]
             if not active:
@@ -140,10 +158,13 @@ class Progressive(Method):
                     order = self.order(impact[g.id], rng, len(plans[g.id].remove) / targets[g.id], quota[g.id])
                     chosen[g.id] = self._feasible(g, pools[g.id], order, quota[g.id])
             else:
-                chosen = self._select_global(active, pools, impact, want, plans, caps, rng, removed / max(total, 1))
+                done = (cost.base - cost.total()) / max(cost.base - goal, 1e-9) if by_macs else removed / max(total, 1)
+                chosen = self._select_global(active, pools, impact, step_goal, want, plans, caps, rng, done, cost)
             for g in active:
                 gp = plans[g.id]
                 for u, v, s_, corr in chosen.get(g.id, []):
+                    if budget.uniform:
+                        cost.remove(g, u)
                     gp.remove.append(u)
                     gp.merge_into.append(v)
                     gp.merge_scale.append(s_)
@@ -165,6 +186,15 @@ class Progressive(Method):
         if group.balance is not None:
             return target  # grouped convolutions keep their uniform, block-balanced share
         return cap
+
+    @staticmethod
+    def _units_for(cost: MacModel, groups, plans, caps, goal: float) -> int:
+        """About how many more units reach ``goal`` MACs, at the current average saving."""
+        excess = cost.total() - goal
+        if excess <= 0:
+            return 0
+        savings = np.concatenate([cost.marginal(g) for g in groups if caps[g.id] > len(plans[g.id].remove)] or [[0]])
+        return max(1, math.ceil(excess / max(float(np.median(savings)), 1e-9)))
 
     @staticmethod
     def _global_quota(groups, plans, caps, want: int) -> dict[int, int]:
@@ -200,15 +230,20 @@ class Progressive(Method):
         return {gid: Impact(*(getattr(impact, f)[span] for f in Impact.__dataclass_fields__))
                 for gid, span in spans.items()}
 
-    def _select_global(self, groups, pools, impact, want, plans, caps, rng, progress):
-        """Rank every measured candidate of every group together and take ``want``."""
+    def _select_global(self, groups, pools, impact, goal, want, plans, caps, rng, progress, cost: MacModel):
+        """Rank every measured candidate of every group together and take them until the step's
+        budget is spent: ``want`` units, or (``goal`` given) down to ``goal`` MACs, ranking
+        by impact per MAC saved."""
         keys = [(g.id, r) for g in groups for r in range(len(pools[g.id]))]
+        saving = None if goal is None else \
+            np.concatenate([cost.marginal(g)[[c[1] for c in pools[g.id]]] for g in groups]) / cost.base
         merged = Impact(*(np.concatenate([getattr(impact[g.id], f) for g in groups])
                           for f in Impact.__dataclass_fields__))
+        by_id = {g.id: g for g in groups}
         taken = {g.id: [] for g in groups}
         count = 0
-        for k in self.order(merged, rng, progress, want):
-            if count >= want:
+        for k in self.order(merged, rng, progress, len(keys) if goal is not None else want, saving):
+            if (goal is not None and cost.total() <= goal) or (goal is None and count >= want):
                 break
             gid, r = keys[k]
             if caps[gid] - len(plans[gid].remove) - len(taken[gid]) <= 0:
@@ -217,6 +252,7 @@ class Progressive(Method):
             if any(u == t[1] for t in taken[gid]) or any(v == t[0] for t in taken[gid] if v >= 0):
                 continue
             taken[gid].append((u, v, s, c))
+            cost.remove(by_id[gid], u)
             count += 1
         return taken
 
@@ -256,10 +292,11 @@ class Progressive(Method):
                     return var
         return np.ones(group.size)
 
-    def order(self, impact: Impact, rng: np.random.Generator, progress: float, quota: int) -> list[int]:
+    def order(self, impact: Impact, rng: np.random.Generator, progress: float, quota: int,
+              saving: np.ndarray | None = None) -> list[int]:
         """Candidate rows in the order this method takes them; PAODING: least impact on the
-        output layer first (relative L2 change, plus the share of decisions it flips)."""
-        return list(np.argsort(impact.rel_l2 + impact.top1, kind="stable"))
+        output layer (relative L2 change plus the share of decisions it flips) per MAC saved."""
+        return list(np.argsort(_per_saving(impact.rel_l2 + impact.top1, saving), kind="stable"))
 
     @staticmethod
     def _feasible(group, pool, order, quota):
@@ -298,7 +335,7 @@ class Srdfp(Progressive):
         super().__init__(**kwargs)
         self.alpha, self.beta = alpha, beta
 
-    def order(self, impact, rng, progress, quota):
+    def order(self, impact, rng, progress, quota, saving=None):
         # Robustness objective, as paoding-dl scores a pair: the L1 size of the output
         # deviation intervals and their entropy, each squashed by a logistic (here relative to
         # the candidates' median so that the scale of the logits does not matter).
@@ -309,7 +346,7 @@ class Srdfp(Progressive):
         # as the last accepted, a worse one with probability exp(-delta / T), T falling from
         # 1 to 0 as pruning progresses (in units of the scores' spread).
         temperature = max(1.0 - progress, 1e-4) * float(np.std(score) + 1e-12)
-        walk = list(np.argsort(impact.rel_l2 + impact.top1, kind="stable"))
+        walk = list(np.argsort(_per_saving(impact.rel_l2 + impact.top1, saving), kind="stable"))
         order, current = [], None
         while walk and len(order) < quota:
             rejected = []
