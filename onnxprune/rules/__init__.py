@@ -1,3 +1,12 @@
 """Per-op coupling rules. Importing this package registers every rule in ``coupling.RULES``."""
 
-from onnxprune.rules import elementwise, layout, linear, norms  # noqa: F401
+from onnxprune.rules import (  # noqa: F401
+    attention,
+    contrib,
+    elementwise,
+    layout,
+    linear,
+    norms,
+    reshape,
+    shape_expr,
+)

@@ -34,9 +34,10 @@ class UnaryRule(OpRule):
         return _through(node, tensor, axis, ctx)
 
 
-@register("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu")
+@register("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu", "Where")
 class BroadcastRule(OpRule):
-    """Numpy broadcasting: equal-sized operands are tied, constants are sliced, size-1 broadcast."""
+    """Numpy broadcasting: equal-sized operands are tied, constants are sliced, size-1 broadcast.
+    Where(condition, a, b) too: a causal or padding mask broadcast over heads is left alone."""
 
     _SCALES = {"Mul", "Div", "PRelu", "Pow"}
 

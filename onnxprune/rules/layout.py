@@ -1,5 +1,6 @@
 """Ops that move channels around without computing on them: Concat, Split, Slice, Transpose,
-Reshape/Flatten/Squeeze/Unsqueeze, and Shape (which only reads dimensions)."""
+Flatten/Squeeze/Unsqueeze (and how any reshape maps an axis), Gather and Expand. Reshape itself
+is in :mod:`onnxprune.rules.reshape`, Shape in :mod:`onnxprune.rules.shape_expr`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.coupling import PASSIVE, Coupling, Link, OpRule, blocked, identity, register, same, slice_all
+from onnxprune.coupling import PASSIVE, PRODUCER, Coupling, Link, OpRule, blocked, identity, register, same, slice_all
+from onnxprune.rules.shape_expr import input_elements, shape_elements
 
 
 def _axis(node, rank: int, default: int = 0) -> int:
@@ -50,8 +52,7 @@ def _split_sizes(node, ctx) -> list[int] | None:
     rank = len(ctx.shape(node.inputs[0]))
     axis = _axis(node, rank)
     if len(node.inputs) > 1 and node.inputs[1].name:
-        sizes = ctx.const(node.inputs[1])
-        return None if sizes is None else [int(s) for s in sizes]
+        return _static_ints(node, 1, ctx)
     if "split" in node.attrs:
         return [int(s) for s in node.attrs["split"]]
     return [ctx.shape(o)[axis] for o in node.outputs]
@@ -66,7 +67,7 @@ class SplitRule(OpRule):
         split_axis = _axis(node, len(ctx.shape(x)))
         sizes = _split_sizes(node, ctx)
         if sizes is None:
-            return blocked(f"Split '{node.name}' has sizes computed at run time")
+            return blocked(f"Split '{node.name}' has sizes that depend on the input shapes")
         links, offset = [], 0
         for out, size in zip(node.outputs, sizes):
             span = identity(size)
@@ -90,7 +91,7 @@ class SplitRule(OpRule):
         old = _split_sizes(node, ctx)
         new = [s - len(removed.get((o.name, split_axis), ())) for o, s in zip(node.outputs, old)]
         if len(node.inputs) > 1 and node.inputs[1].name:
-            node.inputs[1].values = np.asarray(new, dtype=np.int64)
+            node.inputs[1] = gs.Constant(f"{node.name}_split_sizes", np.asarray(new, dtype=np.int64))
         elif ctx.graph.opset >= 13:
             node.attrs.pop("num_outputs", None)
             node.inputs.append(gs.Constant(f"{node.name}_split_sizes", np.asarray(new, dtype=np.int64)))
@@ -98,18 +99,30 @@ class SplitRule(OpRule):
             node.attrs["split"] = new
 
 
+def _static_ints(node, slot: int, ctx) -> list[int] | None:
+    """A constant input's values, or a computed one's when it does not depend on the input
+    shapes (``chunk`` exported as bounds computed from the channel count); else None."""
+    value = ctx.const(node.inputs[slot])
+    if value is not None:
+        return [int(v) for v in np.ravel(value)]
+    elements = input_elements(node, slot, ctx)
+    if elements is None or any(e.dynamic for e in elements):
+        return None
+    return [e.value for e in elements]
+
+
 def _slice_params(node, ctx):
-    """starts, ends, axes, steps as lists, or None when any is computed at run time."""
+    """starts, ends, axes, steps as lists, or None when any depends on the input shapes."""
     if len(node.inputs) == 1:  # opset < 10: attributes
         a = node.attrs
         starts, ends = list(a["starts"]), list(a["ends"])
         return starts, ends, list(a.get("axes", range(len(starts)))), [1] * len(starts)
-    values = [ctx.const(t) if t.name else None for t in node.inputs[1:]]
+    values = [_static_ints(node, slot, ctx) if t.name else None for slot, t in enumerate(node.inputs[1:], 1)]
     if any(v is None for v in values[:2]) or any(v is None for t, v in zip(node.inputs[3:], values[2:]) if t.name):
         return None
-    starts, ends = [int(v) for v in values[0]], [int(v) for v in values[1]]
-    axes = [int(v) for v in values[2]] if len(values) > 2 and values[2] is not None else list(range(len(starts)))
-    steps = [int(v) for v in values[3]] if len(values) > 3 and values[3] is not None else [1] * len(starts)
+    starts, ends = values[0], values[1]
+    axes = values[2] if len(values) > 2 and values[2] is not None else list(range(len(starts)))
+    steps = values[3] if len(values) > 3 and values[3] is not None else [1] * len(starts)
     return starts, ends, axes, steps
 
 
@@ -121,7 +134,7 @@ class SliceRule(OpRule):
             return blocked(f"Slice '{node.name}' reads its bounds from a channel tensor")
         params = _slice_params(node, ctx)
         if params is None:
-            return blocked(f"Slice '{node.name}' has bounds computed at run time")
+            return blocked(f"Slice '{node.name}' has bounds that depend on the input shapes")
         starts, ends, axes, steps = params
         rank = len(ctx.shape(x))
         axes = [a % rank for a in axes]
@@ -152,9 +165,9 @@ class SliceRule(OpRule):
             starts[j], ends[j] = new_start, new_start + new_len
         if len(node.inputs) == 1:
             node.attrs["starts"], node.attrs["ends"] = starts, ends
-        else:
-            node.inputs[1].values = np.asarray(starts, dtype=node.inputs[1].values.dtype)
-            node.inputs[2].values = np.asarray(ends, dtype=node.inputs[2].values.dtype)
+        else:  # computed bounds were static: they become constants
+            node.inputs[1] = gs.Constant(f"{node.name}_starts", np.asarray(starts, dtype=np.int64))
+            node.inputs[2] = gs.Constant(f"{node.name}_ends", np.asarray(ends, dtype=np.int64))
 
 
 @register("Transpose")
@@ -168,31 +181,62 @@ class TransposeRule(OpRule):
         return Coupling(PASSIVE, [same((node.inputs[0].name, perm[axis]), size)])
 
 
-def reshape_link(in_shape, out_shape, axis: int, from_input: bool):
-    """How axis ``axis`` of one side of a reshape maps to the other: (other_axis, here, there)
-    or a string saying why it cannot be followed."""
-    src, dst = (in_shape, out_shape) if from_input else (out_shape, in_shape)
-    before = math.prod(src[:axis])
-    other = next((b for b in range(len(dst)) if math.prod(dst[:b]) == before and dst[b] != 1), None)
-    if other is None:
+def _segment(src, dst, axis: int) -> tuple[list[int], list[int]]:
+    """The non-1 axes of each side in the block of equal element counts that holds ``src[axis]``.
+
+    Row-major reshapes only regroup: wherever the running products of both shapes agree, the
+    element layout agrees too, so the shapes cut into blocks (``[S, N, 3E] -> [S, N, 3, E]``
+    is ``[S] [N] [3E|3,E]``).
+    """
+    cum_src = [math.prod(src[:i]) for i in range(len(src) + 1)]
+    cum_dst = [math.prod(dst[:i]) for i in range(len(dst) + 1)]
+    bounds = sorted(set(cum_src) & set(cum_dst))
+    lo = max(b for b in bounds if b <= cum_src[axis])
+    hi = min(b for b in bounds if b > cum_src[axis])
+    return ([i for i in range(len(src)) if src[i] > 1 and lo <= cum_src[i] < hi],
+            [i for i in range(len(dst)) if dst[i] > 1 and lo <= cum_dst[i] < hi])
+
+
+def _digit(flat: int, sizes: list[int], k: int) -> np.ndarray:
+    """Digit ``k`` of every index below ``flat`` in the mixed radix ``sizes`` (row-major)."""
+    return (identity(flat) // math.prod(sizes[k + 1:])) % sizes[k]
+
+
+def split_link(src, dst, axis: int, stacked_src: frozenset = frozenset(), stacked_dst: frozenset = frozenset(),
+               last: bool = False):
+    """How axis ``axis`` of shape ``src`` maps to shape ``dst`` across a reshape:
+    ``(other_axis, here, there)`` or a string saying why it cannot be followed.
+
+    When one side splits the channel axis into several (heads x head size, or 3 x hidden for a
+    fused QKV projection), the channels follow the first factor that is not *stacked* (an axis
+    that is later indexed, like the 3 of a QKV split): a unit is then a whole head, or the same
+    channel of Q, K and V. The other factors are blocks inside a unit. With ``last`` they follow
+    the last factor instead: a unit is then one channel of every head (head-size pruning).
+    """
+    n = src[axis]
+    if n <= 1 or math.prod(src) != math.prod(dst) or math.prod(src) == 0:
+        return "reshape of an empty or size-1 axis"
+    src_axes, dst_axes = _segment(src, dst, axis)
+    if len(src_axes) == 1 and len(dst_axes) == 1:
+        return dst_axes[0], identity(n), identity(n)
+    if len(src_axes) > 1 and len(dst_axes) > 1:
         return "reshape splits or scatters this axis"
-    n_src, n_dst = src[axis], dst[other]
-    if n_src == n_dst:
-        return other, identity(n_src), identity(n_src)
-    small, big = min(n_src, n_dst), max(n_src, n_dst)
-    merged_side = dst if n_dst > n_src else src
-    merged_axis = other if n_dst > n_src else axis
-    small_side = src if n_dst > n_src else dst
-    small_axis = axis if n_dst > n_src else other
-    block = big // small
-    trailing = [math.prod(small_side[small_axis + 1:j]) for j in range(small_axis + 1, len(small_side) + 1)]
-    if big % small or block not in trailing or merged_side[merged_axis] != big:
-        return "reshape splits this axis (e.g. into heads or groups)"
-    fine = identity(big)
-    coarse = fine // block
-    if n_dst > n_src:  # this side is the channel axis, the other a flattened (channel, rest) axis
-        return other, coarse, fine
-    return other, fine, coarse
+    if len(src_axes) == 1:  # the other side splits this axis into factors
+        target = next((a for a in (dst_axes[::-1] if last else dst_axes) if a not in stacked_dst), None)
+        if target is None:
+            return "reshape splits this axis into stacked factors only"
+        return target, identity(n), _digit(n, [dst[a] for a in dst_axes], dst_axes.index(target))
+    carrier = next((a for a in (src_axes[::-1] if last else src_axes) if a not in stacked_src), None)
+    if carrier != axis:  # this axis is a factor of a flattened axis, but not the one channels follow
+        return f"reshape splits this axis (only its {'last' if last else 'leading'} factor carries channels)"
+    flat = dst[dst_axes[0]]
+    return dst_axes[0], _digit(flat, [src[a] for a in src_axes], src_axes.index(axis)), identity(flat)
+
+
+def reshape_link(in_shape, out_shape, axis: int, from_input: bool):
+    """:func:`split_link` from the input side (``from_input``) or from the output side."""
+    src, dst = (in_shape, out_shape) if from_input else (out_shape, in_shape)
+    return split_link(src, dst, axis)
 
 
 class _ReshapeLike(OpRule):
@@ -211,102 +255,52 @@ class _ReshapeLike(OpRule):
 register("Flatten", "Squeeze", "Unsqueeze")(type("ShapeOnlyReshapeRule", (_ReshapeLike,), {}))
 
 
-def _sole_user(tensor, op: str):
-    users = tensor.outputs
-    return users[0] if len(users) == 1 and users[0].op == op else None
-
-
-def channel_shuffle(head, ctx):
-    """(axis, groups, tail) when ``head`` starts a channel shuffle, else None.
-
-    ShuffleNet's shuffle is Reshape [.., C, ..] -> [.., g, C/g, ..], Transpose swapping those
-    two axes, Reshape back to [.., C, ..]: channel i*(C/g)+j moves to j*g+i.
-    """
-    x, y = head.inputs[0], head.outputs[0]
-    in_shape, mid_shape = ctx.shape(x), ctx.shape(y)
-    if head.op != "Reshape" or not in_shape or not mid_shape or len(mid_shape) != len(in_shape) + 1:
-        return None
-    axis = next((a for a in range(len(in_shape)) if in_shape[a] != mid_shape[a]), None)
-    if axis is None or mid_shape[axis] * mid_shape[axis + 1] != in_shape[axis]:
-        return None
-    transpose = _sole_user(y, "Transpose")
-    perm = list(range(len(mid_shape)))
-    perm[axis], perm[axis + 1] = axis + 1, axis
-    if transpose is None or list(transpose.attrs.get("perm", [])) != perm:
-        return None
-    tail = _sole_user(transpose.outputs[0], "Reshape")
-    if tail is None or ctx.shape(tail.outputs[0]) != in_shape:
-        return None
-    return axis, mid_shape[axis], tail
-
-
-def _shuffle_head(tail, ctx):
-    transpose = tail.inputs[0].inputs[0] if tail.inputs[0].inputs else None
-    head = transpose.inputs[0].inputs[0] if transpose is not None and transpose.inputs[0].inputs else None
-    if head is None or head.op != "Reshape":
-        return None
-    found = channel_shuffle(head, ctx)
-    return (head, *found) if found is not None and found[2] is tail else None
-
-
-def _shuffle_links(x_key, y_key, channels: int, groups: int, from_input: bool) -> list[Link]:
-    """Channel j of every block is one unit: the shuffle stays a shuffle only if each block
-    keeps the same j's. Input i*(C/g)+j <-> output j*g+i, and blocks tied to block 0."""
-    per = channels // groups
-    i, j = np.divmod(identity(channels), per)
-    src, dst = i * per + j, j * groups + i
-    here_key = x_key if from_input else y_key
-    cross = Link(y_key if from_input else x_key, src if from_input else dst, dst if from_input else src)
-    tie_src = src if from_input else dst
-    tie_dst = j if from_input else j * groups
-    return [cross, Link(here_key, tie_src, tie_dst)]
-
-
-@register("Reshape")
-class ReshapeRule(_ReshapeLike):
-    def couple(self, node, tensor, axis, ctx):
-        if ctx.const(node.inputs[1]) is None:
-            return blocked(f"Reshape '{node.name}' has a shape computed at run time")
-        shuffle = channel_shuffle(node, ctx) if tensor.name == node.inputs[0].name else None
-        if shuffle is not None and shuffle[0] == axis:
-            _, groups, tail = shuffle
-            links = _shuffle_links((tensor.name, axis), (tail.outputs[0].name, axis),
-                                   ctx.shape(tensor)[axis], groups, True)
-            return Coupling(PASSIVE, links)
-        found = _shuffle_head(node, ctx) if tensor.name == node.outputs[0].name else None
-        if found is not None and found[1] == axis:
-            head, _, groups, _ = found
-            links = _shuffle_links((head.inputs[0].name, axis), (tensor.name, axis),
-                                   ctx.shape(tensor)[axis], groups, False)
-            return Coupling(PASSIVE, links)
-        return super().couple(node, tensor, axis, ctx)
-
-    def rewrite(self, node, removed, ctx):
-        shape = np.array(node.inputs[1].values, copy=True)
-        y = node.outputs[0]
-        for axis, dim in enumerate(ctx.shape(y)):
-            gone = removed.get((y.name, axis))
-            if gone is not None and shape[axis] != -1:
-                shape[axis] = dim - len(gone)
-        shuffle = channel_shuffle(node, ctx)
-        if shuffle is not None and (node.inputs[0].name, shuffle[0]) in removed:
-            axis, groups, _ = shuffle
-            kept = ctx.shape(node.inputs[0])[axis] - len(removed[(node.inputs[0].name, axis)])
-            if shape[axis + 1] != -1:
-                shape[axis + 1] = kept // groups
-        node.inputs[1].values = shape
-
-
-@register("Shape")
-class ShapeRule(OpRule):
-    """Reading dimensions is harmless unless someone reads the pruned one."""
+@register("Gather")
+class GatherRule(OpRule):
+    """Indexing along one axis: the other axes pass through. A constant table gathered by
+    token ids (an embedding) produces the channels of its other axis."""
 
     def couple(self, node, tensor, axis, ctx):
-        start = int(node.attrs.get("start", 0))
-        for user in node.outputs[0].outputs:
-            index = ctx.const(user.inputs[1]) if user.op == "Gather" and len(user.inputs) > 1 else None
-            if index is None or index.size != 1:
-                return blocked(f"Shape '{node.name}' lets the channel count be read at run time")
-            if int(index.ravel()[0]) % len(ctx.shape(tensor)) + start == axis:
-                return blocked(f"Shape '{node.name}' reads the channel count at run time")
-        return Coupling(PASSIVE)
+        data, index, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if tensor.name == index.name:
+            return blocked(f"Gather '{node.name}' reads its indices from a channel tensor")
+        gathered = _axis(node, len(ctx.shape(data)))
+        index_rank = len(ctx.shape(index))
+        if tensor.name == y.name:
+            if gathered <= axis < gathered + index_rank:
+                return blocked(f"Gather '{node.name}' builds this axis from its indices")
+            data_axis, out_axis = (axis, axis) if axis < gathered else (axis - index_rank + 1, axis)
+        else:
+            if axis == gathered:
+                return blocked(f"Gather '{node.name}' selects along this axis")
+            data_axis, out_axis = (axis, axis) if axis < gathered else (axis, axis + index_rank - 1)
+        size = ctx.shape(tensor)[axis]
+        if ctx.const(data) is not None:  # an embedding table: its rows are looked up, its columns produced
+            return Coupling(PRODUCER, params=[slice_all(data, data_axis, size, "weight")])
+        other = (y.name, out_axis) if tensor.name == data.name else (data.name, data_axis)
+        return Coupling(PASSIVE, [same(other, size)])
+
+
+@register("Expand")
+class ExpandRule(OpRule):
+    """Broadcasting to a computed shape: an axis that keeps its size passes through when the
+    target asks for 1 there (a class token expanded over the batch)."""
+
+    def couple(self, node, tensor, axis, ctx):
+        x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if tensor.name == target.name:
+            return blocked(f"Expand '{node.name}' reads its shape from a channel tensor")
+        rank, x_rank = len(ctx.shape(y)), len(ctx.shape(x))
+        out_axis = axis if tensor.name == y.name else axis + rank - x_rank
+        x_axis = out_axis - (rank - x_rank)
+        if x_axis < 0 or ctx.shape(x)[x_axis] != ctx.shape(y)[out_axis]:
+            return blocked(f"Expand '{node.name}' broadcasts over this axis")
+        elements = shape_elements(target, ctx)
+        k = out_axis - (rank - len(elements)) if elements is not None else -1
+        if elements is None or (k >= 0 and (elements[k].dynamic or elements[k].value != 1)):
+            return blocked(f"Expand '{node.name}' names the size of this axis in its target shape")
+        size = ctx.shape(tensor)[axis]
+        if ctx.const(x) is not None:
+            return Coupling(PASSIVE, params=[slice_all(x, x_axis, size, "shift")])
+        other = (y.name, out_axis) if tensor.name == x.name else (x.name, x_axis)
+        return Coupling(PASSIVE, [same(other, size)])

@@ -19,6 +19,7 @@ from onnxprune.coupling import (
     register,
     slice_all,
 )
+from onnxprune.rules.attention import batched_matmul
 
 
 def _is_depthwise(node: gs.Node, weight: np.ndarray) -> bool:
@@ -123,7 +124,8 @@ class GemmRule(OpRule):
 
 @register("MatMul")
 class MatMulRule(OpRule):
-    """``X @ W`` with a constant 2-D ``W``: the last axis of X is W's rows, Y's is W's columns."""
+    """``X @ W`` with a constant 2-D ``W``: the last axis of X is W's rows, Y's is W's columns.
+    Two activations (attention) follow :func:`onnxprune.rules.attention.batched_matmul`."""
 
     def seeds(self, node, ctx):
         w = ctx.const(node.inputs[1])
@@ -134,8 +136,10 @@ class MatMulRule(OpRule):
 
     def couple(self, node, tensor, axis, ctx):
         w = ctx.const(node.inputs[1])
+        if w is None and ctx.const(node.inputs[0]) is None:
+            return batched_matmul(node, tensor, axis, ctx)  # Q @ K^T, attention @ V
         if w is None:
-            return blocked(f"MatMul '{node.name}' multiplies two activations")
+            return blocked(f"MatMul '{node.name}' multiplies a constant by an activation (W @ X)")
         if w.ndim != 2:
             return blocked(f"MatMul '{node.name}' has a batched constant operand")
         rank = len(ctx.shape(node.outputs[0]) or ())

@@ -35,16 +35,35 @@ class ChannelNormRule(OpRule):
 
 @register("LayerNormalization")
 class LayerNormRule(OpRule):
-    """Normalises over the axes from ``axis`` on: those are blocked, leading axes pass through."""
+    """Normalises over the axes from ``axis`` on: those are blocked, leading axes pass through.
+
+    A transformer's hidden width is such an axis. Removing a channel there changes the mean and
+    variance every other channel is normalised with, even when the channel is zero, so it is
+    only pruned when asked (option ``prune_hidden``): then LayerNorm over that single last axis
+    is a passive member slicing its scale and bias, and the result is close, not exact.
+    """
 
     def couple(self, node, tensor, axis, ctx):
         rank = len(ctx.shape(node.inputs[0]))
         first = int(node.attrs.get("axis", -1)) % rank
         if tensor.name != node.inputs[0].name and tensor.name != node.outputs[0].name:
             return blocked(f"LayerNormalization '{node.name}' statistics outputs are used")
-        if axis >= first:
+        link = same(_other_side(node, tensor, axis), ctx.shape(tensor)[axis])
+        if axis < first:
+            return Coupling(PASSIVE, [link])
+        if first != rank - 1:
             return blocked(f"LayerNormalization '{node.name}' normalises over this axis")
-        return Coupling(PASSIVE, [same(_other_side(node, tensor, axis), ctx.shape(tensor)[axis])])
+        if not ctx.options.get("prune_hidden"):
+            return blocked(f"LayerNormalization '{node.name}' normalises over this axis "
+                           "(the prune_hidden option prunes it, approximately)")
+        params = []
+        for param, kind in zip(node.inputs[1:3], ("weight", "shift")):
+            if not param.name:
+                continue
+            if ctx.const(param) is None or ctx.const(param).ndim != 1:
+                return blocked(f"LayerNormalization '{node.name}' has parameters computed at run time or broadcast")
+            params.append(slice_all(param, 0, ctx.shape(tensor)[axis], kind))
+        return Coupling(PASSIVE, [link], params)
 
 
 @register("LRN", "GroupNormalization", "MeanVarianceNormalization", "LpNormalization")
