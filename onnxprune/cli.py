@@ -82,6 +82,10 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="the range input values live in (synthetic probes stay inside it)")
     p.add_argument("--step", type=_ratio, metavar="S",
                    help="progressive methods: share of each group removed per step (default 0.05)")
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="transformers: also prune the residual stream's width (LayerNorm makes it approximate)")
+    p.add_argument("--prune-head-dim", action="store_true",
+                   help="transformers: prune dimensions inside each attention head instead of whole heads")
     p.add_argument("--budget", choices=["channels", "macs"], default="channels",
                    help="progressive methods: remove as many channels as the uniform ratio (default), or as "
                         "many MACs, spending it where the measured impact is lowest")
@@ -188,7 +192,8 @@ def run_prune(argv: list[str]) -> int:
                                    compensate=not args.no_compensation, input_range=args.input_range,
                                    step=args.step,
                                    method_options={"alpha": args.alpha, "beta": args.beta}
-                                   if args.method == "srdfp" else None, target=args.budget)
+                                   if args.method == "srdfp" else None, target=args.budget,
+                                   options={"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
             failure = None
         except FidelityError as exc:
             pruned, report, failure = exc.model, exc.report, exc
@@ -223,10 +228,13 @@ def run_inspect(argv: list[str]) -> int:
                 "prunable or the reason it is not.")
     p.add_argument("input")
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    p.add_argument("--prune-hidden", action="store_true", help="transformers: include the residual stream")
+    p.add_argument("--prune-head-dim", action="store_true", help="transformers: dimensions inside heads")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     model, _ = load_model_info(args.input)
-    analysis = analyse(model, parse_input_shapes(args.input_shape))
+    analysis = analyse(model, parse_input_shapes(args.input_shape),
+                       {"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
     rows = []
     for g in analysis.dep.groups:
         rows.append({"id": g.id, "name": g.name, "size": g.size, "spaces": len(g.spaces),

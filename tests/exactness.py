@@ -16,8 +16,9 @@ from onnxprune.plan import GroupPlan, PruningPlan
 from onnxprune.shapes import random_inputs, session
 
 
-def zero_consumers(model: onnx.ModelProto, group_id: int, units: list[int], input_shapes=None) -> onnx.ModelProto:
-    analysis = analyse(model, input_shapes)
+def zero_consumers(model: onnx.ModelProto, group_id: int, units: list[int], input_shapes=None,
+                   options=None) -> onnx.ModelProto:
+    analysis = analyse(model, input_shapes, options)
     group = analysis.dep.groups[group_id]
     gone = group.removed_indices(np.asarray(units))
     for member in group.members:
@@ -41,25 +42,27 @@ def zero_consumers(model: onnx.ModelProto, group_id: int, units: list[int], inpu
     return _to_model(analysis.graph, analysis.model)
 
 
-def prune_units(model: onnx.ModelProto, group_id: int, units: list[int], input_shapes=None) -> onnx.ModelProto:
-    group = analyse(model, input_shapes).dep.groups[group_id]
+def prune_units(model: onnx.ModelProto, group_id: int, units: list[int], input_shapes=None,
+                options=None) -> onnx.ModelProto:
+    group = analyse(model, input_shapes, options).dep.groups[group_id]
     plan = PruningPlan("test", 0.5, 0, [GroupPlan(group.id, group.name, group.size, sorted(units))])
-    pruned, _ = prune(model, 0.5, plan=plan, input_shapes=input_shapes, check=1)
+    pruned, _ = prune(model, 0.5, plan=plan, input_shapes=input_shapes, check=1, options=options)
     return pruned
 
 
 def outputs_after_zero_and_prune(model: onnx.ModelProto, group_id: int, units: list[int],
-                                 input_shapes=None, feeds=None):
-    reference = zero_consumers(model, group_id, units, input_shapes)
-    pruned = prune_units(reference, group_id, units, input_shapes)
+                                 input_shapes=None, feeds=None, options=None):
+    reference = zero_consumers(model, group_id, units, input_shapes, options)
+    pruned = prune_units(reference, group_id, units, input_shapes, options)
     if feeds is None:
         shapes = analyse(model, input_shapes).input_shapes
         feeds = random_inputs(model, shapes, np.random.default_rng(1), batch=None)
     return session(reference).run(None, feeds), session(pruned).run(None, feeds), pruned
 
 
-def assert_exact(model: onnx.ModelProto, group_id: int, units: list[int], input_shapes=None, tol=1e-5):
-    ref, new, pruned = outputs_after_zero_and_prune(model, group_id, units, input_shapes)
+def assert_exact(model: onnx.ModelProto, group_id: int, units: list[int], input_shapes=None, tol=1e-5,
+                 options=None):
+    ref, new, pruned = outputs_after_zero_and_prune(model, group_id, units, input_shapes, options=options)
     for a, b in zip(ref, new):
         scale = max(1.0, float(np.abs(a).max()))
         np.testing.assert_allclose(b, a, atol=tol * scale, rtol=0)
