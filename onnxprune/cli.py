@@ -292,7 +292,7 @@ def run_eval(argv: list[str]) -> int:
         else:
             result = evaluate(load_model_info(args.model)[0], x, y, progress=tick, **options)
             reports = {"model": result}
-    table = Table(title=f"{args.model} on {args.data} ({len(y)} samples)", title_justify="left")
+    table = Table(title=f"eval: {len(y)} samples of {Path(args.data).name}", title_justify="left")
     table.add_column("")
     for name in reports:
         table.add_column(name, justify="right")
