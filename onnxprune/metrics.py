@@ -35,27 +35,30 @@ def _float_params(model: onnx.ModelProto) -> tuple[int, dict[str, tuple[int, ...
     return count, shapes
 
 
+def node_macs(op: str, inputs: list[tuple[int, ...] | None], output: tuple[int, ...] | None,
+              trans_a: bool = False) -> int | None:
+    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul from its shapes (None
+    for other ops or unknown shapes). The one formula both the report and budgets use."""
+    if output is None or len(inputs) < 2:
+        return None
+    x, w = inputs[0], inputs[1]
+    if op == "Conv" and w:
+        return math.prod(output) * math.prod(w[1:])
+    if op == "ConvTranspose" and w and x:
+        return math.prod(x) * math.prod(w[1:])
+    if op in ("Gemm", "MatMul") and x:
+        return math.prod(output) * (x[-2] if trans_a else x[-1])
+    return None
+
+
 def count_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
     """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at the given shapes."""
     total = 0
     for node in model.graph.node:
-        out = shapes.get(node.output[0]) if node.output else None
-        if out is None:
-            continue
-        if node.op_type == "Conv":
-            w = shapes.get(node.input[1])
-            if w:
-                total += math.prod(out) * math.prod(w[1:])
-        elif node.op_type == "ConvTranspose":
-            w, x = shapes.get(node.input[1]), shapes.get(node.input[0])
-            if w and x:
-                total += math.prod(x) * math.prod(w[1:])
-        elif node.op_type in ("Gemm", "MatMul"):
-            a = shapes.get(node.input[0])
-            if a:
-                trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-                k = a[-2] if trans_a else a[-1]
-                total += math.prod(out) * k
+        trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+        macs = node_macs(node.op_type, [shapes.get(i) for i in node.input],
+                         shapes.get(node.output[0]) if node.output else None, trans_a)
+        total += macs or 0
     return total
 
 

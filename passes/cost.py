@@ -7,12 +7,12 @@ its output). The marginal saving of a unit is the first-order change of that sum
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import numpy as np
 
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
+from onnxprune.metrics import node_macs
 
 
 class MacModel:
@@ -67,23 +67,18 @@ class MacModel:
 
 
 def _node_macs(node, shapes):
-    out = shapes.get(node.outputs[0].name) if node.outputs else None
-    if not out:
+    """(macs, input space, output space, depthwise) of a weight-owning node, or None."""
+    if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
         return None
-    if node.op == "Conv" and len(node.inputs) > 1:
-        w = shapes.get(node.inputs[1].name) or getattr(node.inputs[1], "shape", None)
-        if not w:
-            return None
-        group = int(node.attrs.get("group", 1))
-        depthwise = group > 1 and w[1] == 1
-        return math.prod(out) * math.prod(w[1:]), (node.inputs[0].name, 1), (node.outputs[0].name, 1), depthwise
-    if node.op in ("Gemm", "MatMul"):
-        a = shapes.get(node.inputs[0].name)
-        if not a:
-            return None
-        trans_a = node.op == "Gemm" and node.attrs.get("transA", 0)
-        k = a[-2] if trans_a else a[-1]
-        axis_in = (0 if trans_a else 1) if node.op == "Gemm" else len(a) - 1
-        axis_out = 1 if node.op == "Gemm" else len(out) - 1
-        return math.prod(out) * k, (node.inputs[0].name, axis_in), (node.outputs[0].name, axis_out), False
-    return None
+    in_shapes = [shapes.get(t.name) or (tuple(t.shape) if t.shape is not None else None) for t in node.inputs[:2]]
+    out = shapes.get(node.outputs[0].name)
+    trans_a = bool(node.op == "Gemm" and node.attrs.get("transA", 0))
+    macs = node_macs(node.op, in_shapes, out, trans_a)
+    if macs is None:
+        return None
+    if node.op == "Conv":
+        depthwise = int(node.attrs.get("group", 1)) > 1 and in_shapes[1][1] == 1
+        return macs, (node.inputs[0].name, 1), (node.outputs[0].name, 1), depthwise
+    axis_in = (0 if trans_a else 1) if node.op == "Gemm" else len(in_shapes[0]) - 1
+    axis_out = 1 if node.op == "Gemm" else len(out) - 1
+    return macs, (node.inputs[0].name, axis_in), (node.outputs[0].name, axis_out), False

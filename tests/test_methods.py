@@ -60,3 +60,10 @@ def test_progressive_budget_matches_a_uniform_ratio():
     _, uniform = prune(nets.concat_net(), 0.4, method="magnitude")
     _, progressive = prune(nets.concat_net(), 0.4, method="paoding")
     assert progressive.channels_removed == uniform.channels_removed
+
+
+def test_mac_budget_matches_the_uniform_ratio():
+    _, uniform = prune(MODELS / "resnet.onnx", 0.4, check=1)
+    _, matched = prune(MODELS / "resnet.onnx", 0.4, method="paoding", target="macs", input_range=(0.0, 1.0),
+                       check=1)
+    assert abs(matched.after.macs - uniform.after.macs) < 0.03 * uniform.before.macs
