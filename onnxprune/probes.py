@@ -184,7 +184,7 @@ class ProbeModel:
                         node.input[i] = x
         nodes = list(g.node) + b.nodes
         del g.node[:]
-        g.node.extend(_toposort(nodes, {i.name for i in g.input} | {t.name for t in g.initializer}))
+        g.node.extend(toposort_nodes(nodes, {i.name for i in g.input} | {t.name for t in g.initializer}))
         if self.output not in {o.name for o in g.output}:
             g.output.append(helper.make_empty_tensor_value_info(self.output))
 
@@ -246,7 +246,7 @@ def make_batch_dynamic(model: onnx.ModelProto) -> None:
                 inits[node.input[1]].CopyFrom(numpy_helper.from_array(fixed, node.input[1]))
 
 
-def _toposort(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeProto]:
+def toposort_nodes(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeProto]:
     ready = set(ready) | {""}
     pending, ordered = list(nodes), []
     while pending:

@@ -14,6 +14,7 @@ import onnx.parser
 from onnx import helper, numpy_helper
 
 from onnxprune.pipeline import _to_model, analyse  # noqa: F401  (re-exported for tests)
+from onnxprune.probes import toposort_nodes
 
 HEADER = '<ir_version: 8, opset_import: ["" : {opset}]>\n'
 
@@ -46,13 +47,7 @@ def from_text(text: str, inputs: tuple[str, ...] = ("x",), seed: int = 0, opset:
 
 def _toposort(g: onnx.GraphProto) -> None:
     """Text is easier to write block by block; the checker wants producers first."""
-    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
-    pending, ordered = list(g.node), []
-    while pending:
-        node = next(n for n in pending if all(i in ready for i in n.input))
-        pending.remove(node)
-        ordered.append(node)
-        ready.update(node.output)
+    ordered = toposort_nodes(list(g.node), {i.name for i in g.input} | {t.name for t in g.initializer})
     del g.node[:]
     g.node.extend(ordered)
 
