@@ -238,8 +238,8 @@ class DependencyGraph:
             if not producers:
                 g.blocked.append("no weight produces these channels")
             self._balance(g)
-            g._order = min((order.get(id(self._producer(s)), -1), s) for s in g.spaces)  # type: ignore[attr-defined]
-        groups.sort(key=lambda g: g._order)  # type: ignore[attr-defined]
+        # Graph order of a group's first producing node: stable ids for plans and reports.
+        groups.sort(key=lambda g: min((order.get(id(self._producer(s)), -1), s) for s in g.spaces))
         for i, g in enumerate(groups):
             g.id = i
 
