@@ -125,14 +125,18 @@ class Reconstructor:
     def apply(self, plan: PruningPlan, steps: set[int] | None = None, zero_removed: bool = False) -> None:
         """Step by step, group by group in plan order: a progressive method applying each step
         as it goes and a saved plan replayed at once add the same numbers in the same order."""
-        entries = [(entry[0], k, entry) for k, gp in enumerate(plan.groups) for entry in gp.entries()]
-        for step, k, (_, unit, into, scale, corr) in sorted(entries, key=lambda e: (e[0], e[1], e[2][1])):
-            if steps is None or step in steps:
-                group = self.dep.groups[plan.groups[k].group]
-                self._compensate(group, unit, into, scale, corr, zero_removed)
+        batches: dict[tuple[int, int], list] = {}
+        for k, gp in enumerate(plan.groups):
+            for step, unit, into, scale, corr in gp.entries():
+                if steps is None or step in steps:
+                    batches.setdefault((step, k), []).append((unit, into, scale, corr))
+        for (_, k), entries in sorted(batches.items()):
+            self._compensate(self.dep.groups[plan.groups[k].group], entries, zero_removed)
 
-    def _compensate(self, group: ChannelGroup, unit: int, into: int, scale: float, corr: float,
+    def _compensate(self, group: ChannelGroup, entries: list[tuple[int, int, float, float]],
                     zero_removed: bool) -> None:
+        """Every consumer of ``group`` absorbs ``entries`` (unit, merge target, scale, corr),
+        in order; each weight is read and written once per batch (some are 100M floats)."""
         for member in group.members:
             if member.coupling.role != CONSUMER:
                 continue
@@ -141,28 +145,29 @@ class Reconstructor:
                 continue
             tensor, axis = member.space
             local, units = group.atoms[member.space]
-            src = np.sort(local[units == unit])
-            dst = np.sort(local[units == into]) if into >= 0 else None
             m = self.moments.get(tensor, axis)
             values = np.array(p.tensor.values, dtype=np.float64, copy=True)
-            to_param = dict(zip(p.space.tolist(), p.param.tolist()))
+            to_param = np.full(int(max(p.space.max(), local.max())) + 1, -1, dtype=np.int64)
+            to_param[p.space] = p.param
             outputs = values.shape[0] if p.groups > 1 else _columns(values, p, 0)[0].shape[0]
             shift, drop = np.zeros(outputs), np.zeros(outputs)
-            for k, atom in enumerate(src):
-                col, rows = _columns(values, p, to_param[int(atom)])
-                mean_u = m.mean[atom] if m is not None else 0.0
-                var_u = m.var[atom] if m is not None else 0.0
-                residual_mean, residual_var = mean_u, var_u
-                if dst is not None and len(dst) == len(src):
-                    mean_v = m.mean[dst[k]] if m is not None else 0.0
-                    residual_mean = mean_u - scale * mean_v
-                    residual_var = var_u * max(0.0, 1 - corr**2)
-                shift[rows] += col.sum(axis=1) * residual_mean
-                drop[rows] += (col**2).sum(axis=1) * residual_var
-                if dst is not None and len(dst) == len(src):
-                    _add_columns(values, p, to_param[int(dst[k])], to_param[int(atom)], scale)
-                if zero_removed:
-                    _add_columns(values, p, to_param[int(atom)], to_param[int(atom)], -1.0)
+            for unit, into, scale, corr in entries:
+                src = np.sort(local[units == unit])
+                dst = np.sort(local[units == into]) if into >= 0 else None
+                merge = dst is not None and len(dst) == len(src)
+                for k, atom in enumerate(src):
+                    col, rows = _columns(values, p, int(to_param[atom]))
+                    residual_mean = m.mean[atom] if m is not None else 0.0
+                    residual_var = m.var[atom] if m is not None else 0.0
+                    if merge:
+                        residual_mean -= scale * (m.mean[dst[k]] if m is not None else 0.0)
+                        residual_var *= max(0.0, 1 - corr**2)
+                    shift[rows] += col.sum(axis=1) * residual_mean
+                    drop[rows] += (col**2).sum(axis=1) * residual_var
+                    if merge:
+                        _add_columns(values, p, int(to_param[dst[k]]), int(to_param[atom]), scale)
+                    if zero_removed:
+                        _add_columns(values, p, int(to_param[atom]), int(to_param[atom]), -1.0)
             p.tensor.values = values.astype(np.asarray(p.tensor.values).dtype)
             self._shift_bias(member.node, shift)
             if self.variance:
