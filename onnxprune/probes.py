@@ -41,8 +41,8 @@ def merge_dst_name(group: ChannelGroup) -> str:
 class _Nodes:
     """Appends nodes and constants to a graph under fresh names."""
 
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph, self.nodes, self.count = graph, [], 0
+    def __init__(self, graph: onnx.GraphProto, opset: int):
+        self.graph, self.nodes, self.count, self.opset = graph, [], 0, opset
 
     def fresh(self) -> str:
         self.count += 1
@@ -60,9 +60,17 @@ class _Nodes:
 
     def gather(self, name: str, index: str, pad_value: float) -> str:
         """Unit-level [N, U] to space-level [N, C]: padded column U for foreign atoms."""
-        padded = self.op("Pad", name, self.const(np.array([0, 0, 0, 1], np.int64)),
-                         self.const(np.array(pad_value, np.float32)))
+        if self.opset >= 11:
+            padded = self.op("Pad", name, self.const(np.array([0, 0, 0, 1], np.int64)),
+                             self.const(np.array(pad_value, np.float32)))
+        else:  # pads and value were attributes before opset 11
+            padded = self.op("Pad", name, pads=[0, 0, 0, 1], value=pad_value)
         return self.op("Gather", padded, index, axis=1)
+
+    def reduce_sum(self, x: str, axis: int) -> str:
+        if self.opset >= 13:
+            return self.op("ReduceSum", x, self.const(np.array([axis], np.int64)))
+        return self.op("ReduceSum", x, axes=[axis])
 
 
 @dataclass
@@ -154,7 +162,7 @@ class ProbeModel:
                 single = len(np.unique(unit)) == len(unit)
                 per_space.setdefault(space, []).append((group, index, single))
                 consumers.setdefault(space, set()).update(names)
-        b = _Nodes(g)
+        b = _Nodes(g, next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
         for space, entries in per_space.items():
             tensor, axis = space
             rank, size = len(moments.shapes[tensor]), moments.shapes[tensor][axis]
@@ -172,10 +180,9 @@ class ProbeModel:
                 if single:
                     src = b.op("Reshape", b.gather(merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
                     dst = b.op("Reshape", b.gather(merge_dst_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
-                    axes = b.const(np.array([axis], np.int64))
                     # u's slot reads s * x_v (what the merged weights see) minus its mean.
-                    moved = b.op("ReduceSum", b.op("Mul", tensor, dst), axes)
-                    lost = b.op("ReduceSum", b.op("Mul", dst, mean), axes)
+                    moved = b.reduce_sum(b.op("Mul", tensor, dst), axis)
+                    lost = b.reduce_sum(b.op("Mul", dst, mean), axis)
                     x = b.op("Add", x, b.op("Mul", src, b.op("Sub", moved, lost)))
             for name in consumers[space]:
                 node = nodes_by_name[name]

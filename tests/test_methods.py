@@ -67,3 +67,16 @@ def test_mac_budget_matches_the_uniform_ratio():
     _, matched = prune(MODELS / "resnet.onnx", 0.4, method="paoding", target="macs", input_range=(0.0, 1.0),
                        check=1)
     assert abs(matched.after.macs - uniform.after.macs) < 0.03 * uniform.before.macs
+
+
+def test_progressive_methods_build_probes_for_old_opsets():
+    # Pad and ReduceSum took attributes, not inputs, before opsets 11 and 13 (Caffe2 exports).
+    model = nets.from_text(
+        "net (float[1,3,8,8] x, float[8,3,3,3] s_w, float[8,8,3,3] a_w, float[8] bn_scale, float[8] bn_b,"
+        " float[8] bn_mean, float[8] bn_var, float[10,8] fc_w, float[10] fc_b) => (float[1,10] y) {\n"
+        "  s = Conv<pads=[1,1,1,1]>(x, s_w)\n  sr = Relu(s)\n  a = Conv<pads=[1,1,1,1]>(sr, a_w)\n"
+        "  an = BatchNormalization<epsilon=0.00001>(a, bn_scale, bn_b, bn_mean, bn_var)\n  ar = Relu(an)\n"
+        "  r = Sum(ar, sr)\n  g = GlobalAveragePool(r)\n  f = Flatten(g)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n}",
+        opset=9)
+    pruned, report = prune(model, 0.5, method="paoding")
+    assert report.channels_removed == 4 and report.after.params < report.before.params
