@@ -117,7 +117,8 @@ class ProbeModel:
                  moments: MomentPropagation, prior: InputPrior, input_shapes: dict, probes: int = 16,
                  seed: int = 0, max_rows: int = 2048, inputs: dict[str, np.ndarray] | None = None):
         from onnxprune.pipeline import _to_model
-        self.groups = [g for g in groups if _consumer_spaces(g)]
+        batch = next(iter(input_shapes.values()))[0] if input_shapes else 1
+        self.groups = [g for g in groups if probeable(g, moments.shapes, batch)]
         model = _to_model(graph.copy(), template)
         self.output = _probe_output(model)
         self._add_masks(model, moments)
@@ -216,6 +217,14 @@ class ProbeModel:
 
     def measure(self, masks: dict[str, np.ndarray]) -> Impact:
         return impacts(self.run(masks), self.base)
+
+
+def probeable(group: ChannelGroup, shapes: dict, batch: int = 1) -> bool:
+    """Whether masks can ride on the batch axis in front of every consumer of ``group``: the
+    consumer inputs must be batch-major (dim 0 is the analysis batch). Attention internals
+    reshaped to [batch*heads, ...] or [tokens, features] are not."""
+    spaces = _consumer_spaces(group)
+    return bool(spaces) and all(shapes.get(t, (0,))[0] == batch for t, _ in spaces)
 
 
 def _consumer_spaces(group: ChannelGroup) -> dict[tuple, set[str]]:

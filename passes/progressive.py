@@ -33,7 +33,7 @@ from onnxprune.passes.reconstruct import Reconstructor
 from onnxprune.coupling import CONSUMER, PRODUCER
 from onnxprune.depgraph import ChannelGroup
 from onnxprune.plan import GroupPlan, PruningPlan
-from onnxprune.probes import Impact, ProbeModel, mask_name, merge_dst_name, merge_src_name
+from onnxprune.probes import Impact, ProbeModel, mask_name, merge_dst_name, merge_src_name, probeable
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,12 @@ class Progressive(Method):
 
     def plan(self, analysis, budget: Budget, progress: Progress | None = None) -> PruningPlan:
         dep = analysis.dep
-        groups = dep.prunable_groups(budget.exclude)
+        candidates = dep.prunable_groups(budget.exclude)
+        # Groups whose consumers do not read batch-major tensors cannot carry probe masks.
+        batch = next(iter(analysis.input_shapes.values()))[0] if analysis.input_shapes else 1
+        groups = [g for g in candidates if probeable(g, dep.ctx.shapes, batch)]
+        if len(groups) < len(candidates):
+            logger.warning("%d group(s) cannot be probed and are left alone", len(candidates) - len(groups))
         targets = {g.id: removal_count(g, budget.ratio, budget.round_to) for g in groups}
         groups = [g for g in groups if targets[g.id] > 0]
         # The budget is what a uniform ratio removes: as many channels (default) or, with
@@ -140,7 +145,7 @@ class Progressive(Method):
         # Large models measure fewer probes and rows per step: about ROW_MACS per step.
         probes = int(np.clip(ROW_MACS / (64 * max(cost.base, 1)), 4, self.probes))
         row_limit = max(len(groups), int(ROW_MACS / (probes * max(cost.base, 1))))
-        plan.details.update(probes=probes, row_limit=row_limit)
+        plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
         probe_inputs = analysis.probe_inputs(probes, budget.seed)  # before any weight changes
         for t in range(steps):
             if budget.uniform:
