@@ -80,3 +80,11 @@ def test_progressive_methods_build_probes_for_old_opsets():
         opset=9)
     pruned, report = prune(model, 0.5, method="paoding")
     assert report.channels_removed == 4 and report.after.params < report.before.params
+
+
+def test_progressive_methods_run_on_a_transformer_export():
+    # Attention internals ([tokens, features], [batch*heads, ...]) cannot carry probe masks;
+    # those groups are left alone, the MLP-style ones are pruned.
+    pruned, report = prune(MODELS / "encoders" / "mha.onnx", 0.4, method="paoding", input_shapes={"x": (1, 16, 64)})
+    assert report.groups_pruned >= 1 and report.after.params < report.before.params
+    assert report.plan.details["unprobed_groups"] >= 1
