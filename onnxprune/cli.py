@@ -91,6 +91,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                         "many MACs, spending it where the measured impact is lowest")
     p.add_argument("--alpha", type=float, default=0.5, help="srdfp: weight of the output deviation's spread")
     p.add_argument("--beta", type=float, default=0.5, help="srdfp: weight of the output deviation's entropy")
+    p.add_argument("--intervals", action="store_true",
+                   help="srdfp: robustness from sound interval propagation of each candidate's deviation "
+                        "(paoding-dl's measure) instead of the probes' empirical intervals")
     p.add_argument("--no-compensation", action="store_true",
                    help="do not compensate removed channels (bias, variance, merges): the raw baseline")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
@@ -191,7 +194,7 @@ def run_prune(argv: list[str]) -> int:
                                    min_cosine=args.min_cosine, plan=plan, progress=progress,
                                    compensate=not args.no_compensation, input_range=args.input_range,
                                    step=args.step,
-                                   method_options={"alpha": args.alpha, "beta": args.beta}
+                                   method_options={"alpha": args.alpha, "beta": args.beta, "intervals": args.intervals}
                                    if args.method == "srdfp" else None, target=args.budget,
                                    options={"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
             failure = None

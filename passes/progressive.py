@@ -164,7 +164,7 @@ class Progressive(Method):
             probe = ProbeModel(analysis.graph, analysis.model, active, analysis.moments, analysis.prior,
                                analysis.input_shapes, inputs=probe_inputs)
             pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id], analysis) for g in active}
-            impact = self._measure(probe, active, pools, row_limit)
+            impact = self.refine(analysis, active, pools, self._measure(probe, active, pools, row_limit), probe)
             if budget.uniform:
                 chosen = {}
                 for g in active:
@@ -323,6 +323,10 @@ class Progressive(Method):
                     return var
         return np.ones(group.size)
 
+    def refine(self, analysis, groups, pools, impact, probe):
+        """Hook for methods that add evidence beyond the probes (SRDFP's interval propagation)."""
+        return impact
+
     def order(self, impact: Impact, rng: np.random.Generator, progress: float, quota: int,
               saving: np.ndarray | None = None) -> list[int]:
         """Candidate rows in the order this method takes them; PAODING: least impact on the
@@ -362,9 +366,43 @@ class Srdfp(Progressive):
     name = "srdfp"
     description = "SRDFP: progressive, simulated annealing on robustness of the output deviation"
 
-    def __init__(self, alpha: float = 0.5, beta: float = 0.5, **kwargs):
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5, intervals: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta, self.intervals = alpha, beta, intervals
+
+    def refine(self, analysis, groups, pools, impact, probe):
+        """With ``intervals``, the robustness view comes from sound interval propagation of each
+        candidate's deviation box instead of the probes' empirical deviation intervals."""
+        if not self.intervals:
+            return impact
+        from onnxprune.intervals import DeviationIntervals, Unsupported, width_and_entropy
+        engine = DeviationIntervals(analysis.graph, probe.output, analysis.shapes)
+        for g in groups:
+            starts, rows = {}, pools[g.id]
+            for member in g.members:
+                if member.coupling.role != CONSUMER or member.space[0] in starts:
+                    continue
+                tensor, axis = member.space
+                shape = analysis.shapes[tensor]
+                m = analysis.moments.get(tensor, axis)
+                local, unit = g.atoms[member.space]
+                hi = np.zeros((len(rows), shape[axis]))
+                for r, (_, u, _, _, corr) in enumerate(rows):
+                    atoms = local[unit == u]
+                    sd = np.sqrt(m.var[atoms] * max(0.0, 1 - corr**2)) if m is not None else np.ones(len(atoms))
+                    hi[r, atoms] = 3 * sd
+                box = hi.reshape(len(rows), *([1] * (axis - 1)), shape[axis], *([1] * (len(shape) - axis - 1)))
+                box = np.broadcast_to(box, (len(rows), *shape[1:])).copy()
+                starts[tensor] = (-box, box)
+            try:
+                lo, hi = engine.propagate(starts)
+            except Unsupported as exc:
+                logger.info("interval propagation unavailable for %s: %s", g.name, exc)
+                continue
+            width, entropy = width_and_entropy(lo, hi)
+            impact[g.id] = Impact(impact[g.id].rel_l2, impact[g.id].cosine, impact[g.id].top1, impact[g.id].margin,
+                                  width / max(hi.reshape(len(hi), -1).shape[1], 1), entropy)
+        return impact
 
     def order(self, impact, rng, progress, quota, saving=None):
         # Robustness objective, as paoding-dl scores a pair: the L1 size of the output

@@ -88,3 +88,9 @@ def test_progressive_methods_run_on_a_transformer_export():
     pruned, report = prune(MODELS / "encoders" / "mha.onnx", 0.4, method="paoding", input_shapes={"x": (1, 16, 64)})
     assert report.groups_pruned >= 1 and report.after.params < report.before.params
     assert report.plan.details["unprobed_groups"] >= 1
+
+
+def test_srdfp_with_interval_propagation_keeps_the_mlp_accurate():
+    pruned, _ = prune(MODELS / "mlp.onnx", 0.406, method="srdfp", method_options={"intervals": True},
+                      input_range=(0.0, 1.0), check=1)
+    assert _accuracy(pruned, "digits_test_8x8.npz") > 0.93
