@@ -1,11 +1,11 @@
 """Interval propagation of a deviation box is sound: every deviation inside the box moves the
 output by an amount inside the propagated intervals (checked against onnxruntime)."""
 
+import nets
 import numpy as np
 import onnx
 from onnx import helper
 
-import nets
 from onnxprune.intervals import DeviationIntervals, width_and_entropy
 from onnxprune.pipeline import analyse
 from onnxprune.shapes import session
