@@ -18,21 +18,16 @@ class ModelStats:
     ops: dict[str, int] = field(default_factory=dict)
 
 
-def _float_params(model: onnx.ModelProto) -> tuple[int, dict[str, tuple[int, ...]]]:
-    count, shapes = 0, {}
+def _float_params(model: onnx.ModelProto) -> int:
+    """Float weights in initializers and Constant nodes (shape tensors are not parameters)."""
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                    onnx.TensorProto.BFLOAT16}
-    for t in model.graph.initializer:
-        shapes[t.name] = tuple(t.dims)
-        if t.data_type in float_types:
-            count += math.prod(t.dims)
+    count = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in float_types)
     for node in model.graph.node:
         if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type in float_types:
-                    count += math.prod(a.t.dims)
-                    shapes[node.output[0]] = tuple(a.t.dims)
-    return count, shapes
+            count += sum(math.prod(a.t.dims) for a in node.attribute
+                         if a.name == "value" and a.t.data_type in float_types)
+    return count
 
 
 def node_macs(op: str, inputs: list[tuple[int, ...] | None], output: tuple[int, ...] | None,
@@ -63,9 +58,8 @@ def count_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> in
 
 
 def model_stats(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> ModelStats:
-    params, _ = _float_params(model)
     return ModelStats(
-        params=params,
+        params=_float_params(model),
         macs=count_macs(model, shapes),
         nodes=len(model.graph.node),
         bytes=model.ByteSize(),

@@ -108,7 +108,6 @@ class Progressive(Method):
     """The shared loop; subclasses choose among measured candidates."""
 
     default_step = 0.05
-    objective = "rel_l2"
 
     def __init__(self, probes: int = 16, nominate: float = 3.0):
         self.probes = probes

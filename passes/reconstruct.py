@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import CONSUMER, PRODUCER, ParamSlice, slice_all
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
-from onnxprune.plan import GroupPlan, PruningPlan
+from onnxprune.plan import PruningPlan
 from onnxprune.priors import MomentPropagation
 
 logger = logging.getLogger(__name__)
@@ -193,12 +193,3 @@ class Reconstructor:
             # Never below a tenth: the estimate assumes independent channels.
             var[channels] = np.maximum(var[channels] - drop, 0.1 * var[channels])
             bn.inputs[4].values = var.astype(np.asarray(bn.inputs[4].values).dtype)
-
-
-def compensate(dep: DependencyGraph, moments: MomentPropagation, plan: PruningPlan) -> None:
-    """Apply every compensation of ``plan`` to ``dep``'s graph (before the rewriter slices)."""
-    if plan.compensate:
-        Reconstructor(dep, moments).apply(plan)
-
-
-__all__ = ["Reconstructor", "compensate", "GroupPlan"]
