@@ -123,6 +123,7 @@ class ProbeModel:
         self.output = _probe_output(model)
         self._add_masks(model, moments)
         make_batch_dynamic(model)
+        self.model = model
         self.session = session(model)
         if inputs is None:
             rng = np.random.default_rng(seed)
@@ -214,6 +215,49 @@ class ProbeModel:
             self.runs += stop - start
             results.append(y.reshape(stop - start, self.probes, -1).astype(np.float64))
         return np.concatenate(results)
+
+    def first_order(self) -> dict[int, np.ndarray] | None:
+        """d loss / d mask for every unit of every probed group, in one reverse pass.
+
+        The loss is the cross-entropy of the probe outputs against the unablated model's own
+        decisions; removing unit k moves it by about ``-dL/dm_k`` (Taylor), so the mean absolute
+        per-probe derivative ranks thousands of channels for the price of one backward run.
+        None when the gradient graph cannot be built (an op without a backward rule)."""
+        from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        g = model.graph
+        names = {mask_name(group) for group in self.groups}
+        kept_inputs = [i for i in g.input if i.name not in names]
+        del g.input[:]
+        g.input.append(helper.make_tensor_value_info("onnxprune_masks", TensorProto.FLOAT, ["N", None]))
+        g.input.extend(kept_inputs)
+        start, spans = 0, {}
+        for group in self.groups:
+            spans[group.id] = (start, start + group.size)
+            bounds = [numpy_helper.from_array(np.array([v], np.int64), f"onnxprune_span_{group.id}_{k}")
+                      for k, v in enumerate((start, start + group.size, 1))]
+            g.initializer.extend(bounds)
+            g.node.insert(0, helper.make_node("Slice", ["onnxprune_masks"] + [b.name for b in bounds],
+                                              [mask_name(group)]))
+            start += group.size
+        del g.output[:]
+        g.output.append(helper.make_empty_tensor_value_info(self.output))
+        try:
+            grad_session = session(input_gradient_model(model))
+            feeds = dict(self.inputs)
+            feeds["onnxprune_masks"] = np.ones((self.probes, start), np.float32)
+            for group in self.groups:
+                for name in (merge_src_name(group), merge_dst_name(group)):
+                    feeds[name] = np.zeros((self.probes, group.size), np.float32)
+            feeds[LABELS] = self.base.argmax(axis=-1).astype(np.int64)
+            (grad,) = grad_session.run([INPUT_GRAD], feeds)
+        except Exception as exc:  # no backward rule, or a graph the builder cannot read
+            logger.info("no first-order estimate: %s", str(exc).splitlines()[0])
+            return None
+        score = np.abs(grad).mean(axis=0)
+        return {gid: score[a:b] for gid, (a, b) in spans.items()}
 
     def measure(self, masks: dict[str, np.ndarray]) -> Impact:
         return impacts(self.run(masks), self.base)

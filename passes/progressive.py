@@ -6,7 +6,9 @@ step) until the target, and at every step:
 1. **nominate** — every kept unit ``u`` is paired with its most similar kept unit ``v`` of the
    same group (cosine of their effective producer weights, BatchNorm folded in), with the
    least-squares merge scale ``s``; a cheap saliency ranks the pairs: the variance the merge
-   leaves unexplained, ``var(u) (1 - cos^2)``, times the weight its consumers put on ``u``;
+   leaves unexplained, ``var(u) (1 - cos^2)``, times the weight its consumers put on ``u``,
+   times the first-order effect of its mask on the loss (``|dL/dm_u|``, every unit of every
+   group from one reverse pass of the probe model);
 2. **measure** — the best-nominated pairs (a few times the step's quota) are each applied in
    one row of a batched probe run (removal, merge into ``v``, mean compensation) and their
    effect on the output layer is measured on seeded synthetic inputs;
@@ -162,7 +164,10 @@ class Progressive(Method):
                 continue
             probe = ProbeModel(analysis.graph, analysis.model, active, analysis.moments, analysis.prior,
                                analysis.input_shapes, inputs=probe_inputs)
-            pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id], analysis) for g in active}
+            # Cheap stage: closed-form saliency times the first-order estimate (one backward run).
+            taylor = probe.first_order() or {}
+            pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id] * taylor.get(g.id, 1.0), analysis)
+                     for g in active}
             impact = self.refine(analysis, active, pools, self._measure(probe, active, pools, row_limit), probe)
             if budget.uniform:
                 chosen = {}

@@ -54,3 +54,22 @@ def test_impact_measures():
     impact = impacts(np.concatenate([same, flipped]), base)
     assert impact.rel_l2[0] == 0 and impact.top1[0] == 0 and impact.width[0] == 0
     assert impact.top1[1] == 0.5 and impact.margin[1] > 0 and impact.width[1] > 0
+
+
+def test_first_order_estimate_ranks_like_measured_removals():
+    from pathlib import Path
+
+    from onnxprune.pipeline import analyse as analyse_path
+    path = Path(__file__).resolve().parent.parent / "models" / "resnet.onnx"
+    analysis = analyse_path(path, input_range=(0.0, 1.0))
+    groups = analysis.dep.prunable_groups()
+    probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
+                       analysis.input_shapes, inputs=analysis.probe_inputs(16, 0))
+    taylor = probe.first_order()
+    assert taylor is not None and set(taylor) == {g.id for g in groups}
+    group = max(groups, key=lambda g: g.size)
+    masks = np.ones((group.size, group.size), np.float32)
+    np.fill_diagonal(masks, 0)
+    exact = probe.measure({mask_name(group): masks}).rel_l2
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(rank(taylor[group.id]), rank(exact))[0, 1] > 0.3
