@@ -96,13 +96,12 @@ def _following_norm(node: gs.Node, size: int, first: dict[int, int]):
 
 
 def _consumer_weight_norms(group: ChannelGroup) -> np.ndarray:
+    """Per unit, the squared weight its consumers put on it."""
+    consumer_params = {id(p) for m in group.members if m.coupling.role == CONSUMER for p in m.coupling.params}
     total = np.zeros(group.size)
     for space, p in group.param_slices(kinds=("weight",)):
-        if not any(m.coupling.role == CONSUMER and p in m.coupling.params for m in group.members):
-            continue
-        per_index = np.zeros(int(max(group.atoms[space][0].max(), p.space.max())) + 1)
-        np.add.at(per_index, p.space, p.squared_norms())
-        total += group.unit_sums({space: per_index})
+        if id(p) in consumer_params:
+            total += group.unit_squared_norms(space, p)
     return total
 
 
@@ -148,17 +147,21 @@ class Progressive(Method):
         row_limit = max(len(groups), int(ROW_MACS / (probes * max(cost.base, 1))))
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
         probe_inputs = analysis.probe_inputs(probes, budget.seed)  # before any weight changes
+        # Grouped convolutions need equal removals per block, and --uniform asks for the same
+        # share everywhere: those groups follow a per-group schedule; the rest compete globally.
+        scheduled = {g.id for g in groups if budget.uniform or g.balance is not None}
+        free = [g for g in groups if g.id not in scheduled]
+        free_total = sum(targets[g.id] for g in free)
         for t in range(steps):
-            if budget.uniform:
-                quota = {g.id: round(targets[g.id] * (t + 1) / steps) - len(plans[g.id].remove) for g in groups}
-            elif by_macs:
+            quota = {g.id: round(targets[g.id] * (t + 1) / steps) - len(plans[g.id].remove)
+                     for g in groups if g.id in scheduled}
+            want, step_goal = 0, None
+            if free and by_macs:
                 step_goal = cost.base - (cost.base - goal) * (t + 1) / steps
-                want = self._units_for(cost, groups, plans, caps, step_goal)
-                quota = self._global_quota(groups, plans, caps, want)
-            else:
-                want = round(total * (t + 1) / steps) - removed
-                step_goal = None
-                quota = self._global_quota(groups, plans, caps, want)
+                want = self._units_for(cost, free, plans, caps, step_goal)
+            elif free:
+                want = round(free_total * (t + 1) / steps) - sum(len(plans[g.id].remove) for g in free)
+            quota.update(self._global_quota(free, plans, caps, want))
             active = [g for g in groups if quota.get(g.id, 0) > 0]
             if not active:
                 continue
@@ -169,19 +172,21 @@ class Progressive(Method):
             pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id] * taylor.get(g.id, 1.0), analysis)
                      for g in active}
             impact = self.refine(analysis, active, pools, self._measure(probe, active, pools, row_limit), probe)
-            if budget.uniform:
-                chosen = {}
-                for g in active:
+            chosen = {}
+            for g in active:
+                if g.id in scheduled:
                     order = self.order(impact[g.id], rng, len(plans[g.id].remove) / targets[g.id], quota[g.id])
                     chosen[g.id] = self._feasible(g, pools[g.id], order, quota[g.id])
-            else:
+                    for u, *_ in chosen[g.id]:
+                        cost.remove(g, u)
+            competing = [g for g in active if g.id not in scheduled]
+            if competing:
                 done = (cost.base - cost.total()) / max(cost.base - goal, 1e-9) if by_macs else removed / max(total, 1)
-                chosen = self._select_global(active, pools, impact, step_goal, want, plans, caps, rng, done, cost)
+                chosen.update(self._select_global(competing, pools, impact, step_goal, want, plans, caps, rng, done,
+                                                  cost))
             for g in active:
                 gp = plans[g.id]
                 for u, v, s_, corr in chosen.get(g.id, []):
-                    if budget.uniform:
-                        cost.remove(g, u)
                     gp.remove.append(u)
                     gp.merge_into.append(v)
                     gp.merge_scale.append(s_)
@@ -198,11 +203,8 @@ class Progressive(Method):
 
     @staticmethod
     def _cap(group: ChannelGroup, budget: Budget, target: int) -> int:
-        """The most a group may lose: twice its share, at most 90%, and whole balanced blocks."""
-        cap = min(group.size - 1, max(target, round(group.size * min(0.9, 2 * budget.ratio))))
-        if group.balance is not None:
-            return target  # grouped convolutions keep their uniform, block-balanced share
-        return cap
+        """The most a group may lose in global selection: twice its share, at most 90%."""
+        return min(group.size - 1, max(target, round(group.size * min(0.9, 2 * budget.ratio))))
 
     @staticmethod
     def _units_for(cost: MacModel, groups, plans, caps, goal: float) -> int:

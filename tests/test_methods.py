@@ -94,3 +94,17 @@ def test_srdfp_with_interval_propagation_keeps_the_mlp_accurate():
     pruned, _ = prune(MODELS / "mlp.onnx", 0.406, method="srdfp", method_options={"intervals": True},
                       input_range=(0.0, 1.0), check=1)
     assert _accuracy(pruned, "digits_test_8x8.npz") > 0.93
+
+
+@pytest.mark.parametrize("method", ["paoding", "srdfp"])
+def test_progressive_methods_keep_grouped_convolutions_balanced(method):
+    # A group read by a grouped conv must lose the same count in every conv group; global
+    # selection does not know that, so such groups follow their own per-group schedule.
+    text = ("net (float[1,4,8,8] x, float[8,4,3,3] c1_w, float[6,4,3,3] c2_w, float[10,6] fc_w, float[10] fc_b)"
+            " => (float[1,10] y) {\n  h = Conv<pads=[1,1,1,1]>(x, c1_w)\n  o = Relu(h)\n"
+            "  z = Conv<pads=[1,1,1,1], group=2>(o, c2_w)\n  g = GlobalAveragePool(z)\n  f = Flatten(g)\n"
+            "  y = Gemm<transB=1>(f, fc_w, fc_b)\n}")
+    for seed in range(3):
+        _, report = prune(nets.from_text(text), 0.5, method=method, seed=seed)
+        balanced = next(g for g in report.plan.groups if g.size == 8)
+        assert sorted(u // 4 for u in balanced.remove) == [0, 0, 1, 1]
