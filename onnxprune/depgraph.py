@@ -80,6 +80,12 @@ class ChannelGroup:
             total += np.bincount(unit, weights=values[local], minlength=self.size)
         return total
 
+    def unit_squared_norms(self, space: SpaceKey, param: ParamSlice) -> np.ndarray:
+        """Per unit, the sum of squares of the weights ``param`` slices for it."""
+        per_index = np.zeros(int(max(self.atoms[space][0].max(), param.space.max())) + 1)
+        np.add.at(per_index, param.space, param.squared_norms())
+        return self.unit_sums({space: per_index})
+
     def removed_indices(self, units: np.ndarray) -> dict[SpaceKey, np.ndarray]:
         """The indices each space loses when ``units`` go."""
         gone = np.zeros(self.size, dtype=bool)

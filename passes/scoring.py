@@ -29,9 +29,7 @@ class MagnitudeScorer(Scorer):
     def score(self, group: ChannelGroup) -> np.ndarray:
         total = np.zeros(group.size)
         for space, param in group.param_slices(kinds=("weight",)):
-            per_index = np.zeros(int(max(group.atoms[space][0].max(), param.space.max())) + 1)
-            np.add.at(per_index, param.space, param.squared_norms())
-            per_unit = group.unit_sums({space: per_index})
+            per_unit = group.unit_squared_norms(space, param)
             mean = per_unit.mean()
             if mean > 0:
                 total += per_unit / mean
