@@ -13,6 +13,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from onnxprune.activations import ChannelStats
+from onnxprune.activations import measure as measure_stats
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import FidelityError, InternalError, UserError
 from onnxprune.fidelity import Fidelity, measure_fidelity
@@ -42,7 +44,7 @@ class Analysis:
     dep: DependencyGraph
     input_range: tuple[float, float] | None = None
     _moments: MomentPropagation | None = None
-    _probe_inputs: dict | None = None
+    _probe_inputs: dict = field(default_factory=dict)
     _prior: InputPrior | None = None
 
     @property
@@ -57,7 +59,7 @@ class Analysis:
     def probe_inputs(self, count: int, seed: int) -> dict[str, np.ndarray]:
         """Seeded synthetic probe inputs, distilled from BatchNorm statistics where the model
         has them (computed once, on the weights as analysed)."""
-        if self._probe_inputs is None or len(next(iter(self._probe_inputs.values()))) != count:
+        if (count, seed) not in self._probe_inputs:
             rng = np.random.default_rng(seed)
             prior = self.prior
             inputs = {}
@@ -73,8 +75,15 @@ class Analysis:
                     steps = int(np.clip(2e11 / (3 * macs * count), 20, 150))
                     distilled = distill(_to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
                 inputs[value.name] = (prior.sample(shape, rng) if distilled is None else distilled).astype(dtype)
-            self._probe_inputs = inputs
-        return self._probe_inputs
+            self._probe_inputs[count, seed] = inputs
+        return self._probe_inputs[count, seed]
+
+    def statistics(self, spaces: list[tuple[str, int]], seed: int = 0) -> dict[tuple[str, int], ChannelStats]:
+        """Channel means and covariances of ``spaces`` on the graph as it is now, measured on
+        synthetic inputs (as many as about 2e10 MACs buy, 16 to 128: heads after global pooling
+        see one position per input)."""
+        count = int(np.clip(2e10 / max(count_macs(self.model, self.shapes), 1), 16, 128))
+        return measure_stats(self.graph, self.model, self.probe_inputs(count, seed), spaces)
 
     @property
     def moments(self) -> MomentPropagation:
@@ -154,7 +163,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
           input_range: tuple[float, float] | None = None, step: float | None = None,
-          method_options: dict | None = None, target: str = "channels",
+          method_options: dict | None = None, target: str = "channels", reconstruction: str | None = None,
           ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
@@ -175,7 +184,10 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
     timings["analyse"] = time.perf_counter() - t0
     if target not in ("channels", "macs"):
         raise UserError(f"the budget target is 'channels' or 'macs', got '{target}'")
-    budget = Budget(ratio, round_to, list(exclude or []), seed, compensate, step, target=target)
+    if reconstruction not in (None, "least-squares", "pair"):
+        raise UserError(f"reconstruction is 'least-squares' or 'pair', got '{reconstruction}'")
+    budget = Budget(ratio, round_to, list(exclude or []), seed, compensate, step, target=target,
+                    reconstruction=reconstruction)
 
     t0 = time.perf_counter()
     applied = False  # progressive methods compensate step by step while they plan
@@ -185,7 +197,9 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
     elif not compensate:
         plan.compensate = False
     if plan.compensate and not applied:
-        Reconstructor(analysis.dep, analysis.moments).apply(plan)
+        plan_seed = plan.seed  # a replayed plan measures on the synthetic inputs it was planned with
+        Reconstructor(analysis.dep, analysis.moments,
+                      statistics=lambda spaces: analysis.statistics(spaces, plan_seed)).apply(plan)
     timings["plan"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -49,6 +49,9 @@ class PruningPlan:
     details: dict = field(default_factory=dict)
     #: Whether removed channels are compensated (bias, variance, merges) before slicing.
     compensate: bool = True
+    #: How: "pair" (each removed unit merged into its ``merge_into`` unit, Srinivas & Babu) or
+    #: "least-squares" (into every kept channel, fitted on synthetic inputs at each step).
+    reconstruction: str = "pair"
 
     @property
     def removed_units(self) -> int:

@@ -119,6 +119,9 @@ def distill(model: onnx.ModelProto, shape: tuple[int, ...], prior: InputPrior, r
         except Exception as exc:  # a model that does not batch: fall back to noise
             logger.info("distillation stopped: %s", str(exc).splitlines()[0])
             return None
+        if not np.all(np.isfinite(grad)):  # statistics overflowed: keep the last finite inputs
+            logger.info("distillation stopped at step %d: the gradient is not finite", t)
+            break
         m = 0.9 * m + 0.1 * grad
         v = 0.999 * v + 0.001 * grad**2
         x = x - scale * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)

@@ -25,6 +25,7 @@ class Budget:
     step: float | None = None  # progressive methods: share of each group removed per step
     uniform: bool = False  # progressive methods: the same share from every group
     target: str = "channels"  # progressive methods: match a uniform ratio's "channels" or "macs"
+    reconstruction: str | None = None  # "least-squares" or "pair"; None: the method's default
 
 
 Progress = Callable[[str, int, int], None]
@@ -33,6 +34,9 @@ Progress = Callable[[str, int, int], None]
 class Method:
     name = "method"
     description = ""
+    #: Progressive methods fit least squares at every step (they measure anyway); the one-shot
+    #: baselines stay instant with mean and variance compensation unless asked.
+    reconstruction = "pair"
 
     def plan(self, analysis, budget: Budget, progress: Progress | None = None) -> PruningPlan:
         raise NotImplementedError
@@ -53,7 +57,8 @@ class ScoredMethod(Method):
             if progress:
                 progress("scoring", i + 1, len(groups))
         return PruningPlan(self.name, budget.ratio, budget.seed,
-                           uniform_plan(groups, scores, budget.ratio, budget.round_to), compensate=budget.compensate)
+                           uniform_plan(groups, scores, budget.ratio, budget.round_to), compensate=budget.compensate,
+                           reconstruction=budget.reconstruction or self.reconstruction)
 
 
 class Magnitude(ScoredMethod):

@@ -10,6 +10,13 @@ Three data-free corrections, applied at every consumer of a removed unit ``u``:
   ``u``'s share, ``W_u**2 * var(u - s*v)``; that share is taken out of its running variance so
   the next layer sees activations at the scale it was trained on.
 
+With ``plan.reconstruction == "least-squares"`` the merge generalises from one look-alike to
+every channel that stays: the removed channels' consumer weights are spread over the kept
+channels by the linear estimate of the removed ones from the kept ones
+(:mod:`onnxprune.activations`), fitted on synthetic inputs run through the graph as it is at
+that step; what the estimate cannot explain goes into the bias (mean) and the downstream
+BatchNorm (variance) as above.
+
 Corrections are replayed in the plan's step order, so a progressive method that applies them
 step by step and a saved plan re-applied later give the same weights.
 """
@@ -17,10 +24,12 @@ step by step and a saved plan re-applied later give the same weights.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.activations import ChannelStats
 from onnxprune.coupling import CONSUMER, PRODUCER, ParamSlice, slice_all
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
 from onnxprune.plan import PruningPlan
@@ -113,14 +122,52 @@ def _downstream_norm(node: gs.Node, rows: np.ndarray, shapes: dict) -> list[tupl
     return found
 
 
-class Reconstructor:
-    """Applies a plan's compensation to a lowered graph, in step order."""
+Statistics = Callable[[list[tuple[str, int]]], dict[tuple[str, int], ChannelStats]]
 
-    def __init__(self, dep: DependencyGraph, moments: MomentPropagation, variance: bool = True):
+
+def consumer_spaces(group: ChannelGroup) -> list[tuple[str, int]]:
+    """The tensors (and channel axes) the group's consumers read."""
+    return sorted({m.space for m in group.members if m.coupling.role == CONSUMER and m.space[1] > 0})
+
+
+def removed_atoms(dep: DependencyGraph, plan: PruningPlan, through: int) -> dict[str, set[int]]:
+    """Per consumer tensor, the channels the plan removes at steps ``<= through``, every group."""
+    gone: dict[str, set[int]] = {}
+    for gp in plan.groups:
+        units = {unit for step, unit, *_ in gp.entries() if step <= through}
+        if not units:
+            continue
+        group = dep.groups[gp.group]
+        for space in consumer_spaces(group):
+            local, unit = group.atoms[space]
+            gone.setdefault(space[0], set()).update(local[np.isin(unit, list(units))].tolist())
+    return gone
+
+
+class Reconstructor:
+    """Applies a plan's compensation to a lowered graph, in step order.
+
+    ``statistics`` measures channel statistics on the graph as it is now; plans asking for
+    least-squares reconstruction need it."""
+
+    def __init__(self, dep: DependencyGraph, moments: MomentPropagation, variance: bool = True,
+                 statistics: Statistics | None = None):
         self.dep = dep
         self.moments = moments
         self.variance = variance
         self.shapes = dep.ctx.shapes
+        self.statistics = statistics
+        self._cache: tuple[int, dict] | None = None
+
+    def stats(self, step: int, spaces: list[tuple[str, int]]) -> dict[tuple[str, int], ChannelStats]:
+        """Statistics of ``spaces`` before ``step`` is applied (measured once per step)."""
+        assert self.statistics is not None
+        have = self._cache[1] if self._cache and self._cache[0] == step else {}
+        missing = [s for s in spaces if s not in have]
+        if missing:
+            have = {**have, **self.statistics(missing)}
+        self._cache = (step, have)
+        return have
 
     def apply(self, plan: PruningPlan, steps: set[int] | None = None, zero_removed: bool = False) -> None:
         """Step by step, group by group in plan order: a progressive method applying each step
@@ -130,8 +177,66 @@ class Reconstructor:
             for step, unit, into, scale, corr in gp.entries():
                 if steps is None or step in steps:
                     batches.setdefault((step, k), []).append((unit, into, scale, corr))
+        if plan.reconstruction == "least-squares":
+            if self.statistics is None:
+                raise ValueError("least-squares reconstruction needs channel statistics")
+            for step in sorted({s for s, _ in batches}):
+                groups = [self.dep.groups[plan.groups[k].group] for s, k in sorted(batches) if s == step]
+                stats = self.stats(step, sorted({sp for g in groups for sp in consumer_spaces(g)}))
+                gone = removed_atoms(self.dep, plan, step)
+                for g in groups:
+                    k = next(i for i, gp in enumerate(plan.groups) if gp.group == g.id)
+                    self._least_squares(g, [e[0] for e in batches[(step, k)]], stats, gone)
+                self._cache = None  # the weights changed: the next step measures again
+            return
         for (_, k), entries in sorted(batches.items()):
             self._compensate(self.dep.groups[plan.groups[k].group], entries, zero_removed)
+
+    def _least_squares(self, group: ChannelGroup, units: list[int], stats: dict, gone: dict[str, set[int]]) -> None:
+        """Every consumer of ``group`` absorbs the least-squares estimate of ``units`` from the
+        channels its input keeps; removed columns are zeroed (later steps measure without them)."""
+        for member in group.members:
+            if member.coupling.role != CONSUMER or member.space[1] <= 0:
+                continue
+            p = _consumer_weight(member.coupling)
+            if p is None:
+                continue
+            tensor, _ = member.space
+            st = stats[member.space]
+            local, unit = group.atoms[member.space]
+            removed = np.sort(local[np.isin(unit, units)])
+            values = np.array(p.tensor.values, dtype=np.float64, copy=True)
+            to_param = np.full(len(st.mean), -1, dtype=np.int64)
+            to_param[p.space] = p.param
+            dead = gone.get(tensor, set())
+            live = np.array([c for c in range(len(st.mean)) if c not in dead and to_param[c] >= 0], dtype=np.int64)
+            outputs = values.shape[0] if p.groups > 1 else _columns(values, p, 0)[0].shape[0]
+            shift, drop = np.zeros(outputs), np.zeros(outputs)
+            if p.groups > 1:  # each conv group reads its own channels: estimate within the block
+                per = values.shape[1]
+                blocks = [(removed[to_param[removed] // per == b], live[to_param[live] // per == b])
+                          for b in np.unique(to_param[removed] // per)]
+            else:
+                blocks = [(removed, live)]
+            for rem, keep in blocks:
+                b, residual = st.estimator(rem, keep)
+                for i, atom in enumerate(rem):
+                    col, rows = _columns(values, p, int(to_param[atom]))
+                    shift[rows] += col.sum(axis=1) * (st.mean[atom] - b[i] @ st.mean[keep])
+                    drop[rows] += (col**2).sum(axis=1) * residual[i]
+                if p.groups > 1:
+                    for i, atom in enumerate(rem):
+                        for j, kept in enumerate(keep):
+                            _add_columns(values, p, int(to_param[kept]), int(to_param[atom]), float(b[i, j]))
+                elif len(keep):
+                    moved = np.moveaxis(values, p.axis, 0)  # a view: [channels, ...]
+                    moved[to_param[keep]] += np.tensordot(b.T, moved[to_param[rem]], axes=(1, 0))
+            for atom in removed:
+                _add_columns(values, p, int(to_param[atom]), int(to_param[atom]), -1.0)
+            p.tensor.values = values.astype(np.asarray(p.tensor.values).dtype)
+            self._shift_bias(member.node, shift)
+            if self.variance:
+                self._reduce_variance(member.node, drop)
 
     def _compensate(self, group: ChannelGroup, entries: list[tuple[int, int, float, float]],
                     zero_removed: bool) -> None:

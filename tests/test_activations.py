@@ -1,0 +1,82 @@
+"""Channel statistics on synthetic inputs, and least-squares reconstruction from them."""
+
+import nets
+import numpy as np
+import pytest
+
+from onnxprune import prune
+from onnxprune.activations import ChannelStats, measure
+from onnxprune.pipeline import analyse
+from onnxprune.plan import GroupPlan, PruningPlan
+from onnxprune.shapes import session
+
+
+def _stats(seed=0, n=6):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, n))
+    return ChannelStats(rng.standard_normal(n), np.diag(a @ a.T), a @ a.T, count=10**9)
+
+
+def test_the_estimate_is_ridge_regression_on_the_kept_channels():
+    st = _stats()
+    removed, live = np.array([1, 4]), np.array([0, 2, 3, 5])
+    b, residual = st.estimator(removed, live, ridge=1e-3)
+    lam = 1e-3 * np.mean(np.diag(st.cov)[np.concatenate([removed, live])])
+    kk = st.cov[np.ix_(live, live)] + lam * np.eye(len(live))
+    expected = st.cov[np.ix_(removed, live)] @ np.linalg.inv(kk)
+    np.testing.assert_allclose(b, expected, rtol=1e-8, atol=1e-10)
+    explained = np.diag(expected @ st.cov[np.ix_(live, removed)])
+    np.testing.assert_allclose(residual, np.diag(st.cov)[removed] - explained, rtol=1e-2, atol=1e-2)
+
+
+def test_leave_one_out_matches_one_estimate_per_unit():
+    st = _stats(1)
+    live = np.arange(6)
+    loo = st.leave_one_out([np.array([2]), np.array([3, 5])], live, ridge=1e-3)
+    for k, atoms in enumerate(([2], [3, 5])):
+        rest = np.setdiff1d(live, atoms)
+        b, res = st.estimator(np.array(atoms), rest, ridge=1e-3)
+        np.testing.assert_allclose(loo[k][0][:, rest], b, rtol=1e-6, atol=1e-9)
+        assert np.all(loo[k][0][:, atoms] == 0)
+        np.testing.assert_allclose(loo[k][1], res, rtol=1e-6, atol=1e-9)
+
+
+def test_measured_statistics_match_numpy():
+    model = nets.resnet()
+    analysis = analyse(model)
+    inputs = analysis.probe_inputs(4, 0)
+    stats = measure(analysis.graph, analysis.model, inputs, [("x", 1)])
+    x = np.moveaxis(inputs["x"].astype(np.float64), 1, -1).reshape(-1, inputs["x"].shape[1])
+    np.testing.assert_allclose(stats["x", 1].mean, x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["x", 1].cov, np.cov(x.T, bias=True), rtol=1e-5, atol=1e-8)
+
+
+def _redundant_mlp():
+    """A linear hidden layer whose unit 5 is exactly 0.5*unit 1 - 2*unit 2."""
+    model = nets.from_text("net (float[N,8] x, float[8,16] w1, float[16] b1, float[16,4] w2, float[4] b2) => "
+                           "(float[N,4] y) {\n  h = MatMul(x, w1)\n  hb = Add(h, b1)\n  m = MatMul(hb, w2)\n"
+                           "  y = Add(m, b2)\n}")
+    inits = {t.name: t for t in model.graph.initializer}
+    from onnx import numpy_helper
+    w1, b1 = numpy_helper.to_array(inits["w1"]).copy(), numpy_helper.to_array(inits["b1"]).copy()
+    w1[:, 5], b1[5] = 0.5 * w1[:, 1] - 2 * w1[:, 2], 0.5 * b1[1] - 2 * b1[2]
+    inits["w1"].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    inits["b1"].CopyFrom(numpy_helper.from_array(b1, "b1"))
+    return model
+
+
+@pytest.mark.parametrize("reconstruction", ["least-squares", "pair"])
+def test_least_squares_makes_a_redundant_unit_free(reconstruction):
+    model = _redundant_mlp()
+    analysis = analyse(model, {"x": (1, 8)}, input_range=(0.0, 1.0))
+    group = next(g for g in analysis.dep.prunable_groups() if g.size == 16)
+    plan = PruningPlan("test", 0.1, 0, [GroupPlan(group.id, group.name, group.size, [5])],
+                       reconstruction=reconstruction)
+    pruned, _ = prune(model, 0.1, plan=plan, input_shapes={"x": (1, 8)}, input_range=(0.0, 1.0))
+    x = np.random.default_rng(3).uniform(0, 1, (32, 8)).astype(np.float32)
+    y0, y1 = session(model).run(None, {"x": x})[0], session(pruned).run(None, {"x": x})[0]
+    error = np.linalg.norm(y1 - y0) / np.linalg.norm(y0)
+    if reconstruction == "least-squares":
+        assert error < 0.02, error
+    else:  # the mean alone cannot stand in for a unit that varies
+        assert error > 0.05, error
