@@ -3,8 +3,10 @@
 Columns: parameters and MACs kept, latency of the pruned model over the original in
 onnxruntime (interleaved in one run, one thread), top-1 accuracy and FGSM(0.05) accuracy
 before -> after on the held-out digits, prune seconds. Every registered method runs, plus
-``magnitude-raw`` (no compensation: what other pruners do) and ``paoding-macs`` /
-``srdfp-macs`` (the budget is the MACs a uniform ratio leaves, for same-size comparisons). Writes bench/results/bench.json
+``magnitude-raw`` (no compensation: what other pruners do), ``magnitude-ls`` (least-squares
+reconstruction), ``paoding-pair`` (the papers' pair merges instead of least squares) and
+``paoding-macs`` / ``srdfp-macs`` (the budget is the MACs a uniform ratio leaves, for
+same-size comparisons). Writes bench/results/bench.json
 and, when matplotlib is installed, bench/results/pareto.png (accuracy against MACs kept).
 
     python bench/run.py [--models vgg resnet] [--ratios 0.2 0.4] [--methods paoding magnitude]
@@ -49,13 +51,15 @@ def run(models: list[str], ratios: list[float], methods: list[str], exporter: st
         x, y = load_npz(MODELS / entry["data"])
         base_acc, base_fgsm = _evaluate(model, x, y)
         for method in methods:
-            name, _, variant = method.partition("-")  # NAME, NAME-raw (no compensation), NAME-macs
+            # NAME, NAME-raw (no compensation), NAME-macs, NAME-ls / NAME-pair (reconstruction)
+            name, _, variant = method.partition("-")
+            reconstruction = {"ls": "least-squares", "pair": "pair"}.get(variant)
             for ratio in ratios:
                 t0 = time.perf_counter()
                 try:
                     pruned, report = prune(model, ratio, method=name, compensate=variant != "raw",
                                            target="macs" if variant == "macs" else "channels",
-                                           input_range=INPUT_RANGE, check=1)
+                                           reconstruction=reconstruction, input_range=INPUT_RANGE, check=1)
                 except Exception as exc:  # a row that fails says so; the bench goes on
                     console.print(f"[red]{entry['name']} {method} {ratio}: {exc}[/]")
                     continue
@@ -122,7 +126,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=[])
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.4, 0.6])
-    parser.add_argument("--methods", nargs="*", default=[*METHODS, "magnitude-raw", "paoding-macs", "srdfp-macs"])
+    parser.add_argument("--methods", nargs="*",
+                        default=[*METHODS, "magnitude-raw", "magnitude-ls", "paoding-pair", "paoding-macs", "srdfp-macs"])
     parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
     parser.add_argument("--out", default=str(RESULTS / "bench.json"))
     args = parser.parse_args()

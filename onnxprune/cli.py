@@ -94,6 +94,10 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--intervals", action="store_true",
                    help="srdfp: robustness from sound interval propagation of each candidate's deviation "
                         "(paoding-dl's measure) instead of the probes' empirical intervals")
+    p.add_argument("--reconstruction", choices=["least-squares", "pair"],
+                   help="how removed channels are compensated: from every kept channel by least squares fitted "
+                        "on synthetic inputs (default for paoding/srdfp), or merged into one look-alike each, as "
+                        "the papers do (magnitude/random: mean and variance only; their default)")
     p.add_argument("--no-compensation", action="store_true",
                    help="do not compensate removed channels (bias, variance, merges): the raw baseline")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
@@ -196,6 +200,7 @@ def run_prune(argv: list[str]) -> int:
                                    step=args.step,
                                    method_options={"alpha": args.alpha, "beta": args.beta, "intervals": args.intervals}
                                    if args.method == "srdfp" else None, target=args.budget,
+                                   reconstruction=args.reconstruction,
                                    options={"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
             failure = None
         except FidelityError as exc:

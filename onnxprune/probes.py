@@ -115,13 +115,14 @@ class ProbeModel:
 
     def __init__(self, graph: gs.Graph, template: onnx.ModelProto, groups: list[ChannelGroup],
                  moments: MomentPropagation, prior: InputPrior, input_shapes: dict, probes: int = 16,
-                 seed: int = 0, max_rows: int = 2048, inputs: dict[str, np.ndarray] | None = None):
+                 seed: int = 0, max_rows: int = 2048, inputs: dict[str, np.ndarray] | None = None,
+                 estimates: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None):
         from onnxprune.pipeline import _to_model
         batch = next(iter(input_shapes.values()))[0] if input_shapes else 1
         self.groups = [g for g in groups if probeable(g, moments.shapes, batch)]
         model = _to_model(graph.copy(), template)
         self.output = _probe_output(model)
-        self._add_masks(model, moments)
+        self._add_masks(model, moments, estimates or {})
         make_batch_dynamic(model)
         self.model = model
         self.session = session(model)
@@ -142,14 +143,18 @@ class ProbeModel:
         self.runs = 0
         self.base = self.run({})[0]
 
-    def _add_masks(self, model: onnx.ModelProto, moments: MomentPropagation) -> None:
+    def _add_masks(self, model: onnx.ModelProto, moments: MomentPropagation, estimates: dict) -> None:
         """Per consumer space: ``x' = x*M + (1-M)*mean + S*(sum_c(D*x) - sum_c(D*mean))``.
 
         M is the removal mask; S (one-hot at the removed unit u) and D (the merge scale s at the
         kept unit v) express "u is merged into v": the consumer weights for v absorb s times
         u's, which is the same as u's slot reading ``s * x_v + mean_u - s * mean_v``. Merges are
         expressed where units are single channels; elsewhere (a flattened block) a row
-        measures compensated removal alone."""
+        measures compensated removal alone.
+
+        With a least-squares estimate ``(B, mu)`` for the space, a removed channel reads
+        ``mu + B (x - mu)`` instead of its mean: what the consumers see once the removal is
+        reconstructed from every kept channel (B's row for a unit leaves that unit out)."""
         g = model.graph
         nodes_by_name = {n.name: n for n in g.node}
         per_space: dict[tuple, list[tuple[ChannelGroup, np.ndarray, bool]]] = {}
@@ -171,13 +176,14 @@ class ProbeModel:
             shape = [-1] + [1] * (axis - 1) + [size] + [1] * (rank - axis - 1)
             m = moments.get(tensor, axis)
             mean = b.const((np.zeros(size) if m is None else m.mean).astype(np.float32).reshape(shape[1:]))
+            value = _estimate(b, tensor, axis, rank, estimates.get(space)) or mean  # what a removed slot reads
             x = tensor
             for group, index, single in entries:
                 idx = b.const(index)
                 mask = b.gather(mask_name(group), idx, 1.0)
                 mb = b.op("Reshape", mask, b.const(np.array(shape, np.int64)))
                 kept = b.op("Mul", x, mb)
-                fill = b.op("Sub", mean, b.op("Mul", mean, mb))
+                fill = b.op("Sub", value, b.op("Mul", value, mb))
                 x = b.op("Add", kept, fill)
                 if single:
                     src = b.op("Reshape", b.gather(merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
@@ -261,6 +267,21 @@ class ProbeModel:
 
     def measure(self, masks: dict[str, np.ndarray]) -> Impact:
         return impacts(self.run(masks), self.base)
+
+
+def _estimate(b: _Nodes, tensor: str, axis: int, rank: int, estimate) -> str | None:
+    """``mu + B (x - mu)`` over the channel axis: a 1x1 convolution for channels-first
+    feature maps, a MatMul for channels-last; None where neither fits (mean fill)."""
+    if estimate is None:
+        return None
+    matrix, mu = estimate
+    bias = (mu - matrix @ mu).astype(np.float32)
+    if axis == rank - 1:
+        return b.op("Add", b.op("MatMul", tensor, b.const(matrix.T.astype(np.float32))), b.const(bias))
+    if axis == 1 and rank in (3, 4, 5):
+        kernel = matrix.astype(np.float32).reshape(*matrix.shape, *([1] * (rank - 2)))
+        return b.op("Conv", tensor, b.const(kernel), b.const(bias))
+    return None
 
 
 def probeable(group: ChannelGroup, shapes: dict, batch: int = 1) -> bool:

@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.passes.cost import MacModel
 from onnxprune.passes.methods import Budget, Method, Progress
 from onnxprune.passes.planning import removal_count
-from onnxprune.passes.reconstruct import Reconstructor
+from onnxprune.passes.reconstruct import Reconstructor, consumer_spaces, removed_atoms
 
 from onnxprune.coupling import CONSUMER, PRODUCER
 from onnxprune.depgraph import ChannelGroup
@@ -109,6 +109,7 @@ class Progressive(Method):
     """The shared loop; subclasses choose among measured candidates."""
 
     default_step = 0.05
+    reconstruction = "least-squares"
 
     def __init__(self, probes: int = 16, nominate: float = 3.0):
         self.probes = probes
@@ -136,9 +137,11 @@ class Progressive(Method):
         steps = max(1, math.ceil(budget.ratio / step - 1e-9))
         plans = {g.id: GroupPlan(g.id, g.name, g.size, [], [], [], [], []) for g in groups}
         plan = PruningPlan(self.name, budget.ratio, budget.seed, list(plans.values()), compensate=True,
+                           reconstruction=budget.reconstruction or self.reconstruction,
                            details={"steps": steps, "probes": self.probes, "compensated": True,
                                     "allocation": "uniform" if budget.uniform else "by measured impact"})
-        reconstructor = Reconstructor(dep, analysis.moments)
+        reconstructor = Reconstructor(dep, analysis.moments,
+                                      statistics=lambda spaces: analysis.statistics(spaces, budget.seed))
         rng = np.random.default_rng(budget.seed)
         norms = {g.id: _consumer_weight_norms(g) for g in groups}
         removed, rows_measured = 0, 0
@@ -165,11 +168,16 @@ class Progressive(Method):
             active = [g for g in groups if quota.get(g.id, 0) > 0]
             if not active:
                 continue
+            estimates, residual = {}, {}
+            if plan.reconstruction == "least-squares":  # probes measure what the commit will do
+                stats = reconstructor.stats(t, sorted({sp for g in active for sp in consumer_spaces(g)}))
+                estimates, residual = self._estimates(active, plans, stats, removed_atoms(dep, plan, t - 1))
             probe = ProbeModel(analysis.graph, analysis.model, active, analysis.moments, analysis.prior,
-                               analysis.input_shapes, inputs=probe_inputs)
+                               analysis.input_shapes, inputs=probe_inputs, estimates=estimates)
             # Cheap stage: closed-form saliency times the first-order estimate (one backward run).
             taylor = probe.first_order() or {}
-            pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id] * taylor.get(g.id, 1.0), analysis)
+            pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id] * taylor.get(g.id, 1.0), analysis,
+                                      residual.get(g.id))
                      for g in active}
             impact = self.refine(analysis, active, pools, self._measure(probe, active, pools, row_limit), probe)
             chosen = {}
@@ -225,9 +233,43 @@ class Progressive(Method):
             return {}
         return {gid: min(r, max(1, math.ceil(2 * want * r / left))) for gid, r in room.items() if r > 0}
 
-    def _pool(self, group, gp, quota, norms, analysis):
-        candidates = self._candidates(group, gp, analysis, norms)
+    def _pool(self, group, gp, quota, norms, analysis, residual=None):
+        if residual is not None:  # least squares: a unit's saliency is what the others cannot explain
+            removed = set(gp.remove)
+            candidates = sorted((float(norms[u] * residual[u]), u, -1, 0.0, 0.0)
+                                for u in range(group.size) if u not in removed)
+        else:
+            candidates = self._candidates(group, gp, analysis, norms)
         return candidates[: max(quota, int(math.ceil(self.nominate * quota)), 4)]
+
+    @staticmethod
+    def _estimates(groups, plans, stats, gone):
+        """Per consumer space of ``groups``: the matrix estimating each kept unit from the other
+        live channels, with the channel means (for the probes), and per group the variance of
+        each unit that the estimate leaves unexplained (for nomination)."""
+        estimates, residual = {}, {}
+        for space in sorted({sp for g in groups for sp in consumer_spaces(g)}):
+            st = stats[space]
+            dead = gone.get(space[0], set())
+            live = np.array([c for c in range(len(st.mean)) if c not in dead], dtype=np.int64)
+            keys, atoms = [], []
+            for g in groups:
+                if space not in g.atoms:
+                    continue
+                local, unit = g.atoms[space]
+                removed = set(plans[g.id].remove)
+                for u in np.unique(unit):
+                    if int(u) not in removed:
+                        keys.append((g.id, int(u)))
+                        atoms.append(local[unit == u])
+            matrix = np.zeros((len(st.mean), len(st.mean)))
+            for k, (b, res) in st.leave_one_out(atoms, live).items():
+                matrix[np.ix_(atoms[k], live)] = b
+                gid, u = keys[k]
+                residual.setdefault(gid, {}).setdefault(u, float(res.sum()))
+            estimates[space] = (matrix, st.mean)
+        sizes = {g.id: g.size for g in groups}
+        return estimates, {gid: np.array([r.get(u, 0.0) for u in range(sizes[gid])]) for gid, r in residual.items()}
 
     @staticmethod
     def _measure(probe: ProbeModel, groups, pools, limit: int | None = None) -> dict[int, Impact]:

@@ -40,12 +40,17 @@ def test_progressive_methods_keep_the_mlp_accurate(method):
     assert _accuracy(pruned, "digits_test_8x8.npz") > 0.93
 
 
-@pytest.mark.parametrize("method", ["paoding", "srdfp"])
-def test_saved_plan_replays_to_the_same_bytes(method):
+@pytest.mark.parametrize(("method", "reconstruction"),
+                         [("paoding", "least-squares"), ("srdfp", "pair"), ("magnitude", "least-squares")])
+def test_saved_plan_replays_to_the_same_bytes(method, reconstruction):
     model = nets.resnet()
-    pruned, report = prune(model, 0.4, method=method, seed=5)
+    pruned, report = prune(model, 0.4, method=method, seed=5, reconstruction=reconstruction)
     plan = PruningPlan.from_json(report.plan.to_json())
-    assert any(g.merge_into for g in plan.groups) and max(s for g in plan.groups for s in g.steps) > 0
+    assert plan.reconstruction == reconstruction
+    if method != "magnitude":
+        assert max(s for g in plan.groups for s in g.steps) > 0
+    if reconstruction == "pair":
+        assert any(v >= 0 for g in plan.groups for v in g.merge_into)
     again, _ = prune(nets.resnet(), 0.4, plan=plan)
     assert again.SerializeToString() == pruned.SerializeToString()
 
