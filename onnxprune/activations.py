@@ -37,9 +37,13 @@ class ChannelStats:
     cov: np.ndarray | None  # [C, C]; None for tensors wider than MAX_CHANNELS
     count: int = 0  # positions measured
 
-    def _ridge(self, ridge: float | None, live: int) -> float:
-        """At least the ridge (default RIDGE), more when there are few positions per coefficient."""
-        return max(RIDGE if ridge is None else ridge, 0.1 * live / max(self.count, 1))
+    def _precision(self, channels: np.ndarray, live: int, ridge: float | None) -> tuple[np.ndarray, float]:
+        """``(inverse of cov + lambda I over channels, lambda)``: lambda is at least the ridge
+        (default RIDGE) times the mean variance, more when there are few positions per coefficient."""
+        sub = self.cov[np.ix_(channels, channels)]
+        factor = max(RIDGE if ridge is None else ridge, 0.1 * live / max(self.count, 1))
+        lam = factor * max(float(np.mean(np.diag(sub))), 1e-12)
+        return np.linalg.inv(sub + lam * np.eye(len(channels))), lam
 
     def estimator(self, removed: np.ndarray, live: np.ndarray, ridge: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(B, residual_variance)`` for channels ``removed`` estimated from ``live`` (both
@@ -48,10 +52,7 @@ class ChannelStats:
             return np.zeros((0, len(live))), np.zeros(0)
         if len(live) == 0 or self.cov is None:
             return np.zeros((len(removed), len(live))), self.var[removed].copy()
-        both = np.concatenate([removed, live])
-        sub = self.cov[np.ix_(both, both)]
-        lam = self._ridge(ridge, len(live)) * max(float(np.mean(np.diag(sub))), 1e-12)
-        precision = np.linalg.inv(sub + lam * np.eye(len(both)))
+        precision, lam = self._precision(np.concatenate([removed, live]), len(live), ridge)
         r = len(removed)
         p_rr, p_rk = precision[:r, :r], precision[:r, r:]
         b = -np.linalg.solve(p_rr, p_rk)
@@ -63,9 +64,7 @@ class ChannelStats:
         estimating it from the other live channels. B's columns follow ``live``."""
         if self.cov is None or len(live) == 0:
             return {k: (np.zeros((len(atoms), len(live))), self.var[atoms].copy()) for k, atoms in enumerate(units)}
-        sub = self.cov[np.ix_(live, live)]
-        lam = self._ridge(ridge, len(live)) * max(float(np.mean(np.diag(sub))), 1e-12)
-        precision = np.linalg.inv(sub + lam * np.eye(len(live)))
+        precision, lam = self._precision(live, len(live), ridge)
         where = np.full(int(live.max()) + 1 if len(live) else 0, -1)
         where[live] = np.arange(len(live))
         out = {}

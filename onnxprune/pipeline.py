@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -71,8 +72,7 @@ class Analysis:
                     continue
                 distilled = None
                 if len(graph_inputs(self.model)) == 1:
-                    macs = max(count_macs(self.model, self.shapes), 1)
-                    steps = int(np.clip(2e11 / (3 * macs * count), 20, 150))
+                    steps = int(np.clip(2e11 / (3 * self.macs * count), 20, 150))
                     distilled = distill(_to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
                 inputs[value.name] = (prior.sample(shape, rng) if distilled is None else distilled).astype(dtype)
             self._probe_inputs[count, seed] = inputs
@@ -82,8 +82,13 @@ class Analysis:
         """Channel means and covariances of ``spaces`` on the graph as it is now, measured on
         synthetic inputs (as many as about 2e10 MACs buy, 16 to 128: heads after global pooling
         see one position per input)."""
-        count = int(np.clip(2e10 / max(count_macs(self.model, self.shapes), 1), 16, 128))
+        count = int(np.clip(2e10 / self.macs, 16, 128))
         return measure_stats(self.graph, self.model, self.probe_inputs(count, seed), spaces)
+
+    @cached_property
+    def macs(self) -> int:
+        """The model's multiply-accumulates as analysed (at least 1)."""
+        return max(count_macs(self.model, self.shapes), 1)
 
     @property
     def moments(self) -> MomentPropagation:

@@ -162,7 +162,7 @@ class ProbeModel:
         for group in self.groups:
             for name in (mask_name(group), merge_src_name(group), merge_dst_name(group)):
                 g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", group.size]))
-            for space, names in _consumer_spaces(group).items():
+            for space, names in consumer_nodes(group).items():
                 local, unit = group.atoms[space]
                 index = np.full(moments.shapes[space[0]][space[1]], group.size, dtype=np.int64)
                 index[local] = unit  # atoms of other groups read the padded column
@@ -288,11 +288,12 @@ def probeable(group: ChannelGroup, shapes: dict, batch: int = 1) -> bool:
     """Whether masks can ride on the batch axis in front of every consumer of ``group``: the
     consumer inputs must be batch-major (dim 0 is the analysis batch). Attention internals
     reshaped to [batch*heads, ...] or [tokens, features] are not."""
-    spaces = _consumer_spaces(group)
+    spaces = consumer_nodes(group)
     return bool(spaces) and all(shapes.get(t, (0,))[0] == batch for t, _ in spaces)
 
 
-def _consumer_spaces(group: ChannelGroup) -> dict[tuple, set[str]]:
+def consumer_nodes(group: ChannelGroup) -> dict[tuple, set[str]]:
+    """The tensors (and channel axes) the group's consumers read, with the nodes reading each."""
     spaces: dict[tuple, set[str]] = {}
     for m in group.members:
         if m.coupling.role == CONSUMER and m.space[1] > 0:

@@ -170,7 +170,7 @@ class Progressive(Method):
                 continue
             estimates, residual = {}, {}
             if plan.reconstruction == "least-squares":  # probes measure what the commit will do
-                stats = reconstructor.stats(t, sorted({sp for g in active for sp in consumer_spaces(g)}))
+                stats = reconstructor.stats(t, consumer_spaces(*active))
                 estimates, residual = self._estimates(active, plans, stats, removed_atoms(dep, plan, t - 1))
             probe = ProbeModel(analysis.graph, analysis.model, active, analysis.moments, analysis.prior,
                                analysis.input_shapes, inputs=probe_inputs, estimates=estimates)
@@ -248,7 +248,7 @@ class Progressive(Method):
         live channels, with the channel means (for the probes), and per group the variance of
         each unit that the estimate leaves unexplained (for nomination)."""
         estimates, residual = {}, {}
-        for space in sorted({sp for g in groups for sp in consumer_spaces(g)}):
+        for space in consumer_spaces(*groups):
             st = stats[space]
             dead = gone.get(space[0], set())
             live = np.array([c for c in range(len(st.mean)) if c not in dead], dtype=np.int64)

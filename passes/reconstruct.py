@@ -34,6 +34,7 @@ from onnxprune.coupling import CONSUMER, PRODUCER, ParamSlice, slice_all
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
 from onnxprune.plan import PruningPlan
 from onnxprune.priors import MomentPropagation
+from onnxprune.probes import consumer_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +126,9 @@ def _downstream_norm(node: gs.Node, rows: np.ndarray, shapes: dict) -> list[tupl
 Statistics = Callable[[list[tuple[str, int]]], dict[tuple[str, int], ChannelStats]]
 
 
-def consumer_spaces(group: ChannelGroup) -> list[tuple[str, int]]:
-    """The tensors (and channel axes) the group's consumers read."""
-    return sorted({m.space for m in group.members if m.coupling.role == CONSUMER and m.space[1] > 0})
+def consumer_spaces(*groups: ChannelGroup) -> list[tuple[str, int]]:
+    """The tensors (and channel axes) the groups' consumers read, in a fixed order."""
+    return sorted({space for g in groups for space in consumer_nodes(g)})
 
 
 def removed_atoms(dep: DependencyGraph, plan: PruningPlan, through: int) -> dict[str, set[int]]:
@@ -181,12 +182,12 @@ class Reconstructor:
             if self.statistics is None:
                 raise ValueError("least-squares reconstruction needs channel statistics")
             for step in sorted({s for s, _ in batches}):
-                groups = [self.dep.groups[plan.groups[k].group] for s, k in sorted(batches) if s == step]
-                stats = self.stats(step, sorted({sp for g in groups for sp in consumer_spaces(g)}))
+                keys = [key for key in sorted(batches) if key[0] == step]
+                groups = [self.dep.groups[plan.groups[k].group] for _, k in keys]
+                stats = self.stats(step, consumer_spaces(*groups))
                 gone = removed_atoms(self.dep, plan, step)
-                for g in groups:
-                    k = next(i for i, gp in enumerate(plan.groups) if gp.group == g.id)
-                    self._least_squares(g, [e[0] for e in batches[(step, k)]], stats, gone)
+                for g, key in zip(groups, keys):
+                    self._least_squares(g, [e[0] for e in batches[key]], stats, gone)
                 self._cache = None  # the weights changed: the next step measures again
             return
         for (_, k), entries in sorted(batches.items()):
