@@ -9,7 +9,10 @@ as it is at that moment, so that every progressive step fits what earlier steps 
 Under a Gaussian with covariance ``S + lambda*I`` the estimate is the conditional mean,
 ``B = -P_RR^{-1} P_RK`` with ``P`` the precision matrix: one inverse per tensor serves every
 candidate removal, and the ridge ``lambda`` shrinks towards mean replacement where the
-synthetic inputs say little.
+synthetic inputs say little. How much they say differs per tensor (a classifier head after
+global pooling sees one position per input, a stem conv thousands), so ``lambda`` is chosen per
+tensor by two-fold cross-validation: the inputs are split in two, each half's covariance fits
+every channel from the others, and the other half scores the fit.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from onnxprune.shapes import session
 
 #: Ridge, relative to the mean channel variance of the tensor.
 RIDGE = 1e-2
+#: Ridges tried by cross-validation (relative to the mean variance); RIDGE is the floor.
+RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+#: Without cross-validation (too few inputs to split): this much per coefficient-to-position
+#: ratio, so that fits with few positions per coefficient are shrunk harder.
+RIDGE_PER_POSITION = 0.1
 #: Positions (batch x spatial) kept per tensor and per run, evenly strided.
 MAX_POSITIONS = 16384
 #: Wider tensors (a flattened VGG feature map) keep variances only: removal by the mean.
@@ -36,12 +44,17 @@ class ChannelStats:
     var: np.ndarray   # [C]
     cov: np.ndarray | None  # [C, C]; None for tensors wider than MAX_CHANNELS
     count: int = 0  # positions measured
+    ridge: float | None = None  # chosen by cross-validation, relative to the mean variance
 
     def _precision(self, channels: np.ndarray, live: int, ridge: float | None) -> tuple[np.ndarray, float]:
-        """``(inverse of cov + lambda I over channels, lambda)``: lambda is at least the ridge
-        (default RIDGE) times the mean variance, more when there are few positions per coefficient."""
+        """``(inverse of cov + lambda I over channels, lambda)``: lambda is the given ridge, else
+        the cross-validated one, else RIDGE raised where there are few positions per coefficient,
+        times the mean variance."""
         sub = self.cov[np.ix_(channels, channels)]
-        factor = max(RIDGE if ridge is None else ridge, 0.1 * live / max(self.count, 1))
+        if ridge is not None:
+            factor = ridge
+        else:
+            factor = max(self.ridge or RIDGE, RIDGE_PER_POSITION * live / max(self.count, 1))
         lam = factor * max(float(np.mean(np.diag(sub))), 1e-12)
         return np.linalg.inv(sub + lam * np.eye(len(channels))), lam
 
@@ -77,17 +90,48 @@ class ChannelStats:
         return out
 
 
+def cross_validated_ridge(folds: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The ridge of RIDGE_GRID (relative to the mean variance) whose leave-one-channel-out fits
+    on one fold's ``(mean, second moment)`` best predict the other fold's channels, halved
+    because the final fit sees both folds; each channel's error counts relative to its variance."""
+    covs = [m2 - np.outer(mu, mu) for mu, m2 in folds]
+    errors = np.zeros(len(RIDGE_GRID))
+    for fit, test, (mu_fit, _), (mu_test, _) in zip(covs, covs[::-1], folds, folds[::-1]):
+        # Centred on the fitting fold's mean, as the estimate will be used.
+        shift = mu_test - mu_fit
+        scored = test + np.outer(shift, shift)
+        scale = np.diag(test).copy()
+        alive = scale > 1e-12 * max(float(scale.max()), 1e-30)
+        if alive.sum() < 2:
+            return RIDGE
+        fit, scored, scale = fit[np.ix_(alive, alive)], scored[np.ix_(alive, alive)], scale[alive]
+        values, vectors = np.linalg.eigh((fit + fit.T) / 2)
+        values = np.maximum(values, 0.0)
+        rotated = vectors.T @ scored @ vectors
+        mean_var = max(float(np.mean(np.diag(fit))), 1e-12)
+        for k, factor in enumerate(RIDGE_GRID):
+            d = 1.0 / (values + factor * mean_var)
+            # Residual of x_i - estimate from the rest is (P x)_i / P_ii, P the precision.
+            p_diag = (vectors**2) @ d
+            quad = np.einsum("ij,ij->i", (vectors * d) @ rotated * d, vectors)
+            errors[k] += float(np.sum(quad / (p_diag**2 * scale)))
+    return max(RIDGE, RIDGE_GRID[int(np.argmin(errors))] / 2)
+
+
 def measure(graph: gs.Graph, template: onnx.ModelProto, inputs: dict[str, np.ndarray],
-            spaces: list[tuple[str, int]], chunk: int = 4) -> dict[tuple[str, int], ChannelStats]:
-    """Means and covariances of the channels of each ``(tensor, axis)`` on ``inputs``."""
+            spaces: list[tuple[str, int]], chunk: int = 4,
+            ridges: dict[tuple[str, int], float] | None = None) -> dict[tuple[str, int], ChannelStats]:
+    """Means and covariances of the channels of each ``(tensor, axis)`` on ``inputs``, with a
+    ridge per tensor chosen by two-fold cross-validation (alternate chunks of inputs), unless
+    ``ridges`` has it already; new choices are added to ``ridges``."""
     from onnxprune.pipeline import _to_model
     from onnxprune.probes import make_batch_dynamic
 
-    names = sorted({t for t, _ in spaces})
-    if not names:
+    if not spaces:
         return {}
     g = graph.copy()
     tensors = g.tensors()
+    names = sorted({t for t, _ in spaces})
     g.outputs = [tensors[n] for n in names]
     for t in g.outputs:
         t.dtype = t.dtype or np.float32
@@ -95,10 +139,13 @@ def measure(graph: gs.Graph, template: onnx.ModelProto, inputs: dict[str, np.nda
     make_batch_dynamic(model)  # the inputs come in chunks
     sess = session(model)
     count = len(next(iter(inputs.values())))
-    sums: dict[tuple[str, int], np.ndarray] = {}
-    prods: dict[tuple[str, int], np.ndarray] = {}
-    seen: dict[tuple[str, int], int] = {}
+    ridges = {} if ridges is None else ridges
+    folds = 2 if count >= 2 * chunk else 1
+    sums: dict[tuple[str, int], list] = {}
+    prods: dict[tuple[str, int], list] = {}
+    seen: dict[tuple[str, int], list] = {}
     for start in range(0, count, chunk):
+        fold = (start // chunk) % folds
         feeds = {k: v[start:start + chunk] for k, v in inputs.items()}
         outs = dict(zip(names, sess.run(names, feeds)))
         for tensor, axis in spaces:
@@ -110,21 +157,26 @@ def measure(graph: gs.Graph, template: onnx.ModelProto, inputs: dict[str, np.nda
             key = (tensor, axis)
             if not len(x):
                 continue
-            sums[key] = sums.get(key, 0) + x.sum(axis=0)
-            prods[key] = prods.get(key, 0) + (x.T @ x if x.shape[1] <= MAX_CHANNELS else (x * x).sum(axis=0))
-            seen[key] = seen.get(key, 0) + len(x)
+            for acc, value in ((sums, x.sum(axis=0)), (seen, len(x)),
+                               (prods, x.T @ x if x.shape[1] <= MAX_CHANNELS else (x * x).sum(axis=0))):
+                acc.setdefault(key, [0] * folds)[fold] += value
     stats = {}
     for key in spaces:
         if key not in seen:  # nothing finite was seen: no estimate, no compensation
             width = np.asarray(outs[key[0]]).shape[key[1]]
             stats[key] = ChannelStats(np.zeros(width), np.zeros(width), None, 0)
             continue
-        n = max(seen[key], 1)
-        mean = sums[key] / n
-        if prods[key].ndim == 2:
-            cov = prods[key] / n - np.outer(mean, mean)
+        n = max(sum(seen[key]), 1)
+        mean = sum(sums[key]) / n
+        second = sum(prods[key]) / n
+        if second.ndim == 2:
+            cov = second - np.outer(mean, mean)
             cov = (cov + cov.T) / 2
-            stats[key] = ChannelStats(mean, np.maximum(np.diag(cov), 0.0), cov, n)
+            if key not in ridges and folds == 2 and min(seen[key]) > 0:
+                ridges[key] = cross_validated_ridge([(s / m, p / m) for s, p, m in
+                                                     zip(sums[key], prods[key], seen[key])])
+            stats[key] = ChannelStats(mean, np.maximum(np.diag(cov), 0.0), cov, n, ridges.get(key))
         else:
-            stats[key] = ChannelStats(mean, np.maximum(prods[key] / n - mean**2, 0.0), None, n)
+            stats[key] = ChannelStats(mean, np.maximum(second - mean**2, 0.0), None, n)
     return stats
+

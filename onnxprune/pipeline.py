@@ -24,7 +24,7 @@ from onnxprune.model_io import load_model
 from onnxprune.pass_infra import PassManager
 from onnxprune.passes.lower import DedupeConstants, lowering_passes
 from onnxprune.passes.methods import METHODS, Budget, Progress
-from onnxprune.passes.reconstruct import Reconstructor
+from onnxprune.passes.reconstruct import Reconstructor, consumer_spaces
 from onnxprune.plan import PruningPlan
 from onnxprune.priors import InputPrior, MomentPropagation, infer_input_prior
 from onnxprune.rewrite import apply_plan
@@ -32,6 +32,10 @@ from onnxprune.shapes import Shape, concrete_input_shapes, graph_inputs, resolve
 from onnxprune.synthesis import distill
 
 logger = logging.getLogger(__name__)
+
+
+#: How many synthetic inputs channel statistics are measured on (fewer for large models).
+STATISTICS_INPUTS = (16, 128)
 
 
 @dataclass
@@ -78,12 +82,14 @@ class Analysis:
             self._probe_inputs[count, seed] = inputs
         return self._probe_inputs[count, seed]
 
-    def statistics(self, spaces: list[tuple[str, int]], seed: int = 0) -> dict[tuple[str, int], ChannelStats]:
+    def statistics(self, spaces: list[tuple[str, int]], seed: int = 0,
+                   ridges: dict | None = None) -> dict[tuple[str, int], ChannelStats]:
         """Channel means and covariances of ``spaces`` on the graph as it is now, measured on
         synthetic inputs (as many as about 2e10 MACs buy, 16 to 128: heads after global pooling
-        see one position per input)."""
-        count = int(np.clip(2e10 / self.macs, 16, 128))
-        return measure_stats(self.graph, self.model, self.probe_inputs(count, seed), spaces)
+        see one position per input). ``ridges`` holds a chosen ridge per space and gets the
+        cross-validated choice for the spaces it lacks."""
+        count = int(np.clip(2e10 / self.macs, *STATISTICS_INPUTS))
+        return measure_stats(self.graph, self.model, self.probe_inputs(count, seed), spaces, ridges=ridges)
 
     @cached_property
     def macs(self) -> int:
@@ -204,7 +210,8 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
     if plan.compensate and not applied:
         plan_seed = plan.seed  # a replayed plan measures on the synthetic inputs it was planned with
         Reconstructor(analysis.dep, analysis.moments,
-                      statistics=lambda spaces: analysis.statistics(spaces, plan_seed)).apply(plan)
+                      statistics=lambda spaces, ridges: analysis.statistics(spaces, plan_seed, ridges),
+                      spaces=consumer_spaces(*(analysis.dep.groups[gp.group] for gp in plan.groups))).apply(plan)
     timings["plan"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

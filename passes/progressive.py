@@ -140,8 +140,8 @@ class Progressive(Method):
                            reconstruction=budget.reconstruction or self.reconstruction,
                            details={"steps": steps, "probes": self.probes, "compensated": True,
                                     "allocation": "uniform" if budget.uniform else "by measured impact"})
-        reconstructor = Reconstructor(dep, analysis.moments,
-                                      statistics=lambda spaces: analysis.statistics(spaces, budget.seed))
+        reconstructor = Reconstructor(dep, analysis.moments, spaces=consumer_spaces(*groups),
+                                      statistics=lambda spaces, ridges: analysis.statistics(spaces, budget.seed, ridges))
         rng = np.random.default_rng(budget.seed)
         norms = {g.id: _consumer_weight_norms(g) for g in groups}
         removed, rows_measured = 0, 0

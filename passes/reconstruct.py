@@ -123,7 +123,9 @@ def _downstream_norm(node: gs.Node, rows: np.ndarray, shapes: dict) -> list[tupl
     return found
 
 
-Statistics = Callable[[list[tuple[str, int]]], dict[tuple[str, int], ChannelStats]]
+#: ``(spaces, ridges) -> stats``: measures ``spaces`` on the graph as it is now; a space's ridge is
+#: taken from ``ridges`` or chosen and added there.
+Statistics = Callable[[list[tuple[str, int]], dict], dict[tuple[str, int], ChannelStats]]
 
 
 def consumer_spaces(*groups: ChannelGroup) -> list[tuple[str, int]]:
@@ -149,24 +151,31 @@ class Reconstructor:
     """Applies a plan's compensation to a lowered graph, in step order.
 
     ``statistics`` measures channel statistics on the graph as it is now; plans asking for
-    least-squares reconstruction need it."""
+    least-squares reconstruction need it. The ridge of every space in ``spaces`` (and of those
+    the first measurement asks for) is chosen on the first measurement, on the unpruned graph,
+    so that planning and a replay of the plan fit with the same ridges."""
 
     def __init__(self, dep: DependencyGraph, moments: MomentPropagation, variance: bool = True,
-                 statistics: Statistics | None = None):
+                 statistics: Statistics | None = None, spaces: list[tuple[str, int]] = ()):
         self.dep = dep
         self.moments = moments
         self.variance = variance
         self.shapes = dep.ctx.shapes
         self.statistics = statistics
+        self.spaces = list(spaces)
         self._cache: tuple[int, dict] | None = None
+        self._ridges: dict | None = None
 
     def stats(self, step: int, spaces: list[tuple[str, int]]) -> dict[tuple[str, int], ChannelStats]:
         """Statistics of ``spaces`` before ``step`` is applied (measured once per step)."""
         assert self.statistics is not None
         have = self._cache[1] if self._cache and self._cache[0] == step else {}
         missing = [s for s in spaces if s not in have]
+        if self._ridges is None:  # first measurement: every ridge, on the unpruned graph
+            self._ridges = {}
+            missing = sorted(set(missing) | set(self.spaces))
         if missing:
-            have = {**have, **self.statistics(missing)}
+            have = {**have, **self.statistics(missing, self._ridges)}
         self._cache = (step, have)
         return have
 

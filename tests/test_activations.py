@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from onnxprune import prune
-from onnxprune.activations import ChannelStats, measure
+from onnxprune.activations import RIDGE, RIDGE_GRID, ChannelStats, cross_validated_ridge, measure
 from onnxprune.pipeline import analyse
 from onnxprune.plan import GroupPlan, PruningPlan
 from onnxprune.shapes import session
@@ -41,6 +41,24 @@ def test_leave_one_out_matches_one_estimate_per_unit():
         np.testing.assert_allclose(loo[k][1], res, rtol=1e-6, atol=1e-9)
 
 
+def _folds(x):
+    half = len(x) // 2
+    return [(a.mean(0), a.T @ a / len(a)) for a in (x[:half], x[half:])]
+
+
+def test_cross_validation_shrinks_only_where_the_inputs_say_little():
+    rng = np.random.default_rng(0)
+    mixing = rng.standard_normal((5, 40))
+    # Plenty of positions and channels that explain each other: the floor.
+    x = rng.standard_normal((4000, 5)) @ mixing + 0.05 * rng.standard_normal((4000, 40))
+    assert cross_validated_ridge(_folds(x)) == RIDGE
+    # Few positions of independent channels: nothing to explain, the strongest shrinkage.
+    assert cross_validated_ridge(_folds(rng.standard_normal((64, 100)))) == RIDGE_GRID[-1] / 2
+    # Few positions of related channels: in between.
+    x = rng.standard_normal((64, 5)) @ mixing + 0.5 * rng.standard_normal((64, 40))
+    assert RIDGE < cross_validated_ridge(_folds(x)) < RIDGE_GRID[-1] / 2
+
+
 def test_measured_statistics_match_numpy():
     model = nets.resnet()
     analysis = analyse(model)
@@ -49,6 +67,10 @@ def test_measured_statistics_match_numpy():
     x = np.moveaxis(inputs["x"].astype(np.float64), 1, -1).reshape(-1, inputs["x"].shape[1])
     np.testing.assert_allclose(stats["x", 1].mean, x.mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats["x", 1].cov, np.cov(x.T, bias=True), rtol=1e-5, atol=1e-8)
+    assert stats["x", 1].ridge is None  # 4 inputs are one chunk: nothing to cross-validate
+    ridges = {}
+    stats = measure(analysis.graph, analysis.model, analysis.probe_inputs(16, 0), [("x", 1)], ridges=ridges)
+    assert stats["x", 1].ridge == ridges["x", 1] >= RIDGE
 
 
 def _redundant_mlp():
