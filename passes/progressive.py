@@ -108,7 +108,11 @@ def _consumer_weight_norms(group: ChannelGroup) -> np.ndarray:
 class Progressive(Method):
     """The shared loop; subclasses choose among measured candidates."""
 
-    default_step = 0.05
+    #: The papers' 2.5% per step: most of the damage is done in the last steps, and a finer
+    #: step re-measures (and refits) before it. Models above LARGE_MACS take twice the step,
+    #: which halves their time.
+    default_step = 0.025
+    LARGE_MACS = 1e9
     reconstruction = "least-squares"
 
     def __init__(self, probes: int = 16, nominate: float = 3.0):
@@ -133,7 +137,7 @@ class Progressive(Method):
         by_macs = budget.target == "macs"
         total = sum(targets.values())
         goal = cost.after_uniform(groups, targets)
-        step = budget.step or self.default_step
+        step = budget.step or self.default_step * (2 if analysis.macs > self.LARGE_MACS else 1)
         steps = max(1, math.ceil(budget.ratio / step - 1e-9))
         plans = {g.id: GroupPlan(g.id, g.name, g.size, [], [], [], [], []) for g in groups}
         plan = PruningPlan(self.name, budget.ratio, budget.seed, list(plans.values()), compensate=True,
