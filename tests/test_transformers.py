@@ -337,3 +337,13 @@ def test_causal_mask_passes_untouched():
     assert group.size == 4
     pruned = assert_exact(model, group.id, [0, 3])
     assert any(n.op_type == "Where" for n in pruned.graph.node)
+
+
+def test_progressive_methods_merge_pairs_under_layer_norm():
+    """No BatchNorm to distil synthetic tokens from: least squares on noise would misfit."""
+    name = "encoders/encoder.onnx"
+    _, report = prune(load(name), 0.1, method="paoding", input_shapes=EXPORTS[name], check=1)
+    assert report.plan.reconstruction == "pair"
+    _, report = prune(load(name), 0.1, method="paoding", input_shapes=EXPORTS[name], check=1,
+                      reconstruction="least-squares")
+    assert report.plan.reconstruction == "least-squares"
