@@ -97,8 +97,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                         "(paoding-dl's measure) instead of the probes' empirical intervals")
     p.add_argument("--reconstruction", choices=["least-squares", "pair"],
                    help="how removed channels are compensated: from every kept channel by least squares fitted "
-                        "on synthetic inputs (default for paoding/srdfp), or merged into one look-alike each, as "
-                        "the papers do (magnitude/random: mean and variance only; their default)")
+                        "on synthetic inputs (default for paoding/srdfp, except under LayerNorm), or merged into "
+                        "one look-alike each, as the papers do (magnitude/random: mean and variance only; their "
+                        "default)")
     p.add_argument("--no-compensation", action="store_true",
                    help="do not compensate removed channels (bias, variance, merges): the raw baseline")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")

@@ -105,11 +105,6 @@ def _consumer_weight_norms(group: ChannelGroup) -> np.ndarray:
     return total
 
 
-#: Normalisations over the channel axis with no running statistics.
-LAYER_NORMS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
-               "SkipSimplifiedLayerNormalization"}
-
-
 class Progressive(Method):
     """The shared loop; subclasses choose among measured candidates."""
 
@@ -146,7 +141,7 @@ class Progressive(Method):
         steps = max(1, math.ceil(budget.ratio / step - 1e-9))
         plans = {g.id: GroupPlan(g.id, g.name, g.size, [], [], [], [], []) for g in groups}
         plan = PruningPlan(self.name, budget.ratio, budget.seed, list(plans.values()), compensate=True,
-                           reconstruction=budget.reconstruction or self._reconstruction(analysis),
+                           reconstruction=self.reconstruction_for(analysis, budget),
                            details={"steps": steps, "probes": self.probes, "compensated": True,
                                     "allocation": "uniform" if budget.uniform else "by measured impact"})
         reconstructor = Reconstructor(dep, analysis.moments, spaces=consumer_spaces(*groups),
@@ -217,14 +212,6 @@ class Progressive(Method):
         plan.groups = [gp for gp in plans.values() if gp.remove]
         plan.details["probe_rows"] = rows_measured
         return plan
-
-    def _reconstruction(self, analysis) -> str:
-        """Least squares, except where LayerNorm normalises (transformers): no BatchNorm to
-        distil the synthetic inputs from, and noise tokens misstate the correlations between
-        units (digits ViT at 0.4: 0.971 with least squares, 0.998 with pair merges)."""
-        if any(node.op in LAYER_NORMS for node in analysis.graph.nodes):
-            return "pair"
-        return self.reconstruction
 
     @staticmethod
     def _cap(group: ChannelGroup, budget: Budget, target: int) -> int:
