@@ -81,7 +81,18 @@ class ChannelStats:
         where = np.full(int(live.max()) + 1 if len(live) else 0, -1)
         where[live] = np.arange(len(live))
         out = {}
+        # Single channels (most units) in one go: B's row is -P_u / P_uu, the residual 1 / P_uu.
+        single = [k for k, atoms in enumerate(units) if len(atoms) == 1]
+        if single:
+            rows = where[np.array([units[k][0] for k in single])]
+            diag = precision[rows, rows]
+            b = -precision[rows] / diag[:, None]
+            b[np.arange(len(rows)), rows] = 0.0
+            residual = np.maximum(1.0 / diag - lam, 0.0)
+            out.update({k: (b[i:i + 1], residual[i:i + 1]) for i, k in enumerate(single)})
         for k, atoms in enumerate(units):
+            if k in out:
+                continue
             rows = where[atoms]
             p_rr = precision[np.ix_(rows, rows)]
             b = -np.linalg.solve(p_rr, precision[rows])
