@@ -6,6 +6,9 @@ shape ``[N, units]`` (so every batch row carries its own ablation) and ``mean`` 
 channel's data-free expected value (removal *with* compensation, as it will be applied).
 One session, built once, scores many ablations in one batched run: row ``r`` of a run is
 probe sample ``r % P`` under mask row ``r // P``. Nothing is rebuilt per candidate.
+
+Candidate rows remove one unit each; their session substitutes that unit's channels alone
+(:func:`_sparse_fill`), and any other rows run the whole-tensor form (:func:`_dense_fill`).
 """
 
 from __future__ import annotations
@@ -115,17 +118,15 @@ class ProbeModel:
 
     def __init__(self, graph: gs.Graph, template: onnx.ModelProto, groups: list[ChannelGroup],
                  moments: MomentPropagation, prior: InputPrior, input_shapes: dict, probes: int = 16,
-                 seed: int = 0, max_rows: int = 2048, inputs: dict[str, np.ndarray] | None = None,
+                 seed: int = 0, max_batch: int = 2048, inputs: dict[str, np.ndarray] | None = None,
                  estimates: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None):
-        from onnxprune.pipeline import _to_model
         batch = next(iter(input_shapes.values()))[0] if input_shapes else 1
         self.groups = [g for g in groups if probeable(g, moments.shapes, batch)]
-        model = _to_model(graph.copy(), template)
-        self.output = _probe_output(model)
-        self._add_masks(model, moments, estimates or {})
-        make_batch_dynamic(model)
-        self.model = model
-        self.session = session(model)
+        self._source = (graph, template, moments, estimates or {})
+        self.model = self._masked(sparse=True)
+        self.output = _probe_output(self.model)
+        self.session = session(self.model)
+        self._dense, self._dense_session = None, None  # built when needed
         if inputs is None:
             rng = np.random.default_rng(seed)
             inputs = {}
@@ -139,22 +140,35 @@ class ProbeModel:
         self.inputs = inputs
         probes = len(next(iter(inputs.values())))
         self.probes = probes
-        self.max_rows = max_rows
+        self.max_batch = max_batch
         self.runs = 0
         self.base = self.run({})[0]
 
-    def _add_masks(self, model: onnx.ModelProto, moments: MomentPropagation, estimates: dict) -> None:
-        """Per consumer space: ``x' = x*M + (1-M)*mean + S*(sum_c(D*x) - sum_c(D*mean))``.
+    def _masked(self, sparse: bool) -> onnx.ModelProto:
+        from onnxprune.pipeline import _to_model
+        graph, template, moments, estimates = self._source
+        model = _to_model(graph.copy(), template)
+        output = _probe_output(model)
+        spaces = self._add_masks(model, moments, estimates, sparse)
+        if sparse:
+            self.sparse_spaces = spaces
+        if output not in {o.name for o in model.graph.output}:
+            model.graph.output.append(helper.make_empty_tensor_value_info(output))
+        make_batch_dynamic(model)
+        return model
 
-        M is the removal mask; S (one-hot at the removed unit u) and D (the merge scale s at the
-        kept unit v) express "u is merged into v": the consumer weights for v absorb s times
-        u's, which is the same as u's slot reading ``s * x_v + mean_u - s * mean_v``. Merges are
-        expressed where units are single channels; elsewhere (a flattened block) a row
-        measures compensated removal alone.
+    def dense_model(self) -> onnx.ModelProto:
+        """The probe model with every space masked densely: any mask rows (several units per
+        row, fractional masks), and the form the first-order estimate differentiates."""
+        if self._dense is None:
+            self._dense = self._masked(sparse=False)
+        return self._dense
 
-        With a least-squares estimate ``(B, mu)`` for the space, a removed channel reads
-        ``mu + B (x - mu)`` instead of its mean: what the consumers see once the removal is
-        reconstructed from every kept channel (B's row for a unit leaves that unit out)."""
+    def _add_masks(self, model: onnx.ModelProto, moments: MomentPropagation, estimates: dict,
+                   sparse: bool) -> list[list[ChannelGroup]]:
+        """Per consumer space, what its consumers read instead of ``x`` (see
+        :func:`_dense_fill` and :func:`_sparse_fill`); the sparse form where the layout allows.
+        Returns the groups of each sparse space."""
         g = model.graph
         nodes_by_name = {n.name: n for n in g.node}
         per_space: dict[tuple, list[tuple[ChannelGroup, np.ndarray, bool]]] = {}
@@ -170,28 +184,16 @@ class ProbeModel:
                 per_space.setdefault(space, []).append((group, index, single))
                 consumers.setdefault(space, set()).update(names)
         b = _Nodes(g, next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+        sparse_spaces = []
         for space, entries in per_space.items():
             tensor, axis = space
-            rank, size = len(moments.shapes[tensor]), moments.shapes[tensor][axis]
-            shape = [-1] + [1] * (axis - 1) + [size] + [1] * (rank - axis - 1)
+            rank = len(moments.shapes[tensor])
             m = moments.get(tensor, axis)
-            mean = b.const((np.zeros(size) if m is None else m.mean).astype(np.float32).reshape(shape[1:]))
-            value = _estimate(b, tensor, axis, rank, estimates.get(space)) or mean  # what a removed slot reads
-            x = tensor
-            for group, index, single in entries:
-                idx = b.const(index)
-                mask = b.gather(mask_name(group), idx, 1.0)
-                mb = b.op("Reshape", mask, b.const(np.array(shape, np.int64)))
-                kept = b.op("Mul", x, mb)
-                fill = b.op("Sub", value, b.op("Mul", value, mb))
-                x = b.op("Add", kept, fill)
-                if single:
-                    src = b.op("Reshape", b.gather(merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
-                    dst = b.op("Reshape", b.gather(merge_dst_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
-                    # u's slot reads s * x_v (what the merged weights see) minus its mean.
-                    moved = b.reduce_sum(b.op("Mul", tensor, dst), axis)
-                    lost = b.reduce_sum(b.op("Mul", dst, mean), axis)
-                    x = b.op("Add", x, b.op("Mul", src, b.op("Sub", moved, lost)))
+            mean = (np.zeros(moments.shapes[tensor][axis]) if m is None else m.mean).astype(np.float32)
+            fill = _sparse_fill if sparse and axis in (1, rank - 1) else _dense_fill
+            x = fill(b, tensor, axis, rank, entries, mean, estimates.get(space))
+            if fill is _sparse_fill:
+                sparse_spaces.append([group for group, _, _ in entries])
             for name in consumers[space]:
                 node = nodes_by_name[name]
                 for i, inp in enumerate(node.input):
@@ -200,13 +202,42 @@ class ProbeModel:
         nodes = list(g.node) + b.nodes
         del g.node[:]
         g.node.extend(toposort_nodes(nodes, {i.name for i in g.input} | {t.name for t in g.initializer}))
-        if self.output not in {o.name for o in g.output}:
-            g.output.append(helper.make_empty_tensor_value_info(self.output))
+        return sparse_spaces
+
+    def _sparse_rows(self, masks: dict[str, np.ndarray]) -> bool:
+        """Whether every row is what the sparse form expresses: 0/1 masks, at most one unit
+        removed per space, and a merge only from that unit into at most one other."""
+        removed, merges = {}, {}
+        for group in self.groups:
+            m = masks.get(mask_name(group))
+            src = masks.get(merge_src_name(group))
+            dst = masks.get(merge_dst_name(group))
+            if m is None:
+                if src is not None and np.any(src) or dst is not None and np.any(dst):
+                    return False
+                continue
+            gone = m == 0
+            if not np.all(gone | (m == 1)):
+                return False
+            if src is not None and not (np.all((src == 0) | ((src == 1) & gone))):
+                return False
+            removed[group.id] = gone.sum(axis=1)
+            merges[group.id] = 0 if dst is None else (dst != 0).sum(axis=1)
+        for groups in self.sparse_spaces:
+            if any(np.any(sum(c.get(g.id, 0) for g in groups) > 1) for c in (removed, merges)):
+                return False
+        return True
 
     def run(self, masks: dict[str, np.ndarray]) -> np.ndarray:
-        """Outputs [R, P, O] for R rows of the named mask inputs (missing: no ablation)."""
+        """Outputs [R, P, O] for R rows of the named mask inputs (missing: no ablation), in runs
+        of at most ``max_batch`` samples (rows times probes)."""
         rows = max((len(m) for m in masks.values()), default=1)
-        per_chunk = max(1, self.max_rows // self.probes)
+        run_session = self.session
+        if not self._sparse_rows(masks):
+            if self._dense_session is None:
+                self._dense_session = session(self.dense_model())
+            run_session = self._dense_session
+        per_chunk = max(1, self.max_batch // self.probes)
         results = []
         for start in range(0, rows, per_chunk):
             stop = min(rows, start + per_chunk)
@@ -217,7 +248,7 @@ class ProbeModel:
                     m = masks.get(name)
                     block = np.full((stop - start, group.size), default, np.float32) if m is None else m[start:stop]
                     feeds[name] = np.repeat(block.astype(np.float32), self.probes, axis=0)
-            (y,) = self.session.run([self.output], feeds)
+            (y,) = run_session.run([self.output], feeds)
             self.runs += stop - start
             results.append(y.reshape(stop - start, self.probes, -1).astype(np.float64))
         return np.concatenate(results)
@@ -232,7 +263,7 @@ class ProbeModel:
         from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
 
         model = onnx.ModelProto()
-        model.CopyFrom(self.model)
+        model.CopyFrom(self.dense_model())
         g = model.graph
         names = {mask_name(group) for group in self.groups}
         kept_inputs = [i for i in g.input if i.name not in names]
@@ -267,6 +298,111 @@ class ProbeModel:
 
     def measure(self, masks: dict[str, np.ndarray]) -> Impact:
         return impacts(self.run(masks), self.base)
+
+
+def _dense_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np.ndarray, estimate) -> str:
+    """``x' = x*M + (1-M)*value + S*(sum_c(D*x) - sum_c(D*mean))`` over the whole tensor.
+
+    M is the removal mask; S (one-hot at the removed unit u) and D (the merge scale s at the
+    kept unit v) express "u is merged into v": the consumer weights for v absorb s times
+    u's, which is the same as u's slot reading ``s * x_v + mean_u - s * mean_v``. Merges are
+    expressed where units are single channels; elsewhere (a flattened block) a row
+    measures compensated removal alone.
+
+    ``value`` is the channel mean, or with a least-squares estimate ``(B, mu)`` for the
+    space, ``mu + B (x - mu)``: what the consumers see once the removal is reconstructed from
+    every kept channel (B's row for a unit leaves that unit out). Rows may remove any number
+    of units; the estimate costs a CxC product at every position."""
+    size = len(mean)
+    shape = [-1] + [1] * (axis - 1) + [size] + [1] * (rank - axis - 1)
+    mean_c = b.const(mean.reshape(shape[1:]))
+    value = _estimate(b, tensor, axis, rank, estimate) or mean_c  # what a removed slot reads
+    x = tensor
+    for group, index, single in entries:
+        idx = b.const(index)
+        mask = b.gather(mask_name(group), idx, 1.0)
+        mb = b.op("Reshape", mask, b.const(np.array(shape, np.int64)))
+        kept = b.op("Mul", x, mb)
+        fill = b.op("Sub", value, b.op("Mul", value, mb))
+        x = b.op("Add", kept, fill)
+        if single:
+            src = b.op("Reshape", b.gather(merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
+            dst = b.op("Reshape", b.gather(merge_dst_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
+            # u's slot reads s * x_v (what the merged weights see) minus its mean.
+            moved = b.reduce_sum(b.op("Mul", tensor, dst), axis)
+            lost = b.reduce_sum(b.op("Mul", dst, mean_c), axis)
+            x = b.op("Add", x, b.op("Mul", src, b.op("Sub", moved, lost)))
+    return x
+
+
+def _sparse_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np.ndarray, estimate) -> str:
+    """The same substitution for rows that remove at most one unit of the space (what
+    candidate measurement does), at the cost of that unit's channels only.
+
+    The tensor is viewed as [N, C, S] (channels first) or [N, S, C] (channels last). The
+    removed unit's channels are selected by ``sel`` [N, K, C] (K: the most channels a unit
+    has here; row k one-hot at its k-th channel, zero in rows that remove nothing), their
+    replacement is computed for those K channels alone (``sel B`` is K rows of the estimate,
+    not C), and ``x' = x + sel^T (value - x_sel)`` puts it back. No CxC product per position,
+    and a few passes over the tensor instead of a dozen."""
+    size = len(mean)
+    first = axis == 1 or rank == 2
+    per = np.zeros(size, np.int64)  # each channel's rank among its unit's channels
+    ranks = {}
+    for group, index, _ in entries:
+        for c in np.flatnonzero(index < group.size):
+            u = int(index[c])
+            per[c] = ranks.get((group.id, u), 0)
+            ranks[(group.id, u)] = per[c] + 1
+    width = max(ranks.values(), default=1)
+    onehot = (per[None, :] == np.arange(width)[:, None]).astype(np.float32)  # [K, C]
+    removed = None
+    for group, index, _ in entries:
+        r = b.op("Sub", b.const(np.array(1.0, np.float32)), b.gather(mask_name(group), b.const(index), 1.0))
+        removed = r if removed is None else b.op("Add", removed, r)
+    sel = b.op("Mul", b.op("Reshape", removed, b.const(np.array([0, 1, size], np.int64))), b.const(onehot))
+    sel_t = b.op("Transpose", sel, perm=[0, 2, 1])  # [N, C, K]
+    x3 = b.op("Reshape", tensor, b.const(np.array([0, size, -1] if first else [0, -1, size], np.int64)))
+    if estimate is not None:
+        matrix, mu = estimate
+        bias = (mu - matrix @ mu).astype(np.float32)
+        rows = b.op("MatMul", sel, b.const(matrix.astype(np.float32)))  # [N, K, C]: the estimate's rows
+    else:
+        bias, rows = mean, None
+    if first:  # [N, C, S]
+        picked = b.op("MatMul", sel, x3)                                          # [N, K, S]
+        value = b.op("MatMul", sel, b.const(bias.reshape(size, 1)))               # [N, K, 1]
+        if rows is not None:
+            value = b.op("Add", b.op("MatMul", rows, x3), value)
+    else:  # [N, S, C]
+        picked = b.op("MatMul", x3, sel_t)                                        # [N, S, K]
+        value = b.op("MatMul", b.const(bias.reshape(1, size)), sel_t)             # [N, 1, K]
+        if rows is not None:
+            value = b.op("Add", b.op("MatMul", x3, b.op("Transpose", rows, perm=[0, 2, 1])), value)
+    delta = b.op("Sub", value, picked)
+    single = [group for group, _, one in entries if one]
+    if single:  # u's slot reads s * (x_v - mean_v) more: u merged into v with scale s
+        dst = src = None
+        for group, index, one in entries:
+            if not one:
+                continue
+            d = b.gather(merge_dst_name(group), b.const(index), 0.0)
+            dst = d if dst is None else b.op("Add", dst, d)
+            s = b.reduce_sum(merge_src_name(group), 1)
+            src = s if src is None else b.op("Add", src, s)
+        d3 = b.op("Reshape", dst, b.const(np.array([0, 1, size], np.int64)))      # [N, 1, C]
+        src = b.op("Reshape", src, b.const(np.array([-1, 1, 1], np.int64)))       # [N, 1, 1]
+        lost = b.op("MatMul", d3, b.const(mean.reshape(size, 1)))                 # [N, 1, 1]
+        if first:
+            moved = b.op("MatMul", d3, x3)                                         # [N, 1, S]
+            first_slot = b.const(np.eye(width, 1, dtype=np.float32))              # [K, 1]
+        else:
+            moved = b.op("MatMul", x3, b.op("Transpose", d3, perm=[0, 2, 1]))     # [N, S, 1]
+            first_slot = b.const(np.eye(1, width, dtype=np.float32))              # [1, K]
+        merge = b.op("Mul", src, b.op("Sub", moved, lost))
+        delta = b.op("Add", delta, b.op("Mul", merge, first_slot))
+    back = b.op("MatMul", sel_t, delta) if first else b.op("MatMul", delta, sel)
+    return b.op("Reshape", b.op("Add", x3, back), b.op("Shape", tensor))
 
 
 def _estimate(b: _Nodes, tensor: str, axis: int, rank: int, estimate) -> str | None:

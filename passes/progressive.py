@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 #: Multiply-accumulates a progressive step may spend on probe rows (about a minute on 2 cores);
 #: small models never reach it, resnet50 at 224x224 measures ~75 rows of 4 probes a step.
 ROW_MACS = 1.2e12
+#: Multiply-accumulates per onnxruntime run: a big model's batch streams its activations through
+#: memory, so larger runs are slower per sample (resnet50 at 224x224: 96 ms per sample in runs
+#: of 288, 55 ms in runs of 32); small models still run up to 2048 samples at once.
+RUN_MACS = 1.5e11
 
 
 def _per_saving(score: np.ndarray, saving: np.ndarray | None) -> np.ndarray:
@@ -152,6 +156,7 @@ class Progressive(Method):
         # Large models measure fewer probes and rows per step: about ROW_MACS per step.
         probes = int(np.clip(ROW_MACS / (64 * max(cost.base, 1)), 4, self.probes))
         row_limit = max(len(groups), int(ROW_MACS / (probes * max(cost.base, 1))))
+        run_batch = int(np.clip(RUN_MACS / max(cost.base, 1), probes, 2048))
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
         probe_inputs = analysis.probe_inputs(probes, budget.seed)  # before any weight changes
         # Grouped convolutions need equal removals per block, and --uniform asks for the same
@@ -177,7 +182,7 @@ class Progressive(Method):
                 stats = reconstructor.stats(t, consumer_spaces(*active))
                 estimates, residual = self._estimates(active, plans, stats, removed_atoms(dep, plan, t - 1))
             probe = ProbeModel(analysis.graph, analysis.model, active, analysis.moments, analysis.prior,
-                               analysis.input_shapes, inputs=probe_inputs, estimates=estimates)
+                               analysis.input_shapes, inputs=probe_inputs, estimates=estimates, max_batch=run_batch)
             # Cheap stage: closed-form saliency times the first-order estimate (one backward run).
             taylor = probe.first_order() or {}
             pools = {g.id: self._pool(g, plans[g.id], quota[g.id], norms[g.id] * taylor.get(g.id, 1.0), analysis,

@@ -1,13 +1,18 @@
 """Probes measure exactly what pruning with compensation does, row by row, in one session."""
 
+from pathlib import Path
+
 import nets
 import numpy as np
+import pytest
 
 from onnxprune import prune
 from onnxprune.pipeline import analyse
 from onnxprune.plan import GroupPlan, PruningPlan
 from onnxprune.probes import ProbeModel, impacts, mask_name, merge_dst_name, merge_src_name
 from onnxprune.shapes import session
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def _mlp_probe():
@@ -103,3 +108,53 @@ def test_a_least_squares_probe_row_equals_the_reconstructed_model(monkeypatch):
     # float32 weights against the probe's float32 estimate: equal to about 1e-3
     assert np.linalg.norm(run(plain) - out[0]) < 3e-3 * np.linalg.norm(out[0])
     assert np.linalg.norm(run(pruned) - out[0]) < 0.05 * np.linalg.norm(out[0])
+
+
+def _two_candidates_per_group(groups, rng):
+    """Rows as candidate measurement writes them: one removal, or one merge, per row."""
+    rows = 2 * len(groups)
+    feeds = {}
+    for k, g in enumerate(groups):
+        mask = np.ones((rows, g.size), np.float32)
+        src, dst = np.zeros_like(mask), np.zeros_like(mask)
+        u = int(rng.integers(g.size))
+        mask[2 * k, u] = 0
+        mask[2 * k + 1, u], src[2 * k + 1, u], dst[2 * k + 1, (u + 1) % g.size] = 0, 1, 0.7
+        feeds.update({mask_name(g): mask, merge_src_name(g): src, merge_dst_name(g): dst})
+    return feeds
+
+
+@pytest.mark.parametrize("source", ["resnet", "vit", "light_squeezenet"])
+def test_single_unit_rows_run_the_sparse_form_and_equal_the_dense_one(source):
+    """Candidate rows (one unit removed or merged per row) run the sparse form, channels first
+    (conv maps, concat spaces, opset 9) and last (tokens, multi-channel heads), with the
+    least-squares estimate; rows it cannot express fall back to the dense form."""
+    from onnxprune.passes.progressive import Progressive
+    from onnxprune.passes.reconstruct import consumer_spaces
+
+    from onnxprune.probes import probeable
+
+    if source.startswith("light_"):
+        from light_models import materialise
+        analysis = analyse(materialise(source[len("light_"):]))
+    else:
+        analysis = analyse(MODELS / f"{source}.onnx", input_range=(0.0, 1.0))
+    groups = [g for g in analysis.dep.prunable_groups() if probeable(g, analysis.shapes)]
+    stats = analysis.statistics(consumer_spaces(*groups), seed=0)
+    plans = {g.id: GroupPlan(g.id, g.name, g.size, []) for g in groups}
+    estimates, _ = Progressive._estimates(groups, plans, stats, {})
+    probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
+                       analysis.input_shapes, probes=2, seed=0, estimates=estimates)
+    assert probe.sparse_spaces
+    feeds = _two_candidates_per_group(groups, np.random.default_rng(0))
+    assert probe._sparse_rows(feeds)
+    sparse = probe.run(feeds)
+    # One more row removing two units of the first group: the whole run goes dense.
+    mixed = {name: np.concatenate([m, np.ones_like(m[:1]) if "mask" in name else np.zeros_like(m[:1])])
+             for name, m in feeds.items()}
+    mixed[mask_name(groups[0])][-1, :2] = 0
+    assert not probe._sparse_rows(mixed)
+    dense = probe.run(mixed)
+    scale = np.abs(dense).max()
+    np.testing.assert_allclose(sparse, dense[:-1], atol=1e-5 * scale, rtol=1e-4)
+    assert np.abs(dense[-1] - probe.base).max() > 0
