@@ -380,8 +380,7 @@ def _sparse_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np
         if rows is not None:
             value = b.op("Add", b.op("MatMul", x3, b.op("Transpose", rows, perm=[0, 2, 1])), value)
     delta = b.op("Sub", value, picked)
-    single = [group for group, _, one in entries if one]
-    if single:  # u's slot reads s * (x_v - mean_v) more: u merged into v with scale s
+    if any(one for _, _, one in entries):  # u's slot reads s * (x_v - mean_v) more: u merged into v with scale s
         dst = src = None
         for group, index, one in entries:
             if not one:
