@@ -191,7 +191,8 @@ class ProbeModel:
             m = moments.get(tensor, axis)
             mean = (np.zeros(moments.shapes[tensor][axis]) if m is None else m.mean).astype(np.float32)
             fill = _sparse_fill if sparse and axis in (1, rank - 1) else _dense_fill
-            x = fill(b, tensor, axis, rank, entries, mean, estimates.get(space))
+            estimate = estimates.get(space) if _estimable(axis, rank) else None  # both forms alike
+            x = fill(b, tensor, axis, rank, entries, mean, estimate)
             if fill is _sparse_fill:
                 sparse_spaces.append([group for group, _, _ in entries])
             for name in consumers[space]:
@@ -223,6 +224,12 @@ class ProbeModel:
                 return False
             removed[group.id] = gone.sum(axis=1)
             merges[group.id] = 0 if dst is None else (dst != 0).sum(axis=1)
+            # The sparse form adds merges up over a space's groups; the dense one pairs a
+            # group's src with its own dst only: a dst needs its group's src.
+            if dst is not None:
+                sourced = np.zeros(len(dst), bool) if src is None else np.any(src == 1, axis=1)
+                if np.any((merges[group.id] > 0) & ~sourced):
+                    return False
         for groups in self.sparse_spaces:
             if any(np.any(sum(c.get(g.id, 0) for g in groups) > 1) for c in (removed, merges)):
                 return False
@@ -315,7 +322,8 @@ def _dense_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np.
     of units; the estimate costs a CxC product at every position."""
     size = len(mean)
     shape = [-1] + [1] * (axis - 1) + [size] + [1] * (rank - axis - 1)
-    mean_c = b.const(mean.reshape(shape[1:]))
+    needs_mean = estimate is None or not _estimable(axis, rank) or any(single for _, _, single in entries)
+    mean_c = b.const(mean.reshape(shape[1:])) if needs_mean else None
     value = _estimate(b, tensor, axis, rank, estimate) or mean_c  # what a removed slot reads
     x = tensor
     for group, index, single in entries:
@@ -363,7 +371,7 @@ def _sparse_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np
     sel = b.op("Mul", b.op("Reshape", removed, b.const(np.array([0, 1, size], np.int64))), b.const(onehot))
     sel_t = b.op("Transpose", sel, perm=[0, 2, 1])  # [N, C, K]
     x3 = b.op("Reshape", tensor, b.const(np.array([0, size, -1] if first else [0, -1, size], np.int64)))
-    if estimate is not None:
+    if estimate is not None and _estimable(axis, rank):  # as the dense form, else the mean
         matrix, mu = estimate
         bias = (mu - matrix @ mu).astype(np.float32)
         rows = b.op("MatMul", sel, b.const(matrix.astype(np.float32)))  # [N, K, C]: the estimate's rows
@@ -404,10 +412,16 @@ def _sparse_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np
     return b.op("Reshape", b.op("Add", x3, back), b.op("Shape", tensor))
 
 
+def _estimable(axis: int, rank: int) -> bool:
+    """Whether a least-squares estimate can be applied over this channel axis in the graph:
+    channels last (a MatMul), or channels first of a 1-3D feature map (a 1x1 convolution)."""
+    return axis == rank - 1 or (axis == 1 and rank in (3, 4, 5))
+
+
 def _estimate(b: _Nodes, tensor: str, axis: int, rank: int, estimate) -> str | None:
     """``mu + B (x - mu)`` over the channel axis: a 1x1 convolution for channels-first
     feature maps, a MatMul for channels-last; None where neither fits (mean fill)."""
-    if estimate is None:
+    if estimate is None or not _estimable(axis, rank):
         return None
     matrix, mu = estimate
     bias = (mu - matrix @ mu).astype(np.float32)

@@ -154,9 +154,10 @@ class Progressive(Method):
         norms = {g.id: _consumer_weight_norms(g) for g in groups}
         removed, rows_measured = 0, 0
         # Large models measure fewer probes and rows per step: about ROW_MACS per step.
-        probes = int(np.clip(ROW_MACS / (64 * max(cost.base, 1)), 4, self.probes))
-        row_limit = max(len(groups), int(ROW_MACS / (probes * max(cost.base, 1))))
-        run_batch = int(np.clip(RUN_MACS / max(cost.base, 1), probes, 2048))
+        per_sample = max(cost.base / max(batch, 1), 1)  # a probe input is one item of the analysed batch
+        probes = int(np.clip(ROW_MACS / (64 * per_sample), 4, self.probes))
+        row_limit = max(len(groups), int(ROW_MACS / (probes * per_sample)))
+        run_batch = int(np.clip(RUN_MACS / per_sample, probes, 2048))
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
         probe_inputs = analysis.probe_inputs(probes, budget.seed)  # before any weight changes
         # Grouped convolutions need equal removals per block, and --uniform asks for the same

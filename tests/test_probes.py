@@ -154,6 +154,9 @@ def test_single_unit_rows_run_the_sparse_form_and_equal_the_dense_one(source):
              for name, m in feeds.items()}
     mixed[mask_name(groups[0])][-1, :2] = 0
     assert not probe._sparse_rows(mixed)
+    stray = {name: m.copy() for name, m in feeds.items()}
+    stray[merge_src_name(groups[0])][1] = 0  # a merge target without its group's source
+    assert not probe._sparse_rows(stray)
     dense = probe.run(mixed)
     scale = np.abs(dense).max()
     np.testing.assert_allclose(sparse, dense[:-1], atol=1e-5 * scale, rtol=1e-4)
