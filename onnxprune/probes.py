@@ -191,7 +191,8 @@ class ProbeModel:
             m = moments.get(tensor, axis)
             mean = (np.zeros(moments.shapes[tensor][axis]) if m is None else m.mean).astype(np.float32)
             fill = _sparse_fill if sparse and axis in (1, rank - 1) else _dense_fill
-            estimate = estimates.get(space) if _estimable(axis, rank) else None  # both forms alike
+            # Both forms take the estimate where the graph can apply it, else the mean.
+            estimate = estimates.get(space) if _estimable(axis, rank) else None
             x = fill(b, tensor, axis, rank, entries, mean, estimate)
             if fill is _sparse_fill:
                 sparse_spaces.append([group for group, _, _ in entries])
@@ -318,11 +319,12 @@ def _dense_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np.
 
     ``value`` is the channel mean, or with a least-squares estimate ``(B, mu)`` for the
     space, ``mu + B (x - mu)``: what the consumers see once the removal is reconstructed from
-    every kept channel (B's row for a unit leaves that unit out). Rows may remove any number
-    of units; the estimate costs a CxC product at every position."""
+    every kept channel (B's row for a unit leaves that unit out), given only where
+    :func:`_estimable`. Rows may remove any number of units; the estimate costs a CxC product
+    at every position."""
     size = len(mean)
     shape = [-1] + [1] * (axis - 1) + [size] + [1] * (rank - axis - 1)
-    needs_mean = estimate is None or not _estimable(axis, rank) or any(single for _, _, single in entries)
+    needs_mean = estimate is None or any(single for _, _, single in entries)
     mean_c = b.const(mean.reshape(shape[1:])) if needs_mean else None
     value = _estimate(b, tensor, axis, rank, estimate) or mean_c  # what a removed slot reads
     x = tensor
@@ -351,8 +353,8 @@ def _sparse_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np
     removed unit's channels are selected by ``sel`` [N, K, C] (K: the most channels a unit
     has here; row k one-hot at its k-th channel, zero in rows that remove nothing), their
     replacement is computed for those K channels alone (``sel B`` is K rows of the estimate,
-    not C), and ``x' = x + sel^T (value - x_sel)`` puts it back. No CxC product per position,
-    and a few passes over the tensor instead of a dozen."""
+    not C; given only where :func:`_estimable`), and ``x' = x + sel^T (value - x_sel)`` puts
+    it back. No CxC product per position, and a few passes over the tensor instead of a dozen."""
     size = len(mean)
     first = axis == 1 or rank == 2
     per = np.zeros(size, np.int64)  # each channel's rank among its unit's channels
@@ -371,7 +373,7 @@ def _sparse_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np
     sel = b.op("Mul", b.op("Reshape", removed, b.const(np.array([0, 1, size], np.int64))), b.const(onehot))
     sel_t = b.op("Transpose", sel, perm=[0, 2, 1])  # [N, C, K]
     x3 = b.op("Reshape", tensor, b.const(np.array([0, size, -1] if first else [0, -1, size], np.int64)))
-    if estimate is not None and _estimable(axis, rank):  # as the dense form, else the mean
+    if estimate is not None:
         matrix, mu = estimate
         bias = (mu - matrix @ mu).astype(np.float32)
         rows = b.op("MatMul", sel, b.const(matrix.astype(np.float32)))  # [N, K, C]: the estimate's rows
@@ -419,18 +421,16 @@ def _estimable(axis: int, rank: int) -> bool:
 
 
 def _estimate(b: _Nodes, tensor: str, axis: int, rank: int, estimate) -> str | None:
-    """``mu + B (x - mu)`` over the channel axis: a 1x1 convolution for channels-first
-    feature maps, a MatMul for channels-last; None where neither fits (mean fill)."""
-    if estimate is None or not _estimable(axis, rank):
+    """``mu + B (x - mu)`` over the channel axis (where :func:`_estimable`): a MatMul for
+    channels-last, a 1x1 convolution for channels-first feature maps; None without one."""
+    if estimate is None:
         return None
     matrix, mu = estimate
     bias = (mu - matrix @ mu).astype(np.float32)
     if axis == rank - 1:
         return b.op("Add", b.op("MatMul", tensor, b.const(matrix.T.astype(np.float32))), b.const(bias))
-    if axis == 1 and rank in (3, 4, 5):
-        kernel = matrix.astype(np.float32).reshape(*matrix.shape, *([1] * (rank - 2)))
-        return b.op("Conv", tensor, b.const(kernel), b.const(bias))
-    return None
+    kernel = matrix.astype(np.float32).reshape(*matrix.shape, *([1] * (rank - 2)))
+    return b.op("Conv", tensor, b.const(kernel), b.const(bias))
 
 
 def probeable(group: ChannelGroup, shapes: dict, batch: int = 1) -> bool:
