@@ -29,7 +29,7 @@ VARIANTS = ["magnitude", "random", "paoding", "srdfp", "magnitude-raw", "magnitu
 
 def fingerprints(models: list[str], ratios: list[float], variants: list[str], exporter: str) -> dict[str, str]:
     from onnxprune import prune  # imported here so that --compare needs no onnxprune
-    from onnxprune.model_io import load_model
+    from onnxprune.ir import load_model
 
     manifest = json.loads((MODELS / "manifest.json").read_text())
     out = {}

@@ -28,7 +28,7 @@ from rich.table import Table
 from onnxprune import prune
 from onnxprune.evaluate import evaluate, load_npz
 from onnxprune.fidelity import latency_ratio
-from onnxprune.model_io import load_model
+from onnxprune.ir import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

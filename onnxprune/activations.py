@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.shapes import session
+from onnxprune.ir import make_batch_dynamic, session, to_model
 
 #: Ridge, relative to the mean channel variance of the tensor.
 RIDGE = 1e-2
@@ -135,9 +135,6 @@ def measure(graph: gs.Graph, template: onnx.ModelProto, inputs: dict[str, np.nda
     """Means and covariances of the channels of each ``(tensor, axis)`` on ``inputs``, with a
     ridge per tensor chosen by two-fold cross-validation (alternate chunks of inputs), unless
     ``ridges`` has it already; new choices are added to ``ridges``."""
-    from onnxprune.pipeline import _to_model
-    from onnxprune.probes import make_batch_dynamic
-
     if not spaces:
         return {}
     g = graph.copy()
@@ -146,7 +143,7 @@ def measure(graph: gs.Graph, template: onnx.ModelProto, inputs: dict[str, np.nda
     g.outputs = [tensors[n] for n in names]
     for t in g.outputs:
         t.dtype = t.dtype or np.float32
-    model = _to_model(g, template)
+    model = to_model(g, template)
     make_batch_dynamic(model)  # the inputs come in chunks
     sess = session(model)
     count = len(next(iter(inputs.values())))

@@ -20,11 +20,10 @@ from rich.table import Table
 
 from onnxprune import __version__
 from onnxprune.errors import FidelityError, OnnxPruneError, UserError
-from onnxprune.model_io import load_model_info, save_model
+from onnxprune.ir import load_model_info, parse_input_shapes, save_model
 from onnxprune.passes.methods import METHODS
 from onnxprune.pipeline import PruneReport, analyse, prune
 from onnxprune.plan import PruningPlan
-from onnxprune.shapes import parse_input_shapes
 
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 out = Console()

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.shapes import Shape, random_inputs, session
+from onnxprune.ir import Shape, random_inputs, session
 
 
 @dataclass

@@ -12,15 +12,27 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxprune.activations import ChannelStats
 from onnxprune.activations import measure as measure_stats
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import FidelityError, InternalError, UserError
 from onnxprune.fidelity import Fidelity, measure_fidelity
-from onnxprune.metrics import ModelStats, count_macs, model_stats
-from onnxprune.model_io import load_model
+from onnxprune.ir import (
+    ModelStats,
+    Shape,
+    check_model,
+    concrete_input_shapes,
+    count_macs,
+    graph_inputs,
+    import_graph,
+    load_model,
+    model_stats,
+    resolve_shapes,
+    signature,
+    skeleton,
+    to_model,
+)
 from onnxprune.pass_infra import PassManager
 from onnxprune.passes.lower import DedupeConstants, lowering_passes
 from onnxprune.passes.methods import METHODS, Budget, Progress
@@ -28,7 +40,6 @@ from onnxprune.passes.reconstruct import Reconstructor, consumer_spaces
 from onnxprune.plan import PruningPlan
 from onnxprune.priors import InputPrior, MomentPropagation, infer_input_prior
 from onnxprune.rewrite import apply_plan
-from onnxprune.shapes import Shape, concrete_input_shapes, graph_inputs, resolve_shapes, skeleton
 from onnxprune.synthesis import distill
 
 logger = logging.getLogger(__name__)
@@ -77,7 +88,7 @@ class Analysis:
                 distilled = None
                 if len(graph_inputs(self.model)) == 1:
                     steps = int(np.clip(2e11 / (3 * self.macs * count), 20, 150))
-                    distilled = distill(_to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
+                    distilled = distill(to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
                 inputs[value.name] = (prior.sample(shape, rng) if distilled is None else distilled).astype(dtype)
             self._probe_inputs[count, seed] = inputs
         return self._probe_inputs[count, seed]
@@ -125,32 +136,13 @@ class PruneReport:
         return asdict(self)
 
 
-_MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
-
-
-def _to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` with the template's opsets, functions and metadata (not its weights)."""
-    model = onnx.ModelProto()
-    model.graph.CopyFrom(OnnxExporter.export_graph(graph, do_type_check=False))
-    for name in _MODEL_FIELDS:
-        setattr(model, name, getattr(template, name))
-    model.opset_import.extend(template.opset_import)
-    model.metadata_props.extend(template.metadata_props)
-    model.functions.extend(template.functions)
-    model.ir_version = max(template.ir_version, 4)  # initializers no longer listed as inputs
-    return model
-
-
 def analyse(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, Shape] | None = None,
             options: dict | None = None, input_range: tuple[float, float] | None = None) -> Analysis:
     """Lower a model and build its channel dependency graph."""
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
     shapes_in = concrete_input_shapes(model, input_shapes or {})
-    try:
-        graph = gs.import_onnx(model)
-    except Exception as exc:
-        raise UserError(f"cannot read the model's graph: {exc}") from None
+    graph = import_graph(model)
     graph = PassManager(lowering_passes()).call(graph).graph
     graph.cleanup().toposort()
     shapes = resolve_shapes(skeleton(graph, model), shapes_in)
@@ -161,10 +153,6 @@ def analyse(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, 
 
 
 def _check_signature(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
-    def signature(m):
-        return [(v.name, v.type.tensor_type.elem_type,
-                 [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim])
-                for v in list(graph_inputs(m)) + list(m.graph.output)]
     if signature(original) != signature(pruned):
         raise InternalError(f"the pruned model's signature changed: {signature(original)} -> {signature(pruned)}")
 
@@ -217,14 +205,11 @@ def prune(model: onnx.ModelProto | str | os.PathLike, ratio: float = 0.4, *, met
     t0 = time.perf_counter()
     graph = apply_plan(analysis.graph, analysis.dep, plan)
     graph = DedupeConstants().call(graph).graph
-    pruned = _to_model(graph, original)
+    pruned = to_model(graph, original)
     timings["rewrite"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    try:
-        onnx.checker.check_model(pruned)
-    except onnx.checker.ValidationError as exc:
-        raise InternalError(f"the pruned model fails onnx.checker (a bug): {str(exc).splitlines()[0]}") from None
+    check_model(pruned)
     _check_signature(original, pruned)
     try:
         fidelity = measure_fidelity(original, pruned, analysis.input_shapes, max(check, 1), seed, analysis.prior)

@@ -23,8 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
+from onnxprune.ir import graph_inputs, make_batch_dynamic, session, to_model, toposort_nodes
 from onnxprune.priors import InputPrior, MomentPropagation
-from onnxprune.shapes import graph_inputs, session
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,8 @@ class ProbeModel:
         self.base = self.run({})[0]
 
     def _masked(self, sparse: bool) -> onnx.ModelProto:
-        from onnxprune.pipeline import _to_model
         graph, template, moments, estimates = self._source
-        model = _to_model(graph.copy(), template)
+        model = to_model(graph.copy(), template)
         output = _probe_output(model)
         spaces = self._add_masks(model, moments, estimates, sparse)
         if sparse:
@@ -457,38 +456,3 @@ def _probe_output(model: onnx.ModelProto) -> str:
         if name in node.output and node.op_type in ("Softmax", "LogSoftmax"):
             return node.input[0]
     return name
-
-
-def make_batch_dynamic(model: onnx.ModelProto) -> None:
-    """Probes stack ablations on the batch axis: a fixed batch of 1 becomes symbolic, and
-    Reshape targets that hard-code it copy it instead."""
-    for value in list(graph_inputs(model)) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
-            dims[0].dim_param = "N"
-    del model.graph.value_info[:]
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Reshape" and node.input[1] in inits:
-            shape = numpy_helper.to_array(inits[node.input[1]])
-            if shape.size and shape[0] == 1:
-                fixed = shape.copy()
-                fixed[0] = 0 if -1 in shape[1:] else -1
-                inits[node.input[1]].CopyFrom(numpy_helper.from_array(fixed, node.input[1]))
-
-
-def toposort_nodes(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeProto]:
-    ready = set(ready) | {""}
-    pending, ordered = list(nodes), []
-    while pending:
-        progressed = []
-        for node in pending:
-            if all(i in ready for i in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                progressed.append(node)
-        if len(progressed) == len(pending):
-            raise RuntimeError("probe model has a cycle")
-        pending = progressed
-    return ordered

@@ -18,8 +18,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
+from onnxprune.ir import graph_inputs, make_batch_dynamic, session
 from onnxprune.priors import InputPrior
-from onnxprune.shapes import graph_inputs, session
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,6 @@ def distill(model: onnx.ModelProto, shape: tuple[int, ...], prior: InputPrior, r
     the model has no BatchNorm to match (or no gradient graph can be built)."""
     if len(shape) != 4:
         return None
-    from onnxprune.probes import make_batch_dynamic
-
     batched = onnx.ModelProto()
     batched.CopyFrom(model)
     make_batch_dynamic(batched)

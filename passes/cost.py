@@ -12,7 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
-from onnxprune.metrics import node_macs
+from onnxprune.ir import node_macs
 
 
 class MacModel:

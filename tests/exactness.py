@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 
 from onnxprune.coupling import CONSUMER
-from onnxprune.pipeline import _to_model, analyse, prune
+from onnxprune.ir import random_inputs, session, to_model
+from onnxprune.pipeline import analyse, prune
 from onnxprune.plan import GroupPlan, PruningPlan
-from onnxprune.shapes import random_inputs, session
 
 
 def zero_consumers(model: onnx.ModelProto, group_id: int, units: list[int], input_shapes=None,
@@ -39,7 +39,7 @@ def zero_consumers(model: onnx.ModelProto, group_id: int, units: list[int], inpu
                 index[p.axis] = idx
                 values[tuple(index)] = 0
             p.tensor.values = values
-    return _to_model(analysis.graph, analysis.model)
+    return to_model(analysis.graph, analysis.model)
 
 
 def prune_units(model: onnx.ModelProto, group_id: int, units: list[int], input_shapes=None,

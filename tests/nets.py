@@ -13,8 +13,11 @@ import onnx
 import onnx.parser
 from onnx import helper, numpy_helper
 
-from onnxprune.pipeline import _to_model, analyse  # noqa: F401  (re-exported for tests)
-from onnxprune.probes import toposort_nodes
+from onnxprune.ir import (
+    to_model,  # noqa: F401  (re-exported for tests)
+    toposort_nodes,
+)
+from onnxprune.pipeline import analyse  # noqa: F401
 
 HEADER = '<ir_version: 8, opset_import: ["" : {opset}]>\n'
 

@@ -6,9 +6,9 @@ import pytest
 
 from onnxprune import prune
 from onnxprune.activations import RIDGE, RIDGE_GRID, ChannelStats, cross_validated_ridge, measure
+from onnxprune.ir import session
 from onnxprune.pipeline import analyse
 from onnxprune.plan import GroupPlan, PruningPlan
-from onnxprune.shapes import session
 
 
 def _stats(seed=0, n=6):

@@ -144,7 +144,7 @@ def test_dynamic_dims_with_input_shape_keep_them_dynamic(capsys, tmp_path):
     assert code == 0, stderr
     import numpy as np
 
-    from onnxprune.shapes import session
+    from onnxprune.ir import session
     pruned = onnx.load(str(out))
     assert [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim] == ["N", "", "H", "W"]
     (y,) = session(pruned).run(None, {"x": np.ones((3, 3, 16, 16), np.float32)})

@@ -7,8 +7,8 @@ import onnx
 from onnx import helper
 
 from onnxprune.intervals import DeviationIntervals, width_and_entropy
+from onnxprune.ir import session
 from onnxprune.pipeline import analyse
-from onnxprune.shapes import session
 
 
 def _with_deviation(model: onnx.ModelProto, tensor: str, shape) -> onnx.ModelProto:

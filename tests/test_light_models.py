@@ -5,7 +5,7 @@ import pytest
 from light_models import LIGHT_MODELS, materialise
 
 from onnxprune import prune
-from onnxprune.shapes import graph_inputs, random_inputs, session
+from onnxprune.ir import graph_inputs, random_inputs, session
 
 
 def _signature(model):

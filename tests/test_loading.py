@@ -11,9 +11,8 @@ from exactness import assert_exact
 from onnx import helper, numpy_helper
 
 from onnxprune import prune
-from onnxprune.model_io import load_model_info, save_model
+from onnxprune.ir import load_model_info, random_inputs, save_model, session
 from onnxprune.pipeline import analyse
-from onnxprune.shapes import random_inputs, session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

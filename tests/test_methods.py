@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from onnxprune import prune
+from onnxprune.ir import session
 from onnxprune.plan import PruningPlan
-from onnxprune.shapes import session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

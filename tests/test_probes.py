@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from onnxprune import prune
+from onnxprune.ir import session
 from onnxprune.pipeline import analyse
 from onnxprune.plan import GroupPlan, PruningPlan
 from onnxprune.probes import ProbeModel, impacts, mask_name, merge_dst_name, merge_src_name
-from onnxprune.shapes import session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

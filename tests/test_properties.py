@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnxprune import prune
+from onnxprune.ir import random_inputs, session
 from onnxprune.pipeline import analyse
-from onnxprune.shapes import random_inputs, session
 
 
 @st.composite

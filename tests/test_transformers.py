@@ -17,9 +17,9 @@ from exactness import assert_exact, zero_consumers
 
 from onnxprune.coupling import rule_for
 from onnxprune.fidelity import compare_outputs
-from onnxprune.pipeline import _to_model, analyse, prune
+from onnxprune.ir import random_inputs, session, to_model
+from onnxprune.pipeline import analyse, prune
 from onnxprune.plan import GroupPlan, PruningPlan
-from onnxprune.shapes import random_inputs, session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 TOKENS = {"input_ids": (1, 16), "attention_mask": (1, 16)}
@@ -65,7 +65,7 @@ def zero_everywhere(analysis, group, units) -> tuple[onnx.ModelProto, dict[str, 
         values[tuple(index)] = 0
         p.tensor.values = values
         expected[p.tensor.name] = tuple(d - len(lost) if a == p.axis else d for a, d in enumerate(values.shape))
-    return _to_model(analysis.graph, analysis.model), expected
+    return to_model(analysis.graph, analysis.model), expected
 
 
 def prune_plan(model, group, units, shapes, options):

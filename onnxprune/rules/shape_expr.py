@@ -25,6 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, Coupling, OpRule, RuleContext, blocked, register
+from onnxprune.ir import resolve_shapes, skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def dynamic_axes(ctx: RuleContext) -> dict[str, set[int]] | None:
     analysis), or None when the second resolution failed (then every read counts as dynamic)."""
     if ctx in _DYNAMIC:
         return _DYNAMIC[ctx]
-    from onnxprune.shapes import resolve_shapes, skeleton  # the analysis imports rules: import late
 
     result: dict[str, set[int]] | None = None
     wanted = {n.inputs[0].name for n in ctx.graph.nodes if n.op == "Shape" and n.inputs}

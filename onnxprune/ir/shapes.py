@@ -14,12 +14,12 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxprune.errors import UserError
+from onnxprune.ir.runtime import session
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +101,6 @@ def random_inputs(model: onnx.ModelProto, shapes: dict[str, Shape], rng: np.rand
         else:
             feeds[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
     return feeds
-
-
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 _SKELETON_MAX = 4096

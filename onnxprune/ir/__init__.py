@@ -1,0 +1,41 @@
+"""The protobuf boundary: everything that reads, writes, exports or runs a ModelProto.
+
+The rest of onnxprune works on graphsurgeon graphs and numpy arrays and reaches onnx and
+onnxruntime only through the names exported here (``make lint`` enforces it).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from onnxprune.ir.export import (
+    check_model,
+    copy_model,
+    import_graph,
+    make_batch_dynamic,
+    signature,
+    to_model,
+    toposort_nodes,
+)
+from onnxprune.ir.io import load_model, load_model_info, save_model
+from onnxprune.ir.runtime import session
+from onnxprune.ir.shapes import (
+    Shape,
+    concrete_input_shapes,
+    graph_inputs,
+    parse_input_shapes,
+    random_inputs,
+    resolve_shapes,
+    skeleton,
+)
+from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
+
+#: A model as onnx holds it; modules outside ``ir`` name the type through this alias.
+Model = onnx.ModelProto
+
+__all__ = [
+    "Model", "ModelStats", "Shape", "check_model", "concrete_input_shapes", "copy_model", "count_macs",
+    "graph_inputs", "import_graph", "load_model", "load_model_info", "make_batch_dynamic", "model_stats",
+    "node_macs", "parse_input_shapes", "random_inputs", "resolve_shapes", "save_model", "session", "signature",
+    "skeleton", "to_model", "toposort_nodes",
+]

@@ -1,0 +1,92 @@
+"""Between graphsurgeon graphs and ModelProtos: export, import, batch-dynamic copies, checks."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from onnxprune.errors import InternalError, UserError
+from onnxprune.ir.shapes import graph_inputs
+
+_MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` with the template's opsets, functions and metadata (not its weights)."""
+    model = onnx.ModelProto()
+    model.graph.CopyFrom(OnnxExporter.export_graph(graph, do_type_check=False))
+    for name in _MODEL_FIELDS:
+        setattr(model, name, getattr(template, name))
+    model.opset_import.extend(template.opset_import)
+    model.metadata_props.extend(template.metadata_props)
+    model.functions.extend(template.functions)
+    model.ir_version = max(template.ir_version, 4)  # initializers no longer listed as inputs
+    return model
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The model's graph as graphsurgeon sees it, or a UserError that says why not."""
+    try:
+        return gs.import_onnx(model)
+    except Exception as exc:
+        raise UserError(f"cannot read the model's graph: {exc}") from None
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def make_batch_dynamic(model: onnx.ModelProto) -> None:
+    """Probes stack ablations on the batch axis: a fixed batch of 1 becomes symbolic, and
+    Reshape targets that hard-code it copy it instead."""
+    for value in list(graph_inputs(model)) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].dim_param = "N"
+    del model.graph.value_info[:]
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in inits:
+            shape = numpy_helper.to_array(inits[node.input[1]])
+            if shape.size and shape[0] == 1:
+                fixed = shape.copy()
+                fixed[0] = 0 if -1 in shape[1:] else -1
+                inits[node.input[1]].CopyFrom(numpy_helper.from_array(fixed, node.input[1]))
+
+
+def toposort_nodes(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every input is ready before it is read (``ready`` holds the
+    names available from the start: graph inputs, initializers)."""
+    ready = set(ready) | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        progressed = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                progressed.append(node)
+        if len(progressed) == len(pending):
+            raise RuntimeError("the nodes have a cycle")
+        pending = progressed
+    return ordered
+
+
+def signature(model: onnx.ModelProto) -> list[tuple]:
+    """Names, element types and static dimensions of the model's inputs and outputs."""
+    return [(v.name, v.type.tensor_type.elem_type,
+             [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim])
+            for v in list(graph_inputs(model)) + list(model.graph.output)]
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker on a pruned model: a failure is our bug."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise InternalError(f"the pruned model fails onnx.checker (a bug): {str(exc).splitlines()[0]}") from None
