@@ -20,7 +20,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from light_models import LIGHT_MODELS, materialise  # noqa: E402
-from onnxprune.passes.methods import METHODS  # noqa: E402
+from onnxprune.passes.registry import METHODS  # noqa: E402
 
 from onnxprune import prune  # noqa: E402
 from onnxprune.fidelity import latency_ratio  # noqa: E402

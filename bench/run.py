@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from onnxprune.passes.methods import METHODS
+from onnxprune.passes.registry import METHODS
 from rich.console import Console
 from rich.table import Table
 

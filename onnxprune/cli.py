@@ -21,7 +21,7 @@ from rich.table import Table
 from onnxprune import __version__
 from onnxprune.errors import FidelityError, OnnxPruneError, UserError
 from onnxprune.ir import load_model_info, parse_input_shapes, save_model
-from onnxprune.passes.methods import METHODS
+from onnxprune.passes.registry import METHODS
 from onnxprune.pipeline import PruneReport, analyse, prune
 from onnxprune.plan import PruningPlan
 

@@ -109,6 +109,9 @@ class RuleContext:
         self.shapes = shapes
         self.options = options or {}
         self.graph_outputs = {t.name for t in graph.outputs}
+        #: What rules learnt about the graph as analysed (by rewrite time other rules may have
+        #: edited it), per kind: a copy of the context carries it along.
+        self.memo: dict[str, dict] = {}
 
     def shape(self, tensor: gs.Tensor) -> tuple[int, ...] | None:
         if isinstance(tensor, gs.Constant):

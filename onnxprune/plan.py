@@ -6,8 +6,10 @@ Plans are produced by methods, saved as JSON, inspected, and re-applied to the s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import numpy as np
 
 from onnxprune.errors import UserError
 
@@ -40,6 +42,27 @@ class GroupPlan:
 
 
 @dataclass
+class Corrections:
+    """What reconstruction changes in the kept weights, as data: new values for constants of
+    the analysed graph (by tensor name: consumer weights, biases, BatchNorm variances) and
+    biases for nodes that had none (by node name). The analysed graph never changes; views of
+    it and the rewriter apply these."""
+
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    biases: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def read(self, tensor) -> np.ndarray:
+        """The constant's values as corrected so far."""
+        return self.values[tensor.name] if tensor.name in self.values else np.asarray(tensor.values)
+
+    def write(self, tensor, values: np.ndarray) -> None:
+        self.values[tensor.name] = values
+
+    def __bool__(self) -> bool:
+        return bool(self.values or self.biases)
+
+
+@dataclass
 class PruningPlan:
     method: str
     ratio: float
@@ -52,13 +75,22 @@ class PruningPlan:
     #: How: "pair" (each removed unit merged into its ``merge_into`` unit, Srinivas & Babu) or
     #: "least-squares" (into every kept channel, fitted on synthetic inputs at each step).
     reconstruction: str = "pair"
+    #: The compensation, when the method computed it while planning (progressive methods
+    #: measure on it); None: computed from the entries above by the reconstruct pass. Not
+    #: saved: a replayed plan recomputes the same numbers from its entries.
+    corrections: Corrections | None = field(default=None, repr=False, compare=False)
 
     @property
     def removed_units(self) -> int:
         return sum(len(g.remove) for g in self.groups)
 
+    def to_dict(self) -> dict:
+        """The plan as saved: every field but the computed corrections."""
+        return {f.name: (getattr(self, f.name) if f.name != "groups" else [asdict(g) for g in self.groups])
+                for f in fields(self) if f.name != "corrections"}
+
     def to_json(self) -> str:
-        return json.dumps({"version": PLAN_VERSION, **asdict(self)}, indent=1)
+        return json.dumps({"version": PLAN_VERSION, **self.to_dict()}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> PruningPlan:

@@ -81,7 +81,7 @@ class Impact:
     """Per ablation row: how far the output layer moved from the unablated model."""
 
     rel_l2: np.ndarray    # mean ||y - y0|| / ||y0||
-    cosine: np.ndarray    # mean 1 - cos(y, y0)
+    cosine_distance: np.ndarray  # mean 1 - cos(y, y0)
     top1: np.ndarray      # share of probes whose arg-max changed
     margin: np.ndarray    # mean drop of (top-1 logit - runner-up logit), baseline classes
     # Robustness view of the deviation (SRDFP): per output unit, the interval of y - y0 over
@@ -122,6 +122,7 @@ class ProbeModel:
                  estimates: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None):
         batch = next(iter(input_shapes.values()))[0] if input_shapes else 1
         self.groups = [g for g in groups if probeable(g, moments.shapes, batch)]
+        self.graph = graph  # the graph probed, weights as corrected so far
         self._source = (graph, template, moments, estimates or {})
         self.model = self._masked(sparse=True)
         self.output = _probe_output(self.model)
@@ -205,7 +206,7 @@ class ProbeModel:
         g.node.extend(toposort_nodes(nodes, {i.name for i in g.input} | {t.name for t in g.initializer}))
         return sparse_spaces
 
-    def _sparse_rows(self, masks: dict[str, np.ndarray]) -> bool:
+    def sparse_expresses(self, masks: dict[str, np.ndarray]) -> bool:
         """Whether every row is what the sparse form expresses: 0/1 masks, at most one unit
         removed per space, and a merge only from that unit into at most one other."""
         removed, merges = {}, {}
@@ -240,7 +241,7 @@ class ProbeModel:
         of at most ``max_batch`` samples (rows times probes)."""
         rows = max((len(m) for m in masks.values()), default=1)
         run_session = self.session
-        if not self._sparse_rows(masks):
+        if not self.sparse_expresses(masks):
             if self._dense_session is None:
                 self._dense_session = session(self.dense_model())
             run_session = self._dense_session

@@ -1,13 +1,18 @@
-"""The rewriter: the only code that edits the graph to remove channels.
+"""The rewriter: the only code that edits a graph.
 
 Given a plan, every group's removed units become removed indices of each of its spaces; each
 member slices the constants it declared (weights, biases, norm parameters, per-channel
 constants) and its rule fixes what slicing cannot (Conv ``group``, Reshape and Split
-constants, Slice bounds). Reconstruction happens before: it only changes kept values.
+constants, Slice bounds). Reconstruction's :class:`~onnxprune.plan.Corrections` are put in
+first: they only change kept values, and add biases where a consumer had none.
+
+The analysed graph is never edited: the rewriter works on a :func:`fork` of it (and views
+for measurement on :func:`corrected` copies).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 
@@ -17,7 +22,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.coupling import ParamSlice, SpaceKey, rule_for
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import InternalError, UserError
-from onnxprune.plan import PruningPlan
+from onnxprune.plan import Corrections, PruningPlan
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +46,71 @@ def removed_by_space(dep: DependencyGraph, plan: PruningPlan) -> dict[SpaceKey, 
     return {s: np.unique(np.concatenate(parts)) for s, parts in collected.items() if sum(map(len, parts))}
 
 
-def apply_plan(graph: gs.Graph, dep: DependencyGraph, plan: PruningPlan) -> gs.Graph:
-    """Remove the plan's channels from ``graph`` (the graph ``dep`` was built on), in place."""
+def bias_name(node: gs.Node) -> str:
+    """The name of the bias reconstruction gives a node that had none."""
+    return f"{node.name}_compensation"
+
+
+def apply_corrections(graph: gs.Graph, corrections: Corrections) -> gs.Graph:
+    """Put reconstruction's values into ``graph`` (in place) and give the nodes it names their
+    new biases, as the bias input (Conv, ConvTranspose and Gemm take it third)."""
+    tensors = graph.tensors()
+    for name, values in corrections.values.items():
+        tensors[name].values = values
+    if corrections.biases:
+        nodes = {n.name: n for n in graph.nodes}
+        for node_name, values in corrections.biases.items():
+            node = nodes[node_name]
+            bias = gs.Constant(bias_name(node), values)
+            if len(node.inputs) > 2:  # an empty optional input
+                node.inputs[2] = bias
+            else:
+                node.inputs.append(bias)
+    return graph
+
+
+def corrected(graph: gs.Graph, corrections: Corrections | None) -> gs.Graph:
+    """A copy of ``graph`` (weights shared until replaced) with ``corrections`` in."""
+    view = graph.copy()
+    return apply_corrections(view, corrections) if corrections else view
+
+
+def fork(graph: gs.Graph, dep: DependencyGraph) -> tuple[gs.Graph, DependencyGraph]:
+    """Copies of ``graph`` and of the dependency graph built on it, the one pointing into the
+    other, for the rewriter to edit. Weight arrays are shared, not copied: the rewriter
+    replaces arrays and never writes into one."""
+    copied = graph.copy()
+    memo: dict[int, object] = {id(graph): copied}
+    for old, new in zip(graph.nodes, copied.nodes):
+        memo[id(old)] = new
+    new_tensors = copied.tensors()
+    for name, tensor in graph.tensors().items():
+        memo[id(tensor)] = new_tensors[name]
+        if isinstance(tensor, gs.Constant):
+            memo[id(tensor._values)] = tensor._values
+    return copied, copy.deepcopy(dep, memo)
+
+
+def _slice_new_biases(graph: gs.Graph, corrections: Corrections | None,
+                      removed: dict[SpaceKey, np.ndarray]) -> None:
+    """A bias reconstruction added follows its node's output channels."""
+    if not corrections or not corrections.biases:
+        return
+    nodes = {n.name: n for n in graph.nodes}
+    for node_name in corrections.biases:
+        node = nodes[node_name]
+        gone = removed.get((node.outputs[0].name, 1))
+        if gone is not None and len(gone):
+            bias = node.inputs[2]
+            bias.values = np.array(np.delete(np.asarray(bias.values), gone, axis=0), order="C")
+
+
+def apply_plan(graph: gs.Graph, dep: DependencyGraph, plan: PruningPlan,
+               corrections: Corrections | None = None) -> gs.Graph:
+    """Put ``corrections`` in and remove the plan's channels from ``graph`` (the graph ``dep``
+    was built on: a :func:`fork`), in place."""
+    if corrections:
+        apply_corrections(graph, corrections)
     removed = removed_by_space(dep, plan)
     deletions: dict[tuple[int, int], tuple[ParamSlice, set[int]]] = {}
     touched: dict[int, gs.Node] = {}
@@ -57,6 +125,7 @@ def apply_plan(graph: gs.Graph, dep: DependencyGraph, plan: PruningPlan) -> gs.G
         if idx:
             values = np.asarray(param.tensor.values)
             param.tensor.values = np.array(param.deleted(values, np.array(sorted(idx))), order="C")
+    _slice_new_biases(graph, corrections, removed)
     for node in touched.values():
         names = {t.name for t in list(node.inputs) + list(node.outputs)}
         mine = {s: g for s, g in removed.items() if s[0] in names}

@@ -1,7 +1,7 @@
 """Pruning methods: each turns an analysed model and a budget into a plan.
 
-A method is looked up by name (``--method``); every method registered here is also picked up
-by ``make bench``.
+The method interface and the one-shot scored methods; :mod:`onnxprune.passes.registry` names
+every method (``--method``).
 """
 
 from __future__ import annotations
@@ -91,11 +91,3 @@ class Random(ScoredMethod):
 
     def scorer(self, budget):
         return RandomScorer(budget.seed)
-
-
-def _registry() -> dict[str, type[Method]]:
-    from onnxprune.passes.progressive import Paoding, Srdfp
-    return {m.name: m for m in (Magnitude, Random, Paoding, Srdfp)}
-
-
-METHODS: dict[str, type[Method]] = _registry()

@@ -17,8 +17,10 @@ channels by the linear estimate of the removed ones from the kept ones
 that step; what the estimate cannot explain goes into the bias (mean) and the downstream
 BatchNorm (variance) as above.
 
-Corrections are replayed in the plan's step order, so a progressive method that applies them
-step by step and a saved plan re-applied later give the same weights.
+Corrections are computed in the plan's step order, so a progressive method that computes them
+step by step and a saved plan replayed later give the same weights. They are data
+(:class:`~onnxprune.plan.Corrections`): the analysed graph is read, never written; the
+rewriter puts them in.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.activations import ChannelStats
-from onnxprune.coupling import CONSUMER, PRODUCER, ParamSlice, slice_all
+from onnxprune.coupling import CONSUMER, ParamSlice
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
-from onnxprune.plan import PruningPlan
+from onnxprune.plan import Corrections, PruningPlan
 from onnxprune.priors import MomentPropagation
 from onnxprune.probes import consumer_nodes
 
@@ -71,23 +73,14 @@ def _add_columns(values: np.ndarray, p: ParamSlice, dst: int, src: int, scale: f
     values[tuple(index_dst)] += scale * values[tuple(index_src)]
 
 
-def _bias(node: gs.Node, outputs: int, dep: DependencyGraph) -> tuple[gs.Constant | None, float]:
-    """The consumer's bias constant and its multiplier. Conv and Gemm get one when they have
-    none, registered with the group of their outputs so that pruning those slices it too."""
+def _bias(node: gs.Node, outputs: int) -> tuple[gs.Constant | None, float] | None:
+    """Where the consumer's bias lives and its multiplier: ``(constant, factor)``,
+    ``(None, factor)`` for a Conv or Gemm without one (reconstruction gives it one), or None
+    when nothing can take a shift."""
     if node.op in ("Conv", "ConvTranspose", "Gemm"):
-        if len(node.inputs) < 3 or not node.inputs[2].name:
-            dtype = np.asarray(node.inputs[1].values).dtype
-            bias = gs.Constant(f"{node.name}_compensation", np.zeros(outputs, dtype))
-            if len(node.inputs) > 2:  # an empty optional input
-                node.inputs[2] = bias
-            else:
-                node.inputs.append(bias)
-            for member in dep.members.get((node.outputs[0].name, 1), []):
-                if member.node is node and member.coupling.role == PRODUCER:
-                    member.coupling.params.append(slice_all(bias, 0, outputs, "shift"))
-        bias = node.inputs[2]
-        if not isinstance(bias, gs.Constant):
-            return None, 0.0
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if bias is not None and not isinstance(bias, gs.Constant):
+            return None
         if node.op == "Gemm":
             beta, alpha = float(node.attrs.get("beta", 1.0)), float(node.attrs.get("alpha", 1.0))
             return bias, alpha / beta if beta else 0.0
@@ -98,7 +91,7 @@ def _bias(node: gs.Node, outputs: int, dep: DependencyGraph) -> tuple[gs.Constan
                 const = next((t for t in user.inputs if isinstance(t, gs.Constant)), None)
                 if const is not None and np.asarray(const.values).shape[-1:] == (outputs,):
                     return const, 1.0
-    return None, 0.0
+    return None
 
 
 def _downstream_norm(node: gs.Node, rows: np.ndarray, shapes: dict) -> list[tuple[gs.Node, np.ndarray]]:
@@ -156,8 +149,10 @@ class Reconstructor:
     so that planning and a replay of the plan fit with the same ridges."""
 
     def __init__(self, dep: DependencyGraph, moments: MomentPropagation, variance: bool = True,
-                 statistics: Statistics | None = None, spaces: list[tuple[str, int]] = ()):
+                 statistics: Statistics | None = None, spaces: list[tuple[str, int]] = (),
+                 corrections: Corrections | None = None):
         self.dep = dep
+        self.corrections = corrections if corrections is not None else Corrections()
         self.moments = moments
         self.variance = variance
         self.shapes = dep.ctx.shapes
@@ -179,9 +174,11 @@ class Reconstructor:
         self._cache = (step, have)
         return have
 
-    def apply(self, plan: PruningPlan, steps: set[int] | None = None, zero_removed: bool = False) -> None:
-        """Step by step, group by group in plan order: a progressive method applying each step
-        as it goes and a saved plan replayed at once add the same numbers in the same order."""
+    def apply(self, plan: PruningPlan, steps: set[int] | None = None, zero_removed: bool = False) -> Corrections:
+        """Add the plan's compensation (of ``steps``, default all) to :attr:`corrections` and
+        return them. Step by step, group by group in plan order: a progressive method computing
+        each step as it goes and a saved plan replayed at once add the same numbers in the same
+        order."""
         batches: dict[tuple[int, int], list] = {}
         for k, gp in enumerate(plan.groups):
             for step, unit, into, scale, corr in gp.entries():
@@ -198,9 +195,10 @@ class Reconstructor:
                 for g, key in zip(groups, keys):
                     self._least_squares(g, [e[0] for e in batches[key]], stats, gone)
                 self._cache = None  # the weights changed: the next step measures again
-            return
+            return self.corrections
         for (_, k), entries in sorted(batches.items()):
             self._compensate(self.dep.groups[plan.groups[k].group], entries, zero_removed)
+        return self.corrections
 
     def _least_squares(self, group: ChannelGroup, units: list[int], stats: dict, gone: dict[str, set[int]]) -> None:
         """Every consumer of ``group`` absorbs the least-squares estimate of ``units`` from the
@@ -215,7 +213,7 @@ class Reconstructor:
             st = stats[member.space]
             local, unit = group.atoms[member.space]
             removed = np.sort(local[np.isin(unit, units)])
-            values = np.array(p.tensor.values, dtype=np.float64, copy=True)
+            values = np.array(self.corrections.read(p.tensor), dtype=np.float64, copy=True)
             to_param = np.full(len(st.mean), -1, dtype=np.int64)
             to_param[p.space] = p.param
             dead = gone.get(tensor, set())
@@ -243,7 +241,7 @@ class Reconstructor:
                     moved[to_param[keep]] += np.tensordot(b.T, moved[to_param[rem]], axes=(1, 0))
             for atom in removed:
                 _add_columns(values, p, int(to_param[atom]), int(to_param[atom]), -1.0)
-            p.tensor.values = values.astype(np.asarray(p.tensor.values).dtype)
+            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype))
             self._shift_bias(member.node, shift)
             if self.variance:
                 self._reduce_variance(member.node, drop)
@@ -261,7 +259,7 @@ class Reconstructor:
             tensor, axis = member.space
             local, units = group.atoms[member.space]
             m = self.moments.get(tensor, axis)
-            values = np.array(p.tensor.values, dtype=np.float64, copy=True)
+            values = np.array(self.corrections.read(p.tensor), dtype=np.float64, copy=True)
             to_param = np.full(int(max(p.space.max(), local.max())) + 1, -1, dtype=np.int64)
             to_param[p.space] = p.param
             outputs = values.shape[0] if p.groups > 1 else _columns(values, p, 0)[0].shape[0]
@@ -283,7 +281,7 @@ class Reconstructor:
                         _add_columns(values, p, int(to_param[dst[k]]), int(to_param[atom]), scale)
                     if zero_removed:
                         _add_columns(values, p, int(to_param[atom]), int(to_param[atom]), -1.0)
-            p.tensor.values = values.astype(np.asarray(p.tensor.values).dtype)
+            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype))
             self._shift_bias(member.node, shift)
             if self.variance:
                 self._reduce_variance(member.node, drop)
@@ -291,20 +289,29 @@ class Reconstructor:
     def _shift_bias(self, node: gs.Node, shift: np.ndarray) -> None:
         if not np.any(shift):
             return
-        bias, factor = _bias(node, len(shift), self.dep)
-        if bias is None:
+        target = _bias(node, len(shift))
+        if target is None:
             logger.debug("no bias to compensate %s", node.name)
             return
-        values = np.asarray(bias.values)
-        bias.values = (values + factor * shift.reshape((1,) * (values.ndim - 1) + (-1,))).astype(values.dtype)
+        bias, factor = target
+        if bias is None:  # a new bias, sliced with the node's output channels by the rewriter
+            dtype = np.asarray(node.inputs[1].values).dtype
+            values = self.corrections.biases.get(node.name, np.zeros(len(shift), dtype))
+        else:
+            values = self.corrections.read(bias)
+        values = (values + factor * shift.reshape((1,) * (values.ndim - 1) + (-1,))).astype(values.dtype)
+        if bias is None:
+            self.corrections.biases[node.name] = values
+        else:
+            self.corrections.write(bias, values)
 
     def _reduce_variance(self, node: gs.Node, drop: np.ndarray) -> None:
         if not np.any(drop) or node.op not in ("Conv", "Gemm", "MatMul"):
             return
         for bn, channels in _downstream_norm(node, np.arange(len(drop)), self.shapes):
-            var = np.array(bn.inputs[4].values, dtype=np.float64, copy=True)
+            var = np.array(self.corrections.read(bn.inputs[4]), dtype=np.float64, copy=True)
             if channels.max() >= len(var):
                 continue
             # Never below a tenth: the estimate assumes independent channels.
             var[channels] = np.maximum(var[channels] - drop, 0.1 * var[channels])
-            bn.inputs[4].values = var.astype(np.asarray(bn.inputs[4].values).dtype)
+            self.corrections.write(bn.inputs[4], var.astype(np.asarray(bn.inputs[4].values).dtype))

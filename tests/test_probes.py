@@ -81,7 +81,7 @@ def test_first_order_estimate_ranks_like_measured_removals():
 
 
 def test_a_least_squares_probe_row_equals_the_reconstructed_model(monkeypatch):
-    from onnxprune.passes.progressive import Progressive
+    from onnxprune.passes.candidates import least_squares_estimates
     from onnxprune.passes.reconstruct import consumer_spaces
 
     model = nets.resnet()
@@ -89,7 +89,7 @@ def test_a_least_squares_probe_row_equals_the_reconstructed_model(monkeypatch):
     group = max(analysis.dep.prunable_groups(), key=lambda g: g.size)  # the residual spine
     stats = analysis.statistics(consumer_spaces(group), seed=0)
     plans = {group.id: GroupPlan(group.id, group.name, group.size, [])}
-    estimates, residual = Progressive._estimates([group], plans, stats, {})
+    estimates, residual = least_squares_estimates([group], plans, stats, {})
     assert residual[group.id].shape == (group.size,) and np.all(residual[group.id] >= 0)
     probe = ProbeModel(analysis.graph, analysis.model, [group], analysis.moments, analysis.prior,
                        analysis.input_shapes, inputs=analysis.probe_inputs(4, 0), estimates=estimates)
@@ -129,7 +129,7 @@ def test_single_unit_rows_run_the_sparse_form_and_equal_the_dense_one(source):
     """Candidate rows (one unit removed or merged per row) run the sparse form, channels first
     (conv maps, concat spaces, opset 9) and last (tokens, multi-channel heads), with the
     least-squares estimate; rows it cannot express fall back to the dense form."""
-    from onnxprune.passes.progressive import Progressive
+    from onnxprune.passes.candidates import least_squares_estimates
     from onnxprune.passes.reconstruct import consumer_spaces
 
     from onnxprune.probes import probeable
@@ -142,21 +142,21 @@ def test_single_unit_rows_run_the_sparse_form_and_equal_the_dense_one(source):
     groups = [g for g in analysis.dep.prunable_groups() if probeable(g, analysis.shapes)]
     stats = analysis.statistics(consumer_spaces(*groups), seed=0)
     plans = {g.id: GroupPlan(g.id, g.name, g.size, []) for g in groups}
-    estimates, _ = Progressive._estimates(groups, plans, stats, {})
+    estimates, _ = least_squares_estimates(groups, plans, stats, {})
     probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
                        analysis.input_shapes, probes=2, seed=0, estimates=estimates)
     assert probe.sparse_spaces
     feeds = _two_candidates_per_group(groups, np.random.default_rng(0))
-    assert probe._sparse_rows(feeds)
+    assert probe.sparse_expresses(feeds)
     sparse = probe.run(feeds)
     # One more row removing two units of the first group: the whole run goes dense.
     mixed = {name: np.concatenate([m, np.ones_like(m[:1]) if "mask" in name else np.zeros_like(m[:1])])
              for name, m in feeds.items()}
     mixed[mask_name(groups[0])][-1, :2] = 0
-    assert not probe._sparse_rows(mixed)
+    assert not probe.sparse_expresses(mixed)
     stray = {name: m.copy() for name, m in feeds.items()}
     stray[merge_src_name(groups[0])][1] = 0  # a merge target without its group's source
-    assert not probe._sparse_rows(stray)
+    assert not probe.sparse_expresses(stray)
     dense = probe.run(mixed)
     scale = np.abs(dense).max()
     np.testing.assert_allclose(sparse, dense[:-1], atol=1e-5 * scale, rtol=1e-4)

@@ -23,6 +23,7 @@ from onnxprune.ir.shapes import (
     Shape,
     concrete_input_shapes,
     graph_inputs,
+    input_dtypes,
     parse_input_shapes,
     random_inputs,
     resolve_shapes,
@@ -35,7 +36,7 @@ Model = onnx.ModelProto
 
 __all__ = [
     "Model", "ModelStats", "Shape", "check_model", "concrete_input_shapes", "copy_model", "count_macs",
-    "graph_inputs", "import_graph", "load_model", "load_model_info", "make_batch_dynamic", "model_stats",
+    "graph_inputs", "import_graph", "input_dtypes", "load_model", "load_model_info", "make_batch_dynamic", "model_stats",
     "node_macs", "parse_input_shapes", "random_inputs", "resolve_shapes", "save_model", "session", "signature",
     "skeleton", "to_model", "toposort_nodes",
 ]

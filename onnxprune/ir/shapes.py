@@ -34,6 +34,12 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    """Each real graph input's element type, in input order."""
+    return {v.name: np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+            for v in graph_inputs(model)}
+
+
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     shape = value.type.tensor_type.shape
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]

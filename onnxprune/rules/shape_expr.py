@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +50,6 @@ def _const(value: int) -> Element:
 
 
 # -- which dimensions move with the input shapes --------------------------------------------
-_DYNAMIC: weakref.WeakKeyDictionary[RuleContext, dict[str, set[int]] | None] = weakref.WeakKeyDictionary()
-
-
 def _alternative_input_shapes(ctx: RuleContext) -> dict[str, tuple[int, ...]] | None:
     shapes = {}
     for value in ctx.graph.inputs:
@@ -70,8 +66,8 @@ def _alternative_input_shapes(ctx: RuleContext) -> dict[str, tuple[int, ...]] | 
 def dynamic_axes(ctx: RuleContext) -> dict[str, set[int]] | None:
     """Axes of the tensors read by Shape nodes that change with the input shapes (cached per
     analysis), or None when the second resolution failed (then every read counts as dynamic)."""
-    if ctx in _DYNAMIC:
-        return _DYNAMIC[ctx]
+    if "dynamic_axes" in ctx.memo:
+        return ctx.memo["dynamic_axes"]["result"]
 
     result: dict[str, set[int]] | None = None
     wanted = {n.inputs[0].name for n in ctx.graph.nodes if n.op == "Shape" and n.inputs}
@@ -88,7 +84,7 @@ def dynamic_axes(ctx: RuleContext) -> dict[str, set[int]] | None:
                       for name in wanted if name in moved and name in ctx.shapes}
         except Exception as exc:  # a model that only runs at its analysis shapes: nothing is static
             logger.debug("second shape resolution failed: %s", exc)
-    _DYNAMIC[ctx] = result
+    ctx.memo["dynamic_axes"] = {"result": result}
     return result
 
 
@@ -105,13 +101,10 @@ def shape_elements(tensor: gs.Tensor, ctx: RuleContext) -> list[Element] | None:
     return _parse(tensor, ctx, {}, 0)
 
 
-_ELEMENTS: weakref.WeakKeyDictionary[RuleContext, dict[str, list[Element] | None]] = weakref.WeakKeyDictionary()
-
-
 def input_elements(node: gs.Node, slot: int, ctx: RuleContext) -> list[Element] | None:
     """:func:`shape_elements` of a node's input as the analysis saw it (cached: by rewrite time
     other rules may have edited the shape computation)."""
-    cache = _ELEMENTS.setdefault(ctx, {})
+    cache = ctx.memo.setdefault("input_elements", {})
     key = f"{node.name}:{slot}"
     if key not in cache:
         cache[key] = shape_elements(node.inputs[slot], ctx)
