@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
+from numpy.typing import ArrayLike
 from onnx import helper, numpy_helper
 
 from onnxprune.gradient.errors import GradientUnsupported
@@ -17,6 +18,8 @@ from onnxprune.gradient.static import StaticInfo
 
 #: "To the end" as a Slice bound.
 INT_MAX = 2**63 - 1
+
+Ints = Sequence[int] | np.ndarray
 
 
 class Emitter:
@@ -49,7 +52,7 @@ class Emitter:
                 self.names.add(name)
                 return name
 
-    def add(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs):
+    def add(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs) -> str | list[str]:
         """Emit one node; return its output name (a list of names if ``n_out`` > 1)."""
         outs = [self.fresh(op_type) for _ in range(n_out)]
         attrs = {k: v for k, v in attrs.items() if v is not None}
@@ -60,7 +63,7 @@ class Emitter:
         """Emit a node built by the caller (its outputs named with :meth:`fresh`)."""
         self.nodes.append(node)
 
-    def const(self, value, hint: str = "const") -> str:
+    def const(self, value: ArrayLike, hint: str = "const") -> str:
         arr = np.asarray(value)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._const_cache:
@@ -69,10 +72,10 @@ class Emitter:
             self._const_cache[key] = name
         return self._const_cache[key]
 
-    def i64(self, values) -> str:
+    def i64(self, values: Ints) -> str:
         return self.const(np.asarray(values, dtype=np.int64).reshape(-1))
 
-    def ints(self, values) -> str:
+    def ints(self, values: str | Ints) -> str:
         """A tensor name as is, or an int64 constant of ``values``."""
         return values if isinstance(values, str) else self.i64(values)
 
@@ -81,26 +84,26 @@ class Emitter:
         return self.const(np.array(value, dtype=self.static.np_dtype(like)))
 
     # ----------------------------------------------------------------- opset-aware ops
-    def _with_axes(self, op_type: str, x: str, axes, **attrs) -> str:
+    def _with_axes(self, op_type: str, x: str, axes: Ints, **attrs) -> str:
         """``op_type`` on ``x`` over ``axes``: an input from the opset where the op takes it
         so (see :data:`~onnxprune.gradient.opsets.PARAMS_AS_INPUTS_SINCE`), else an attribute."""
         if self.opset.params_as_inputs(op_type):
             return self.add(op_type, [x, self.ints(axes)], **attrs)
         return self.add(op_type, [x], axes=list(axes), **attrs)
 
-    def reduce_sum(self, x: str, axes, keepdims: int = 1) -> str:
+    def reduce_sum(self, x: str, axes: Ints, keepdims: int = 1) -> str:
         return self._with_axes("ReduceSum", x, axes, keepdims=keepdims)
 
-    def reduce_mean(self, x: str, axes, keepdims: int = 1) -> str:
+    def reduce_mean(self, x: str, axes: Ints, keepdims: int = 1) -> str:
         return self._with_axes("ReduceMean", x, axes, keepdims=keepdims)
 
-    def unsqueeze(self, x: str, axes) -> str:
+    def unsqueeze(self, x: str, axes: Ints) -> str:
         return self._with_axes("Unsqueeze", x, axes)
 
-    def squeeze(self, x: str, axes) -> str:
+    def squeeze(self, x: str, axes: Ints) -> str:
         return self._with_axes("Squeeze", x, axes)
 
-    def slice(self, x: str, starts, ends, axes, steps=None) -> str:
+    def slice(self, x: str, starts: str | Ints, ends: str | Ints, axes: Ints, steps: Ints | None = None) -> str:
         if not self.opset.params_as_inputs("Slice"):
             if steps is not None or isinstance(starts, str) or isinstance(ends, str):
                 raise GradientUnsupported(f"strided or dynamic Slice needs opset >= {PARAMS_AS_INPUTS_SINCE['Slice']}")
@@ -108,7 +111,7 @@ class Emitter:
         ins = [x, self.ints(starts), self.ints(ends), self.i64(axes)]
         return self.add("Slice", ins + ([self.i64(steps)] if steps is not None else []))
 
-    def pad(self, x: str, pads) -> str:
+    def pad(self, x: str, pads: Ints) -> str:
         """Zero-pad ``x`` by ``pads`` (begins then ends, every axis)."""
         if not self.opset.params_as_inputs("Pad"):
             return self.add("Pad", [x], pads=list(pads), mode="constant", value=0.0)
