@@ -11,6 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.evaluate import finite_difference_gradient
 from onnxprune.gradient import GRADIENT_RULES, GradientUnsupported, input_gradient_model
+from onnxprune.gradient.emitter import Emitter
+from onnxprune.gradient.opsets import Opset
+from onnxprune.gradient.static import StaticInfo
 
 F = TensorProto.FLOAT
 N_CLASSES = 3
@@ -551,3 +554,24 @@ def test_softmax_behind_reshapes_is_skipped_for_a_stable_loss():
     np.testing.assert_allclose(loss, -logp[np.arange(4), y], rtol=1e-4)  # finite, unlike -log(p)
     np.testing.assert_allclose(grad, (np.exp(logp) - np.eye(N_CLASSES)[y]) @ w.astype(np.float32).T, rtol=1e-4,
                                atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- opset table
+@pytest.mark.parametrize("opset", range(9, 22))
+def test_helper_ops_take_parameters_as_the_opset_wants(opset):
+    """The emitter's helper ops put axes/starts/pads in inputs or attributes as each opset's
+    schema says: every node passes onnx's checker at that opset."""
+    model = make_model([node("Relu", ["x"], "z")], ["N", 3, 4], opset=opset)
+    b = Emitter(StaticInfo(model, Opset(opset)), {"x", "z"})
+    b.reduce_sum("x", [1])
+    b.reduce_mean("x", [1])
+    b.squeeze(b.unsqueeze("x", [0]), [0])
+    b.slice("x", [0], [1], [1])
+    b.pad("x", [0, 1, 0, 0, 1, 0])
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version, ctx.opset_imports = _ir(opset), {"": opset}
+    for n in b.nodes:
+        onnx.checker.check_node(n, ctx)
+    as_input = {n.op_type: len(n.input) > 1 for n in b.nodes}
+    assert as_input == {"ReduceSum": opset >= 13, "ReduceMean": opset >= 18, "Unsqueeze": opset >= 13,
+                        "Squeeze": opset >= 13, "Slice": opset >= 10, "Pad": opset >= 11}
