@@ -4,14 +4,16 @@ A *space* is one axis of one activation tensor, keyed ``(tensor_name, axis)``. A
 space it touches, a node's rule answers with a :class:`Coupling`: the other spaces whose
 indices are tied to this one (:class:`Link`), the constants sliced with it
 (:class:`ParamSlice`), the node's role, and, where the node cannot follow a removal, the
-reason it blocks. Rules are registered per op type; an op without a rule blocks every space
-it touches (unknown means blocked, never guessed).
+reason it blocks (:class:`BlockReason`: a kind, a message, the node). Rules are registered per
+op type; an op without a rule blocks every space it touches (unknown means blocked, never
+guessed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -21,6 +23,40 @@ SpaceKey = tuple[str, int]
 #: Roles a node plays for a space. Producers' output channels and consumers' input channels
 #: carry the weights that magnitude-style scorers read.
 PRODUCER, CONSUMER, PASSIVE = "producer", "consumer", "passive"
+
+
+class BlockKind(Enum):
+    """Why a channel space cannot be pruned, as a category: refusals are counted by kind."""
+
+    GRAPH_INPUT = "graph_input"  # the channels are a graph input's
+    GRAPH_OUTPUT = "graph_output"  # ... or a graph output's: the signature must not change
+    UNKNOWN_SHAPE = "unknown_shape"  # shape inference left the tensor without a shape
+    UNSUPPORTED_OP = "unsupported_op"  # no rule for the op, or a known op never pruned through
+    UNSUPPORTED_FORM = "unsupported_form"  # a supported op used in a form its rule does not handle
+    ANALYSIS_FAILURE = "analysis_failure"  # the rule could not read the node
+    NO_PRODUCER = "no_producer"  # no weight produces the channels
+    GROUPED_PARTITION = "grouped_partition"  # grouped convolutions cannot lose equal counts per group
+    RUNTIME_PARAMETER = "runtime_parameter"  # weights, biases or tables computed at run time
+    RUNTIME_SHAPE = "runtime_shape"  # sizes, bounds, axes or a channel count known only at run time
+    CHANNEL_AS_PARAMETER = "channel_as_parameter"  # a channel tensor feeds a sizes/indices/mask input
+    EXTRA_OUTPUT = "extra_output"  # a second output (indices, statistics) is in use
+    CROSS_CHANNEL = "cross_channel"  # the op computes across this axis (normalises, reduces, pools)
+    BROADCAST = "broadcast"  # one index is broadcast over many
+    AXIS_LAYOUT = "axis_layout"  # the op moves, splits or resizes this axis in a way indices cannot follow
+    OPT_IN = "opt_in"  # prunable only with an option (prune_hidden, prune_head_dim)
+
+
+@dataclass(frozen=True)
+class BlockReason:
+    """One refusal: its kind, the message users read, and the offending node's name (None when
+    no single node is at fault, e.g. a graph input)."""
+
+    kind: BlockKind
+    message: str
+    node: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind.value, "message": self.message, "node": self.node}
 
 
 @dataclass
@@ -81,7 +117,12 @@ class Coupling:
     params: list[ParamSlice] = field(default_factory=list)
     #: The space must lose the same number of channels in each of ``balanced`` equal blocks.
     balanced: int = 1
-    blocked: str | None = None
+    reason: BlockReason | None = None
+
+    @property
+    def blocked(self) -> str | None:
+        """The refusal's message, or None when the node follows a removal."""
+        return self.reason.message if self.reason is not None else None
 
 
 def identity(n: int) -> np.ndarray:
@@ -97,8 +138,9 @@ def slice_all(tensor: gs.Constant, axis: int, n: int, kind: str) -> ParamSlice:
     return ParamSlice(tensor, axis, identity(n), identity(n), kind)
 
 
-def blocked(reason: str) -> Coupling:
-    return Coupling(blocked=reason)
+def blocked(kind: BlockKind, node: gs.Node, message: str) -> Coupling:
+    """The answer of a rule that cannot follow a removal: why, and at which node."""
+    return Coupling(reason=BlockReason(kind, message, node.name))
 
 
 class RuleContext:

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.coupling import PASSIVE, PRODUCER, Coupling, Link, OpRule, blocked, identity, register, same, slice_all
+from onnxprune.coupling import PASSIVE, PRODUCER, BlockKind, Coupling, Link, OpRule, blocked, identity, register, same, slice_all
 from onnxprune.rules.shape_expr import input_elements, shape_elements
 
 
@@ -63,11 +63,11 @@ class SplitRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x = node.inputs[0]
         if tensor.name != x.name and tensor.name not in {o.name for o in node.outputs}:
-            return blocked(f"Split '{node.name}' reads its sizes from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Split '{node.name}' reads its sizes from a channel tensor")
         split_axis = _axis(node, len(ctx.shape(x)))
         sizes = _split_sizes(node, ctx)
         if sizes is None:
-            return blocked(f"Split '{node.name}' has sizes that depend on the input shapes")
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Split '{node.name}' has sizes that depend on the input shapes")
         links, offset = [], 0
         for out, size in zip(node.outputs, sizes):
             span = identity(size)
@@ -131,10 +131,10 @@ class SliceRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x, y = node.inputs[0], node.outputs[0]
         if tensor.name not in (x.name, y.name):
-            return blocked(f"Slice '{node.name}' reads its bounds from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Slice '{node.name}' reads its bounds from a channel tensor")
         params = _slice_params(node, ctx)
         if params is None:
-            return blocked(f"Slice '{node.name}' has bounds that depend on the input shapes")
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Slice '{node.name}' has bounds that depend on the input shapes")
         starts, ends, axes, steps = params
         rank = len(ctx.shape(x))
         axes = [a % rank for a in axes]
@@ -143,7 +143,7 @@ class SliceRule(OpRule):
                                            ctx.shape(tensor)[axis])])
         j = axes.index(axis)
         if steps[j] != 1:
-            return blocked(f"Slice '{node.name}' strides over the channel axis")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"Slice '{node.name}' strides over the channel axis")
         start = int(np.clip(starts[j] + (ctx.shape(x)[axis] if starts[j] < 0 else 0), 0, ctx.shape(x)[axis]))
         span = identity(ctx.shape(y)[axis])
         if tensor.name == x.name:
@@ -243,11 +243,11 @@ class _ReshapeLike(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x, y = node.inputs[0], node.outputs[0]
         if tensor.name not in (x.name, y.name):
-            return blocked(f"{node.op} '{node.name}' reads its shape from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"{node.op} '{node.name}' reads its shape from a channel tensor")
         from_input = tensor.name == x.name
         result = reshape_link(ctx.shape(x), ctx.shape(y), axis, from_input)
         if isinstance(result, str):
-            return blocked(f"{node.op} '{node.name}': {result}")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"{node.op} '{node.name}': {result}")
         other_axis, here, there = result
         return Coupling(PASSIVE, [Link(((y if from_input else x).name, other_axis), here, there)])
 
@@ -263,16 +263,16 @@ class GatherRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         data, index, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if tensor.name == index.name:
-            return blocked(f"Gather '{node.name}' reads its indices from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Gather '{node.name}' reads its indices from a channel tensor")
         gathered = _axis(node, len(ctx.shape(data)))
         index_rank = len(ctx.shape(index))
         if tensor.name == y.name:
             if gathered <= axis < gathered + index_rank:
-                return blocked(f"Gather '{node.name}' builds this axis from its indices")
+                return blocked(BlockKind.AXIS_LAYOUT, node, f"Gather '{node.name}' builds this axis from its indices")
             data_axis, out_axis = (axis, axis) if axis < gathered else (axis - index_rank + 1, axis)
         else:
             if axis == gathered:
-                return blocked(f"Gather '{node.name}' selects along this axis")
+                return blocked(BlockKind.AXIS_LAYOUT, node, f"Gather '{node.name}' selects along this axis")
             data_axis, out_axis = (axis, axis) if axis < gathered else (axis, axis + index_rank - 1)
         size = ctx.shape(tensor)[axis]
         if ctx.const(data) is not None:  # an embedding table: its rows are looked up, its columns produced
@@ -289,16 +289,16 @@ class ExpandRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if tensor.name == target.name:
-            return blocked(f"Expand '{node.name}' reads its shape from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Expand '{node.name}' reads its shape from a channel tensor")
         rank, x_rank = len(ctx.shape(y)), len(ctx.shape(x))
         out_axis = axis if tensor.name == y.name else axis + rank - x_rank
         x_axis = out_axis - (rank - x_rank)
         if x_axis < 0 or ctx.shape(x)[x_axis] != ctx.shape(y)[out_axis]:
-            return blocked(f"Expand '{node.name}' broadcasts over this axis")
+            return blocked(BlockKind.BROADCAST, node, f"Expand '{node.name}' broadcasts over this axis")
         elements = shape_elements(target, ctx)
         k = out_axis - (rank - len(elements)) if elements is not None else -1
         if elements is None or (k >= 0 and (elements[k].dynamic or elements[k].value != 1)):
-            return blocked(f"Expand '{node.name}' names the size of this axis in its target shape")
+            return blocked(BlockKind.BROADCAST, node, f"Expand '{node.name}' names the size of this axis in its target shape")
         size = ctx.shape(tensor)[axis]
         if ctx.const(x) is not None:
             return Coupling(PASSIVE, params=[slice_all(x, x_axis, size, "shift")])

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.coupling import PASSIVE, Coupling, OpRule, RuleContext, blocked, register
+from onnxprune.coupling import PASSIVE, BlockKind, Coupling, OpRule, RuleContext, blocked, register
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,8 @@ class ShapeRule(OpRule):
             return Coupling(PASSIVE)
         problem = _read_problem(node.outputs[0], axis - start, ctx)
         if problem is not None:
-            return blocked(f"Shape '{node.name}' lets the channel count be read at run time ({problem})")
+            return blocked(BlockKind.RUNTIME_SHAPE, node,
+                           f"Shape '{node.name}' lets the channel count be read at run time ({problem})")
         return Coupling(PASSIVE)
 
     def rewrite(self, node, removed, ctx):
