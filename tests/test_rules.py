@@ -10,6 +10,7 @@ from exactness import assert_exact
 
 from onnxprune.coupling import BlockKind
 from onnxprune.pipeline import analyse
+from onnxprune.rules.opsets import SOFTMAX_AXES, OpsetTable, placement
 
 CONSTS = ("float[8,4,3,3] c1_w, float[8] c1_b, float[6,{cin},3,3] c2_w, float[10,6] fc_w, float[10] fc_b")
 
@@ -235,3 +236,37 @@ def test_blocked_messages_are_derived_from_reasons():
     assert group.blocked == [r.message for r in group.reasons]
     assert group.reasons[0].to_dict() == {"kind": "cross_channel", "message": group.blocked[0],
                                           "node": group.reasons[0].node}
+
+
+def test_opset_table_picks_the_newest_version_not_after_the_opset():
+    table = OpsetTable({13: "new", 1: "old"})
+    assert [table.at(v) for v in (0, 1, 12, 13, 21)] == ["old", "old", "old", "new", "new"]
+    assert SOFTMAX_AXES.at(11).through_last and not SOFTMAX_AXES.at(13).through_last
+    assert placement("Split", "split", 11).attribute == "split" and placement("Split", "split", 13).slot == 1
+
+
+@pytest.mark.parametrize("opset, prunable", [(11, False), (17, True)])
+def test_softmax_default_axis_follows_the_opset(opset, prunable):
+    """Before opset 13 Softmax normalises over every axis from 1 on (channels too); from 13 on
+    over the last axis only."""
+    model = sandwich("  o = Softmax(h)", opset=opset)
+    group = _producer_group(analyse(model), "h")
+    assert group.prunable == prunable, group.blocked
+    if prunable:
+        assert_exact(model, group.id, [1, 4])
+    else:
+        assert group.reasons[0].kind is BlockKind.CROSS_CHANNEL
+
+
+@pytest.mark.parametrize("opset, split_text, where", [
+    (11, "Split<axis=1, split=[3,5]>(h)", "attribute"),
+    (18, "Split<axis=1, num_outputs=2>(h)", "input"),
+])
+def test_pruned_split_sizes_go_where_the_opset_keeps_them(opset, split_text, where):
+    model = sandwich(f"  a, b = {split_text}\n  ra = Relu(a)\n  o = Concat<axis=1>(b, ra)", opset=opset)
+    group = _producer_group(analyse(model), "h")  # one piece of the split channels
+    assert group.prunable, group.blocked
+    pruned = assert_exact(model, group.id, [0])
+    (split,) = [n for n in pruned.graph.node if n.op_type == "Split"]
+    attributes = {a.name for a in split.attribute}
+    assert ("split" in attributes) == (where == "attribute") and (len(split.input) == 2) == (where == "input")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.coupling import PASSIVE, BlockKind, Coupling, OpRule, blocked, register, same, slice_all
+from onnxprune.rules.opsets import SOFTMAX_AXES
 
 
 def _through(node, tensor, axis, ctx, out_axis=None) -> Coupling:
@@ -119,10 +120,9 @@ class ResizeRule(OpRule):
 
 def _softmax_axes(node, ctx) -> set[int]:
     rank = len(ctx.shape(node.inputs[0]))
-    opset = ctx.graph.opset
-    default = -1 if opset >= 13 else 1
-    first = int(node.attrs.get("axis", default)) % rank
-    return {first} if opset >= 13 else set(range(first, rank))
+    axes = SOFTMAX_AXES.at(ctx.graph.opset)
+    first = int(node.attrs.get("axis", axes.default)) % rank
+    return set(range(first, rank)) if axes.through_last else {first}
 
 
 @register("Softmax", "LogSoftmax", "Hardmax")

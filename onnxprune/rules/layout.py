@@ -10,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, PRODUCER, BlockKind, Coupling, Link, OpRule, blocked, identity, register, same, slice_all
+from onnxprune.rules.opsets import placement
 from onnxprune.rules.shape_expr import input_elements, shape_elements
 
 
@@ -90,13 +91,14 @@ class SplitRule(OpRule):
             return
         old = _split_sizes(node, ctx)
         new = [s - len(removed.get((o.name, split_axis), ())) for o, s in zip(node.outputs, old)]
+        place = placement("Split", "split", ctx.graph.opset)
         if len(node.inputs) > 1 and node.inputs[1].name:
             node.inputs[1] = gs.Constant(f"{node.name}_split_sizes", np.asarray(new, dtype=np.int64))
-        elif ctx.graph.opset >= 13:
+        elif place.is_input:
             node.attrs.pop("num_outputs", None)
             node.inputs.append(gs.Constant(f"{node.name}_split_sizes", np.asarray(new, dtype=np.int64)))
         else:
-            node.attrs["split"] = new
+            node.attrs[place.attribute] = new
 
 
 def _static_ints(node, slot: int, ctx) -> list[int] | None:
