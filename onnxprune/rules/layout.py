@@ -5,16 +5,31 @@ is in :mod:`onnxprune.rules.reshape`, Shape in :mod:`onnxprune.rules.shape_expr`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.coupling import PASSIVE, PRODUCER, BlockKind, Coupling, Link, OpRule, blocked, identity, register, same, slice_all
+from onnxprune.coupling import (
+    PASSIVE,
+    PRODUCER,
+    BlockKind,
+    Coupling,
+    Link,
+    OpRule,
+    RuleContext,
+    blocked,
+    identity,
+    register,
+    same,
+    slice_all,
+)
 from onnxprune.rules.opsets import placement
 from onnxprune.rules.shape_expr import input_elements, shape_elements
 
 
-def _axis(node, rank: int, default: int = 0) -> int:
+def attribute_axis(node: gs.Node, rank: int, default: int = 0) -> int:
+    """The node's ``axis`` attribute as an axis of a rank-``rank`` tensor (negative counts from the end)."""
     return int(node.attrs.get("axis", default)) % rank
 
 
@@ -24,7 +39,7 @@ class ConcatRule(OpRule):
 
     def couple(self, node, tensor, axis, ctx):
         out = node.outputs[0]
-        cat = _axis(node, len(ctx.shape(out)))
+        cat = attribute_axis(node, len(ctx.shape(out)))
         links, params, offset = [], [], 0
         is_output = tensor.name == out.name
         for operand in node.inputs:
@@ -51,7 +66,7 @@ class ConcatRule(OpRule):
 
 def _split_sizes(node, ctx) -> list[int] | None:
     rank = len(ctx.shape(node.inputs[0]))
-    axis = _axis(node, rank)
+    axis = attribute_axis(node, rank)
     if len(node.inputs) > 1 and node.inputs[1].name:
         return _static_ints(node, 1, ctx)
     if "split" in node.attrs:
@@ -65,7 +80,7 @@ class SplitRule(OpRule):
         x = node.inputs[0]
         if tensor.name != x.name and tensor.name not in {o.name for o in node.outputs}:
             return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Split '{node.name}' reads its sizes from a channel tensor")
-        split_axis = _axis(node, len(ctx.shape(x)))
+        split_axis = attribute_axis(node, len(ctx.shape(x)))
         sizes = _split_sizes(node, ctx)
         if sizes is None:
             return blocked(BlockKind.RUNTIME_SHAPE, node, f"Split '{node.name}' has sizes that depend on the input shapes")
@@ -86,7 +101,7 @@ class SplitRule(OpRule):
         return Coupling(PASSIVE, links)
 
     def rewrite(self, node, removed, ctx):
-        split_axis = _axis(node, len(ctx.shape(node.inputs[0])))
+        split_axis = attribute_axis(node, len(ctx.shape(node.inputs[0])))
         if (node.inputs[0].name, split_axis) not in removed:
             return
         old = _split_sizes(node, ctx)
@@ -113,19 +128,26 @@ def _static_ints(node, slot: int, ctx) -> list[int] | None:
     return [e.value for e in elements]
 
 
-def _slice_params(node, ctx):
-    """starts, ends, axes, steps as lists, or None when any depends on the input shapes."""
+class SliceBounds(NamedTuple):
+    starts: list[int]
+    ends: list[int]
+    axes: list[int]
+    steps: list[int]
+
+
+def slice_params(node: gs.Node, ctx: RuleContext) -> SliceBounds | None:
+    """A Slice's starts, ends, axes and steps, or None when any depends on the input shapes."""
     if len(node.inputs) == 1:  # opset < 10: attributes
         a = node.attrs
         starts, ends = list(a["starts"]), list(a["ends"])
-        return starts, ends, list(a.get("axes", range(len(starts)))), [1] * len(starts)
+        return SliceBounds(starts, ends, list(a.get("axes", range(len(starts)))), [1] * len(starts))
     values = [_static_ints(node, slot, ctx) if t.name else None for slot, t in enumerate(node.inputs[1:], 1)]
     if any(v is None for v in values[:2]) or any(v is None for t, v in zip(node.inputs[3:], values[2:]) if t.name):
         return None
     starts, ends = values[0], values[1]
     axes = values[2] if len(values) > 2 and values[2] is not None else list(range(len(starts)))
     steps = values[3] if len(values) > 3 and values[3] is not None else [1] * len(starts)
-    return starts, ends, axes, steps
+    return SliceBounds(starts, ends, axes, steps)
 
 
 @register("Slice")
@@ -134,7 +156,7 @@ class SliceRule(OpRule):
         x, y = node.inputs[0], node.outputs[0]
         if tensor.name not in (x.name, y.name):
             return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Slice '{node.name}' reads its bounds from a channel tensor")
-        params = _slice_params(node, ctx)
+        params = slice_params(node, ctx)
         if params is None:
             return blocked(BlockKind.RUNTIME_SHAPE, node, f"Slice '{node.name}' has bounds that depend on the input shapes")
         starts, ends, axes, steps = params
@@ -154,7 +176,7 @@ class SliceRule(OpRule):
 
     def rewrite(self, node, removed, ctx):
         x, y = node.inputs[0], node.outputs[0]
-        starts, ends, axes, _ = _slice_params(node, ctx)
+        starts, ends, axes, _ = slice_params(node, ctx)
         rank = len(ctx.shape(x))
         for j, axis in enumerate(a % rank for a in axes):
             gone_in = removed.get((x.name, axis))
@@ -266,7 +288,7 @@ class GatherRule(OpRule):
         data, index, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if tensor.name == index.name:
             return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Gather '{node.name}' reads its indices from a channel tensor")
-        gathered = _axis(node, len(ctx.shape(data)))
+        gathered = attribute_axis(node, len(ctx.shape(data)))
         index_rank = len(ctx.shape(index))
         if tensor.name == y.name:
             if gathered <= axis < gathered + index_rank:

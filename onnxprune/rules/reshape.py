@@ -7,7 +7,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, BlockKind, Coupling, Link, OpRule, RuleContext, blocked, identity, register
-from onnxprune.rules.layout import _axis, _slice_params, split_link
+from onnxprune.rules.layout import attribute_axis, slice_params, split_link
 from onnxprune.rules.shape_expr import Element, input_elements, scale_input
 
 
@@ -65,11 +65,11 @@ def _shuffle_links(x_key, y_key, channels: int, groups: int, from_input: bool) -
 def _selects(user: gs.Node, axis: int, rank: int, ctx: RuleContext) -> bool:
     """Whether ``user`` (a Gather, Split or Slice of the tensor) picks pieces along ``axis``."""
     if user.op == "Gather":
-        return ctx.const(user.inputs[1]) is not None and _axis(user, rank) == axis
+        return ctx.const(user.inputs[1]) is not None and attribute_axis(user, rank) == axis
     if user.op == "Split":
-        return _axis(user, rank) == axis
-    params = _slice_params(user, ctx)
-    return params is not None and axis in [a % rank for a in params[2]]
+        return attribute_axis(user, rank) == axis
+    params = slice_params(user, ctx)
+    return params is not None and axis in [a % rank for a in params.axes]
 
 
 def _selected_along(tensor: gs.Tensor, axis: int, ctx: RuleContext, depth: int = 0) -> bool:
