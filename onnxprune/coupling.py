@@ -72,8 +72,10 @@ class Link:
 class ParamSlice:
     """Constant ``tensor`` loses, along ``axis``, index ``param[i]`` when the space loses ``space[i]``.
 
-    ``groups > 1`` marks a grouped Conv weight read along its input-channel axis: channel
-    ``c`` is column ``c % (C/groups)`` of the rows of group ``c // (C/groups)``.
+    ``groups > 1`` marks a grouped Conv weight ``[C_out, C_in/groups, ...]`` read along its
+    input-channel axis: input channel ``c`` is column ``c % (C_in/groups)`` of the rows of conv
+    group ``c // (C_in/groups)``. Every method that reads such a weight goes through
+    :meth:`_locate` and :meth:`_rows`, the one place that arithmetic lives.
     """
 
     tensor: gs.Constant
@@ -83,13 +85,29 @@ class ParamSlice:
     kind: str  # "weight" (multiplies the channel), "shift" (adds to it), "stat" (norm statistics)
     groups: int = 1
 
+    def _locate(self, param_idx, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(conv group, column within the group) of parameter indices of a grouped weight of ``shape``."""
+        return np.divmod(np.asarray(param_idx, dtype=np.int64), shape[1])
+
+    def _rows(self, block: int, shape: tuple[int, ...]) -> slice:
+        """The output rows of conv group ``block`` in a grouped weight of ``shape``."""
+        rows = shape[0] // self.groups
+        return slice(int(block) * rows, (int(block) + 1) * rows)
+
+    def block_of(self, param_idx) -> np.ndarray:
+        """The conv group that reads each parameter index: 0 for all unless the weight is grouped.
+        Parameter indices of one group can only be merged into each other."""
+        if self.groups == 1:
+            return np.zeros_like(np.asarray(param_idx, dtype=np.int64))
+        return self._locate(param_idx, self.tensor.shape)[0]
+
     def squared_norms(self) -> np.ndarray:
         """Sum of squares of the weights each *space index* owns in this constant."""
         values = np.asarray(self.tensor.values, dtype=np.float64)
         if self.groups > 1:
-            per = (values**2).reshape(values.shape[0], values.shape[1], -1).sum(axis=2)
-            per = per.reshape(self.groups, -1, per.shape[1]).sum(axis=1).reshape(-1)
-            return per[self.param]
+            per_column = (values**2).reshape(values.shape[0], values.shape[1], -1).sum(axis=2)
+            per_block = per_column.reshape(self.groups, -1, per_column.shape[1]).sum(axis=1)
+            return per_block[self._locate(self.param, values.shape)]
         moved = np.moveaxis(values, self.axis, 0).reshape(values.shape[self.axis], -1)
         return (moved**2).sum(axis=1)[self.param]
 
@@ -97,15 +115,38 @@ class ParamSlice:
         """``values`` without the given parameter indices along ``axis``."""
         if self.groups == 1:
             return np.delete(values, param_idx, axis=self.axis)
-        per_group = values.shape[1]
-        rows = values.shape[0] // self.groups
-        kept = []
-        for g in range(self.groups):
-            gone = [c - g * per_group for c in param_idx if g * per_group <= c < (g + 1) * per_group]
-            kept.append(np.delete(values[g * rows:(g + 1) * rows], gone, axis=1))
+        block, column = self._locate(param_idx, values.shape)
+        kept = [np.delete(values[self._rows(g, values.shape)], column[block == g], axis=1) for g in range(self.groups)]
         if len({k.shape[1] for k in kept}) != 1:
             raise ValueError("grouped weight lost unequal channel counts per group")
         return np.concatenate(kept, axis=0)
+
+    def columns(self, values: np.ndarray, param_idx: int) -> tuple[np.ndarray, np.ndarray]:
+        """The weights in ``values`` that read parameter index ``param_idx`` (a consumer's input
+        channel), as [outputs, k], and the output rows they belong to: every output, or only
+        its conv group's rows when the weight is grouped."""
+        if self.groups > 1:
+            block, column = self._locate(param_idx, values.shape)
+            rows = self._rows(block, values.shape)
+            return values[rows, column].reshape(rows.stop - rows.start, -1), np.arange(rows.start, rows.stop)
+        moved = np.moveaxis(values, self.axis, 0)[param_idx]  # Conv [out, k, k], Gemm/MatMul [out]
+        return moved.reshape(moved.shape[0], -1), np.arange(moved.shape[0])
+
+    def add_columns(self, values: np.ndarray, dst: int, src: int, scale: float) -> None:
+        """In place: the weights reading parameter index ``dst`` absorb ``scale`` times those
+        reading ``src`` (``dst == src`` with ``scale=-1`` zeroes them). A grouped weight is
+        left alone when ``dst`` and ``src`` are read by different conv groups."""
+        if self.groups > 1:
+            (block_dst, column_dst), (block_src, column_src) = (self._locate(i, values.shape) for i in (dst, src))
+            if block_dst != block_src:
+                return  # different conv groups: the kept unit cannot absorb this one
+            rows = self._rows(block_dst, values.shape)
+            values[rows, column_dst] += scale * values[rows, column_src]
+            return
+        index_dst = [slice(None)] * values.ndim
+        index_src = list(index_dst)
+        index_dst[self.axis], index_src[self.axis] = dst, src
+        values[tuple(index_dst)] += scale * values[tuple(index_src)]
 
 
 @dataclass
