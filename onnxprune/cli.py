@@ -19,6 +19,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from onnxprune import __version__
+from onnxprune.coupling import BlockKind, BlockReason
+from onnxprune.depgraph import ChannelGroup
 from onnxprune.errors import FidelityError, OnnxPruneError, UserError
 from onnxprune.ir import load_model_info, parse_input_shapes, save_model
 from onnxprune.passes.registry import METHODS
@@ -244,11 +246,11 @@ def run_inspect(argv: list[str]) -> int:
     model, _ = load_model_info(args.input)
     analysis = analyse(model, parse_input_shapes(args.input_shape),
                        {"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
-    rows = []
-    for g in analysis.dep.groups:
-        rows.append({"id": g.id, "name": g.name, "size": g.size, "spaces": len(g.spaces),
-                     "producers": [n.name for n in g.producers], "members": len(g.nodes),
-                     "prunable": g.prunable, "why": g.blocked})
+    groups = analysis.dep.groups
+    rows = [{"id": g.id, "name": g.name, "size": g.size, "spaces": len(g.spaces),
+             "producers": [n.name for n in g.producers], "members": len(g.nodes),
+             "prunable": g.prunable, "why": g.blocked, "reasons": [r.to_dict() for r in g.reasons]}
+            for g in groups]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -260,7 +262,33 @@ def run_inspect(argv: list[str]) -> int:
         status = "[green]prunable[/]" if r["prunable"] else f"[yellow]blocked[/]: {r['why'][0]}"
         table.add_row(str(r["id"]), r["name"], str(r["size"]), str(r["members"]), status)
     out.print(table)
+    kinds = _kinds_table(groups)
+    if kinds is not None:
+        out.print(kinds)
     return 0
+
+
+def _kinds_table(groups: list[ChannelGroup]) -> Table | None:
+    """Blocked groups by kind of refusal, most frequent first, each with its first example.
+    A group blocked for reasons of several kinds counts under each of them."""
+    examples: dict[BlockKind, BlockReason] = {}
+    counts: dict[BlockKind, int] = {}
+    for g in groups:
+        for reason in g.reasons:
+            if reason.kind not in examples:
+                examples[reason.kind] = reason
+        for kind in {r.kind for r in g.reasons}:
+            counts[kind] = counts.get(kind, 0) + 1
+    if not counts:
+        return None
+    table = Table(title="blocked groups by kind (a group counts under each kind it meets)", title_justify="left")
+    for col in ("kind", "groups", "example", "node"):
+        table.add_column(col, justify="right" if col == "groups" else "left")
+    order = list(BlockKind)
+    for kind in sorted(counts, key=lambda k: (-counts[k], order.index(k))):
+        example = examples[kind]
+        table.add_row(kind.value, str(counts[kind]), example.message, example.node or "-")
+    return table
 
 
 def _floats(text: str) -> list[float]:

@@ -20,7 +20,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 import onnxprune.rules  # noqa: F401  (registers the coupling rules)
-from onnxprune.coupling import PRODUCER, Coupling, ParamSlice, RuleContext, SpaceKey, rule_for
+from onnxprune.coupling import (
+    PRODUCER,
+    BlockKind,
+    BlockReason,
+    Coupling,
+    ParamSlice,
+    RuleContext,
+    SpaceKey,
+    blocked,
+    rule_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +55,19 @@ class ChannelGroup:
     #: For each space: (local index of each atom, unit of that atom).
     atoms: dict[SpaceKey, tuple[np.ndarray, np.ndarray]]
     members: list[Member]
-    blocked: list[str] = field(default_factory=list)
+    #: Why the group cannot be pruned, one refusal per distinct message; empty when it can.
+    reasons: list[BlockReason] = field(default_factory=list)
     #: Units with the same label must lose equal counts (grouped convolutions), or None.
     balance: np.ndarray | None = None
 
     @property
+    def blocked(self) -> list[str]:
+        """The refusals' messages (read-only: add to :attr:`reasons`)."""
+        return [r.message for r in self.reasons]
+
+    @property
     def prunable(self) -> bool:
-        return not self.blocked
+        return not self.reasons
 
     @property
     def producers(self) -> list[gs.Node]:
@@ -113,7 +129,8 @@ class DependencyGraph:
         self.ctx = RuleContext(graph, shapes, options)
         self.nx = nx.Graph()
         self.members: dict[SpaceKey, list[Member]] = defaultdict(list)
-        self.blocked: dict[SpaceKey, list[str]] = defaultdict(list)
+        #: Refusals met on each space, before they are gathered per group.
+        self.reasons: dict[SpaceKey, list[BlockReason]] = defaultdict(list)
         self._links: list[tuple[SpaceKey, SpaceKey, np.ndarray, np.ndarray]] = []
         self._discover()
         self.groups = self._form_groups()
@@ -139,20 +156,20 @@ class DependencyGraph:
             shape = self.ctx.shapes.get(name)
             if tensor is None or shape is None or axis >= len(shape):
                 self.nx.add_node(key, size=0)
-                self.blocked[key].append(f"tensor '{name}' has no known shape")
+                self.reasons[key].append(BlockReason(BlockKind.UNKNOWN_SHAPE, f"tensor '{name}' has no known shape"))
                 continue
             self.nx.add_node(key, size=shape[axis])
             if name in graph_inputs:
-                self.blocked[key].append(f"'{name}' is a graph input")
+                self.reasons[key].append(BlockReason(BlockKind.GRAPH_INPUT, f"'{name}' is a graph input"))
             if name in self.ctx.graph_outputs:
-                self.blocked[key].append(f"'{name}' is a graph output")
+                self.reasons[key].append(BlockReason(BlockKind.GRAPH_OUTPUT, f"'{name}' is a graph output"))
             for node in list(tensor.inputs) + list(tensor.outputs):
                 if (id(node), key) in asked:
                     continue
                 asked.add((id(node), key))
                 coupling = self._couple(node, tensor, axis)
-                if coupling.blocked:
-                    self.blocked[key].append(coupling.blocked)
+                if coupling.reason is not None:
+                    self.reasons[key].append(coupling.reason)
                 self.members[key].append(Member(node, key, coupling))
                 for link in coupling.links:
                     self.nx.add_edge(key, link.other)
@@ -162,12 +179,12 @@ class DependencyGraph:
     def _couple(self, node: gs.Node, tensor: gs.Tensor, axis: int) -> Coupling:
         rule = rule_for(node)
         if rule is None:
-            return Coupling(blocked=f"op {node.op} ('{node.name}') is not supported")
+            return blocked(BlockKind.UNSUPPORTED_OP, node, f"op {node.op} ('{node.name}') is not supported")
         try:
             return rule.couple(node, tensor, axis, self.ctx)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             # A rule that cannot read the node (missing shape, odd attribute) blocks, says why.
-            return Coupling(blocked=f"{node.op} '{node.name}' could not be analysed ({exc!r})")
+            return blocked(BlockKind.ANALYSIS_FAILURE, node, f"{node.op} '{node.name}' could not be analysed ({exc!r})")
 
     # -- grouping: atoms -> units -> groups ----------------------------------------------
     def _form_groups(self) -> list[ChannelGroup]:
@@ -240,9 +257,11 @@ class DependencyGraph:
             producers = g.producers
             g.name = ",".join(n.name for n in producers[:3]) + ("…" if len(producers) > 3 else "") or g.spaces[0][0]
             for s in g.spaces:
-                g.blocked.extend(r for r in self.blocked.get(s, []) if r not in g.blocked)
+                for reason in self.reasons.get(s, []):
+                    if reason.message not in g.blocked:  # the same refusal met from two spaces
+                        g.reasons.append(reason)
             if not producers:
-                g.blocked.append("no weight produces these channels")
+                g.reasons.append(BlockReason(BlockKind.NO_PRODUCER, "no weight produces these channels"))
             self._balance(g)
         # Graph order of a group's first producing node: stable ids for plans and reports.
         groups.sort(key=lambda g: min((order.get(id(self._producer(s)), -1), s) for s in g.spaces))
@@ -250,25 +269,30 @@ class DependencyGraph:
             g.id = i
 
     def _balance(self, group: ChannelGroup) -> None:
-        labels = []
+        labels, first = [], None
         for m in group.members:
             blocks = m.coupling.balanced
             if blocks <= 1:
                 continue
             local, unit = group.atoms[m.space]
             if len(local) != self.nx.nodes[m.space]["size"]:
-                group.blocked.append(f"grouped {m.node.op} '{m.node.name}' reads channels no weight produces")
+                group.reasons.append(BlockReason(BlockKind.GROUPED_PARTITION,
+                                                 f"grouped {m.node.op} '{m.node.name}' reads channels no weight produces",
+                                                 m.node.name))
                 return
             per_block = self.nx.nodes[m.space]["size"] // blocks
             label = np.full(group.size, -1)
             label[unit] = local // per_block
             labels.append(label)
+            first = m.node if first is None else first  # named when the partitions disagree
         if not labels:
             return
         combined = np.unique(np.stack(labels, axis=1), axis=0, return_inverse=True)[1].reshape(-1)
         counts = np.bincount(combined)
         if len(set(counts.tolist())) != 1:
-            group.blocked.append("grouped convolutions partition these channels in incompatible ways")
+            group.reasons.append(BlockReason(BlockKind.GROUPED_PARTITION,
+                                             "grouped convolutions partition these channels in incompatible ways",
+                                             first.name))
             return
         group.balance = combined
 

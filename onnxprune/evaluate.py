@@ -290,7 +290,7 @@ def pgd(grad_fn: GradientFn, x: np.ndarray, y: np.ndarray, eps_abs: float, step_
 
 
 # ------------------------------------------------------------------------------ classifier
-class _Classifier:
+class Classifier:
     """Sessions for one model, created once: outputs, predictions and input gradients."""
 
     def __init__(self, model: onnx.ModelProto, sample: np.ndarray, *, gradient: str, fd_step: float) -> None:
@@ -415,7 +415,7 @@ def _settings(epsilons, pgd_steps, pgd_epsilon, pgd_step_size, batch_size) -> tu
     return eps, pgd_eps
 
 
-def _evaluate(clf: _Classifier, x, y, eps, pgd_eps, *, pgd_steps, pgd_step_size, pgd_random_start, seed,
+def _evaluate(clf: Classifier, x, y, eps, pgd_eps, *, pgd_steps, pgd_step_size, pgd_random_start, seed,
               batch_size, progress: ProgressFn | None, started: float) -> tuple[EvalReport, np.ndarray]:
     n = len(x)
     lo, hi = float(x.min()), float(x.max())
@@ -479,7 +479,7 @@ def evaluate(model_or_path: onnx.ModelProto | str | Path, x: np.ndarray, y: np.n
     model, x, y = _prepare(model_or_path, x, y)
     eps, pgd_eps = _settings(epsilons, pgd_steps, pgd_epsilon, pgd_step_size, batch_size)
     h = fd_step * ((float(x.max()) - float(x.min())) or 1.0)
-    clf = _Classifier(model, x, gradient=gradient, fd_step=h)
+    clf = Classifier(model, x, gradient=gradient, fd_step=h)
     return _evaluate(clf, x, y, eps, pgd_eps, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
                      pgd_random_start=pgd_random_start, seed=seed, batch_size=batch_size, progress=progress,
                      started=started)[0]
@@ -510,7 +510,7 @@ def compare(original: onnx.ModelProto | str | Path, pruned: onnx.ModelProto | st
             if progress is not None:
                 progress(done + index * total, 2 * total, f"{name}: {label}")
 
-        clf = _Classifier(model, xm, gradient=gradient, fd_step=h)
+        clf = Classifier(model, xm, gradient=gradient, fd_step=h)
         report, out = _evaluate(clf, xm, ym, eps, pgd_eps, progress=sub_progress, started=time.perf_counter(),
                                 **settings)
         reports.append(report)

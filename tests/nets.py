@@ -13,11 +13,7 @@ import onnx
 import onnx.parser
 from onnx import helper, numpy_helper
 
-from onnxprune.ir import (
-    to_model,  # noqa: F401  (re-exported for tests)
-    toposort_nodes,
-)
-from onnxprune.pipeline import analyse  # noqa: F401
+from onnxprune.ir import toposort_nodes
 
 HEADER = '<ir_version: 8, opset_import: ["" : {opset}]>\n'
 
@@ -43,16 +39,19 @@ def from_text(text: str, inputs: tuple[str, ...] = ("x",), seed: int = 0, opset:
         model.graph.initializer.append(numpy_helper.from_array(np.asarray(data, dtype=dtype), value.name))
     del model.graph.input[:]
     model.graph.input.extend(keep)
-    _toposort(model.graph)
+    toposort_graph(model.graph)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def _toposort(g: onnx.GraphProto) -> None:
-    """Text is easier to write block by block; the checker wants producers first."""
+def toposort_graph(g: onnx.GraphProto) -> None:
+    """Put producers first, in place: text is easier to write block by block, and a test that
+    splices nodes into a graph appends them; the checker wants producers first."""
     ordered = toposort_nodes(list(g.node), {i.name for i in g.input} | {t.name for t in g.initializer})
     del g.node[:]
     g.node.extend(ordered)
+
+
 
 
 def conv_bn(name: str, x: str, cin: int, cout: int, k: int = 3, group: int = 1, relu: bool = True) -> tuple[str, str]:

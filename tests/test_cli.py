@@ -47,6 +47,25 @@ def test_inspect_lists_every_group(capsys, model_path):
     groups = json.loads(stdout)
     assert len(groups) == 6 and sum(g["prunable"] for g in groups) == 4
     assert any("graph input" in why for g in groups for why in g["why"])
+    for g in groups:  # each message once more, with its kind and node
+        assert [r["message"] for r in g["reasons"]] == g["why"]
+    reasons = {r["message"]: r for g in groups for r in g["reasons"]}
+    assert reasons["'x' is a graph input"]["kind"] == "graph_input" and reasons["'x' is a graph input"]["node"] is None
+
+
+def test_inspect_summarises_blocked_groups_by_kind(capsys, tmp_path):
+    model = nets.from_text("net (float[1,4,8,8] x, float[8,4,3,3] c1_w, float[6,8,3,3] c2_w) => (float[1,6,8,8] y) {\n"
+                           "  h = Conv<pads=[1,1,1,1]>(x, c1_w)\n  o = LRN<size=3>(h)\n"
+                           "  y = Conv<pads=[1,1,1,1]>(o, c2_w)\n}")
+    path = tmp_path / "lrn.onnx"
+    onnx.save(model, str(path))
+    code, stdout, _ = run(capsys, "inspect", path, "--json")
+    lrn = [r for g in json.loads(stdout) for r in g["reasons"] if r["kind"] == "cross_channel"]
+    assert code == 0 and lrn and all(r["node"].startswith("LRN") and r["node"] in r["message"] for r in lrn)
+    code, stdout, _ = run(capsys, "inspect", path)
+    summary = stdout[stdout.index("blocked groups by kind"):]
+    assert code == 0 and "cross_channel" in summary and "graph_input" in summary and "graph_output" in summary
+    assert "LRN_" in summary  # the example names its node
 
 
 def test_dry_run_writes_nothing(capsys, model_path, tmp_path):

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune.evaluate as ev
 from onnxprune.errors import UserError
 from onnxprune.evaluate import (
+    Classifier,
     CompareReport,
     EvalReport,
     compare,
@@ -149,7 +150,7 @@ def test_missing_rule_falls_back_to_finite_differences(monkeypatch, caplog):
 def test_finite_differences_agree_with_graph_gradient():
     x, y = _data(8)
     model = _mlp(seed=2)
-    clf = ev._Classifier(model, x, gradient="auto", fd_step=1e-3)
+    clf = Classifier(model, x, gradient="auto", fd_step=1e-3)
     exact = clf.gradient(x, y)
     fd = finite_difference_gradient(clf.sess, x, y, 1e-3)
     np.testing.assert_allclose(fd, exact, atol=2e-3 * np.abs(exact).max())
@@ -178,8 +179,8 @@ def test_fixed_batch_matches_dynamic_batch(batch, reshape_batch_one, caplog):
 
 def test_finite_differences_on_fixed_batch_model():
     x, y = _data(5)
-    clf = ev._Classifier(_mlp(seed=5), x, gradient="graph", fd_step=1e-3)
-    fixed = ev._Classifier(_mlp(seed=5, fixed_batch=4, reshape_batch_one=True), x, gradient="finite-difference",
+    clf = Classifier(_mlp(seed=5), x, gradient="graph", fd_step=1e-3)
+    fixed = Classifier(_mlp(seed=5, fixed_batch=4, reshape_batch_one=True), x, gradient="finite-difference",
                            fd_step=1e-3)
     assert fixed.fixed == 4 and fixed.method == "finite-difference"
     exact = clf.gradient(x, y)

@@ -21,7 +21,7 @@ def _with_deviation(model: onnx.ModelProto, tensor: str, shape) -> onnx.ModelPro
                 node.input[i] = f"{tensor}_dev"
     m.graph.input.append(helper.make_tensor_value_info("delta", onnx.TensorProto.FLOAT, list(shape)))
     m.graph.node.insert(0, helper.make_node("Add", [tensor, "delta"], [f"{tensor}_dev"]))
-    nets._toposort(m.graph)
+    nets.toposort_graph(m.graph)
     return m
 
 

@@ -71,7 +71,7 @@ def test_weights_behind_constant_of_shape_identity_and_cast_chains_are_folded():
     model.graph.node.append(helper.make_node("Add", ["r2s_pre", "zeros16b"], ["r2s"]))
     model.graph.node.append(helper.make_node("Reshape", ["zeros16", "shape3"], ["zeros16b"]))
     model.graph.initializer.append(numpy_helper.from_array(np.array([16, 1, 1], np.int64), "shape3"))
-    nets._toposort(model.graph)
+    nets.toposort_graph(model.graph)
     onnx.checker.check_model(model, full_check=True)
     analysis = analyse(model)
     assert {n.op for n in analysis.graph.nodes}.isdisjoint({"Cast", "Identity", "ConstantOfShape"})

@@ -8,7 +8,9 @@ import nets
 import pytest
 from exactness import assert_exact
 
+from onnxprune.coupling import BlockKind
 from onnxprune.pipeline import analyse
+from onnxprune.rules.opsets import SOFTMAX_AXES, OpsetTable, placement
 
 CONSTS = ("float[8,4,3,3] c1_w, float[8] c1_b, float[6,{cin},3,3] c2_w, float[10,6] fc_w, float[10] fc_b")
 
@@ -174,3 +176,97 @@ def test_graph_input_and_output_groups_are_never_pruned():
     reasons = [r for g in dep.groups for r in g.blocked]
     assert any("'x' is a graph input" in r for r in reasons)
     assert any("'y' is a graph output" in r for r in reasons)
+
+
+def _producer_group(analysis, tensor: str):
+    return next(g for g in analysis.dep.groups if any(n.outputs[0].name == tensor for n in g.producers))
+
+
+#: family -> (op text, the kind of refusal, the op type of the node that refuses)
+KINDS = {
+    "op without a rule": (BLOCKED["op without a rule"][0], BlockKind.UNSUPPORTED_OP, "Einsum"),
+    "LRN": (BLOCKED["LRN"][0], BlockKind.CROSS_CHANNEL, "LRN"),
+    "Softmax over channels": (BLOCKED["Softmax over channels"][0], BlockKind.CROSS_CHANNEL, "Softmax"),
+    "Reshape scattering channels": (BLOCKED["Reshape scattering channels"][0], BlockKind.AXIS_LAYOUT, "Reshape"),
+    "Resize to sizes read at run time": ("  sz = Shape(h)\n  o = Resize<mode=\"nearest\">(h, , , sz)",
+                                         BlockKind.RUNTIME_SHAPE, "Resize"),
+    "channel count read at run time": ("  sz = Shape(h)\n  o = Resize<mode=\"nearest\">(h, , , sz)",
+                                       BlockKind.RUNTIME_SHAPE, "Shape"),
+    "MaxPool indices in use": ("  p, idx = MaxPool<kernel_shape=[1,1]>(h)\n  fi = Cast<to=1>(idx)\n  o = Add(p, fi)",
+                               BlockKind.EXTRA_OUTPUT, "MaxPool"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(KINDS))
+def test_refusal_names_its_kind_and_node(family):
+    op_text, kind, op = KINDS[family]
+    analysis = analyse(sandwich(op_text))
+    group = _producer_group(analysis, "h")
+    node = next(n.name for n in analysis.graph.nodes if n.op == op)
+    found = [r for r in group.reasons if r.kind is kind and r.node == node]
+    assert found, group.reasons
+    assert node in found[0].message  # the message users read names the same node
+    assert group.blocked == [r.message for r in group.reasons] and not group.prunable
+
+
+def test_graph_input_and_output_refusals_have_kinds_and_no_node():
+    dep = analyse(sandwich("  o = Relu(h)")).dep
+    reasons = {r.message: r for g in dep.groups for r in g.reasons}
+    assert reasons["'x' is a graph input"].kind is BlockKind.GRAPH_INPUT
+    assert reasons["'y' is a graph output"].kind is BlockKind.GRAPH_OUTPUT
+    assert reasons["no weight produces these channels"].kind is BlockKind.NO_PRODUCER
+    assert all(r.node is None for r in reasons.values())
+
+
+def test_incompatible_grouped_convolutions_name_a_grouped_conv():
+    text = ("net (float[1,4,8,8] x, float[12,4,3,3] c1_w, float[6,6,3,3] a_w, float[6,4,3,3] b_w, float[10,6] fc_w,"
+            " float[10] fc_b) => (float[1,10] y) {\n  h = Conv<pads=[1,1,1,1]>(x, c1_w)\n"
+            "  za = Conv<pads=[1,1,1,1], group=2>(h, a_w)\n  zb = Conv<pads=[1,1,1,1], group=3>(h, b_w)\n"
+            "  z = Add(za, zb)\n  g = GlobalAveragePool(z)\n  f = Flatten(g)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n}")
+    analysis = analyse(nets.from_text(text))
+    (reason,) = _producer_group(analysis, "h").reasons
+    grouped = {n.name for n in analysis.graph.nodes if n.op == "Conv" and n.attrs.get("group", 1) > 1}
+    assert reason.kind is BlockKind.GROUPED_PARTITION and reason.node in grouped
+    assert reason.message == "grouped convolutions partition these channels in incompatible ways"
+
+
+def test_blocked_messages_are_derived_from_reasons():
+    group = _producer_group(analyse(sandwich(BLOCKED["LRN"][0])), "h")
+    group.blocked.append("ignored")  # a fresh list each time: the reasons are the only state
+    assert group.blocked == [r.message for r in group.reasons]
+    assert group.reasons[0].to_dict() == {"kind": "cross_channel", "message": group.blocked[0],
+                                          "node": group.reasons[0].node}
+
+
+def test_opset_table_picks_the_newest_version_not_after_the_opset():
+    table = OpsetTable({13: "new", 1: "old"})
+    assert [table.at(v) for v in (0, 1, 12, 13, 21)] == ["old", "old", "old", "new", "new"]
+    assert SOFTMAX_AXES.at(11).through_last and not SOFTMAX_AXES.at(13).through_last
+    assert placement("Split", "split", 11).attribute == "split" and placement("Split", "split", 13).slot == 1
+
+
+@pytest.mark.parametrize("opset, prunable", [(11, False), (17, True)])
+def test_softmax_default_axis_follows_the_opset(opset, prunable):
+    """Before opset 13 Softmax normalises over every axis from 1 on (channels too); from 13 on
+    over the last axis only."""
+    model = sandwich("  o = Softmax(h)", opset=opset)
+    group = _producer_group(analyse(model), "h")
+    assert group.prunable == prunable, group.blocked
+    if prunable:
+        assert_exact(model, group.id, [1, 4])
+    else:
+        assert group.reasons[0].kind is BlockKind.CROSS_CHANNEL
+
+
+@pytest.mark.parametrize("opset, split_text, where", [
+    (11, "Split<axis=1, split=[3,5]>(h)", "attribute"),
+    (18, "Split<axis=1, num_outputs=2>(h)", "input"),
+])
+def test_pruned_split_sizes_go_where_the_opset_keeps_them(opset, split_text, where):
+    model = sandwich(f"  a, b = {split_text}\n  ra = Relu(a)\n  o = Concat<axis=1>(b, ra)", opset=opset)
+    group = _producer_group(analyse(model), "h")  # one piece of the split channels
+    assert group.prunable, group.blocked
+    pruned = assert_exact(model, group.id, [0])
+    (split,) = [n for n in pruned.graph.node if n.op_type == "Split"]
+    attributes = {a.name for a in split.attribute}
+    assert ("split" in attributes) == (where == "attribute") and (len(split.input) == 2) == (where == "input")

@@ -17,6 +17,7 @@ from onnxprune.coupling import (
     CONSUMER,
     PASSIVE,
     PRODUCER,
+    BlockKind,
     Coupling,
     Link,
     OpRule,
@@ -39,10 +40,10 @@ def batched_matmul(node: gs.Node, tensor: gs.Tensor, axis: int, ctx: RuleContext
     """
     a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
     if a.name == b.name:
-        return blocked(f"MatMul '{node.name}' multiplies an activation by itself")
+        return blocked(BlockKind.UNSUPPORTED_FORM, node, f"MatMul '{node.name}' multiplies an activation by itself")
     ra, rb, ry = len(ctx.shape(a)), len(ctx.shape(b)), len(ctx.shape(y))
     if min(ra, rb) < 2:
-        return blocked(f"MatMul '{node.name}' has a vector operand")
+        return blocked(BlockKind.UNSUPPORTED_FORM, node, f"MatMul '{node.name}' has a vector operand")
 
     def source(rank: int, side: str, out_axis: int) -> int | None:
         """The axis of an operand (side "a" or "b") that output axis ``out_axis`` comes from."""
@@ -62,7 +63,7 @@ def batched_matmul(node: gs.Node, tensor: gs.Tensor, axis: int, ctx: RuleContext
             return _contracted(node, tensor, axis, ctx)
     size = ctx.shape(tensor)[axis]
     if ctx.shape(y)[out_axis] != size:
-        return blocked(f"MatMul '{node.name}' broadcasts this axis")
+        return blocked(BlockKind.BROADCAST, node, f"MatMul '{node.name}' broadcasts this axis")
     links = [] if tensor.name == y.name else [same((y.name, out_axis), size)]
     for operand, side, rank in ((a, "a", ra), (b, "b", rb)):
         k = source(rank, side, out_axis)
@@ -71,7 +72,7 @@ def batched_matmul(node: gs.Node, tensor: gs.Tensor, axis: int, ctx: RuleContext
         if ctx.shape(operand)[k] == size:
             links.append(same((operand.name, k), size))
         elif ctx.shape(operand)[k] != 1:
-            return blocked(f"MatMul '{node.name}' broadcasts this axis")
+            return blocked(BlockKind.BROADCAST, node, f"MatMul '{node.name}' broadcasts this axis")
     return Coupling(PASSIVE, links)
 
 
@@ -81,12 +82,12 @@ def _contracted(node: gs.Node, tensor: gs.Tensor, axis: int, ctx: RuleContext) -
     is zero. Followed only for head-size pruning (``prune_head_dim``), where it ties the head
     size of Q to that of K."""
     if not ctx.options.get("prune_head_dim"):
-        return blocked(f"MatMul '{node.name}' contracts this axis of two activations")
+        return blocked(BlockKind.OPT_IN, node, f"MatMul '{node.name}' contracts this axis of two activations")
     a, b = node.inputs[0], node.inputs[1]
     other, other_axis = (b, len(ctx.shape(b)) - 2) if tensor.name == a.name else (a, len(ctx.shape(a)) - 1)
     size = ctx.shape(tensor)[axis]
     if ctx.shape(other)[other_axis] != size:
-        return blocked(f"MatMul '{node.name}' contracts axes of different sizes")
+        return blocked(BlockKind.UNSUPPORTED_FORM, node, f"MatMul '{node.name}' contracts axes of different sizes")
     return Coupling(PASSIVE, [same((other.name, other_axis), size)])
 
 
@@ -123,9 +124,9 @@ class OrtAttentionRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         weight = ctx.const(node.inputs[1])
         if weight is None or (_present(node, 2) and ctx.const(node.inputs[2]) is None):
-            return blocked(f"Attention '{node.name}' has weights computed at run time")
+            return blocked(BlockKind.RUNTIME_PARAMETER, node, f"Attention '{node.name}' has weights computed at run time")
         if any(out.outputs for out in node.outputs[1:]) or _present(node, 4) or _present(node, 6):
-            return blocked(f"Attention '{node.name}' uses a key/value cache (past/present)")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node, f"Attention '{node.name}' uses a key/value cache (past/present)")
         x, y = node.inputs[0], node.outputs[0]
         if tensor.name == x.name and axis == 2:
             return Coupling(CONSUMER, params=[slice_all(node.inputs[1], 0, weight.shape[0], "weight")])
@@ -133,13 +134,15 @@ class OrtAttentionRule(OpRule):
             other = (y.name, axis) if tensor.name == x.name else (x.name, axis)
             return Coupling(PASSIVE, [same(other, ctx.shape(tensor)[axis])])
         if tensor.name != y.name:
-            return blocked(f"Attention '{node.name}' reads a mask or bias that onnxprune does not slice")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node,
+                           f"Attention '{node.name}' reads a mask or bias that onnxprune does not slice")
         if _present(node, 5):
-            return blocked(f"Attention '{node.name}' adds a per-head attention bias")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node, f"Attention '{node.name}' adds a per-head attention bias")
         heads = _heads(node)
         q, k, v = self._sizes(node, ctx)
         if q % heads or k % heads or v % heads or q != k:
-            return blocked(f"Attention '{node.name}' has Q, K, V widths that do not split into {heads} heads")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node,
+                           f"Attention '{node.name}' has Q, K, V widths that do not split into {heads} heads")
         dq, dv = q // heads, v // heads
         head_of_v = identity(v) // dv
         # Every column of W (and bias) is owned by the first output channel of its head.
@@ -171,11 +174,13 @@ class OrtMultiHeadAttentionRule(OpRule):
         names = [t.name for t in node.inputs[:3]]
         y = node.outputs[0]
         if any(out.outputs for out in node.outputs[1:]) or any(_present(node, s) for s in (5, 6, 7)):
-            return blocked(f"MultiHeadAttention '{node.name}' uses an attention bias or a key/value cache")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node,
+                           f"MultiHeadAttention '{node.name}' uses an attention bias or a key/value cache")
         if not all(names) or any(len(ctx.shape(node.inputs[s])) != 3 for s in range(3)):
-            return blocked(f"MultiHeadAttention '{node.name}' takes packed or pre-split heads")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node, f"MultiHeadAttention '{node.name}' takes packed or pre-split heads")
         if tensor.name not in names + [y.name]:
-            return blocked(f"MultiHeadAttention '{node.name}' reads a mask that onnxprune does not slice")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node,
+                           f"MultiHeadAttention '{node.name}' reads a mask that onnxprune does not slice")
         if axis != 2:  # batch and sequence: the query's are the output's
             size = ctx.shape(tensor)[axis]
             return Coupling(PASSIVE, [same((n, axis), size) for n in (names[0], y.name)
@@ -183,7 +188,8 @@ class OrtMultiHeadAttentionRule(OpRule):
         heads = _heads(node)
         q, v = ctx.shape(node.inputs[0])[2], ctx.shape(node.inputs[2])[2]
         if q % heads or v % heads or ctx.shape(node.inputs[1])[2] != q:
-            return blocked(f"MultiHeadAttention '{node.name}' has widths that do not split into {heads} heads")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node,
+                           f"MultiHeadAttention '{node.name}' has widths that do not split into {heads} heads")
         dq, dv = q // heads, v // heads
         out_key = (y.name, 2)
         # Everything is expressed on the output's channels: one unit per head.
@@ -191,7 +197,8 @@ class OrtMultiHeadAttentionRule(OpRule):
         for name in names[:2]:
             links.append(Link((name, 2), (identity(q) // dq) * dv, identity(q)))
         if _present(node, 3) and ctx.const(node.inputs[3]) is None:
-            return blocked(f"MultiHeadAttention '{node.name}' adds a bias computed at run time")
+            return blocked(BlockKind.RUNTIME_PARAMETER, node,
+                           f"MultiHeadAttention '{node.name}' adds a bias computed at run time")
         if tensor.name != y.name:  # asked from an input: its tie to the output's heads
             here_is_v = tensor.name == names[2]
             there = identity(v) if here_is_v else (identity(q) // dq) * dv

@@ -8,7 +8,7 @@ go), and the fused ops onnxprune does not prune through, blocked with their reas
 
 from __future__ import annotations
 
-from onnxprune.coupling import PASSIVE, PRODUCER, Coupling, OpRule, blocked, register, same, slice_all
+from onnxprune.coupling import PASSIVE, PRODUCER, BlockKind, Coupling, OpRule, blocked, register, same, slice_all
 
 MS = "com.microsoft::"
 
@@ -28,19 +28,20 @@ class FusedActivationRule(OpRule):
         skip = node.inputs[2] if node.op == "BiasAdd" and _present(node, 2) else None
         data = [t for t in (x, skip, y) if t is not None]
         if tensor.name not in {t.name for t in data}:
-            return blocked(f"{node.op} '{node.name}' takes its bias from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"{node.op} '{node.name}' takes its bias from a channel tensor")
         size = ctx.shape(tensor)[axis]
         links = [same((t.name, axis), size) for t in data if t.name != tensor.name]
         params = []
         if bias is not None and axis == len(ctx.shape(y)) - 1:
             if ctx.const(bias) is None:
-                return blocked(f"{node.op} '{node.name}' adds a bias computed at run time")
+                return blocked(BlockKind.RUNTIME_PARAMETER, node, f"{node.op} '{node.name}' adds a bias computed at run time")
             params.append(slice_all(bias, 0, size, "shift"))
         return Coupling(PASSIVE, links, params)
 
 
 def _hidden_off(node) -> Coupling:
-    return blocked(f"{node.op} '{node.name}' normalises over this axis (the prune_hidden option prunes it, "
+    return blocked(BlockKind.OPT_IN, node,
+                   f"{node.op} '{node.name}' normalises over this axis (the prune_hidden option prunes it, "
                    "approximately)")
 
 
@@ -55,9 +56,10 @@ class SkipLayerNormRule(OpRule):
         if len(node.outputs) > 3 and node.outputs[3].outputs:
             data.append(node.outputs[3])
         if any(out.outputs for out in node.outputs[1:3]):
-            return blocked(f"{node.op} '{node.name}' statistics outputs are used")
+            return blocked(BlockKind.EXTRA_OUTPUT, node, f"{node.op} '{node.name}' statistics outputs are used")
         if tensor.name not in {t.name for t in data}:
-            return blocked(f"{node.op} '{node.name}' takes its parameters from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node,
+                           f"{node.op} '{node.name}' takes its parameters from a channel tensor")
         size = ctx.shape(tensor)[axis]
         links = [same((t.name, axis), size) for t in data if t.name != tensor.name]
         if axis != len(ctx.shape(node.outputs[0])) - 1:
@@ -71,7 +73,7 @@ class SkipLayerNormRule(OpRule):
             if not _present(node, slot):
                 continue
             if ctx.const(node.inputs[slot]) is None:
-                return blocked(f"{node.op} '{node.name}' has parameters computed at run time")
+                return blocked(BlockKind.RUNTIME_PARAMETER, node, f"{node.op} '{node.name}' has parameters computed at run time")
             params.append(slice_all(node.inputs[slot], 0, size, kind))
         return Coupling(PASSIVE, links, params)
 
@@ -85,11 +87,13 @@ class EmbedLayerNormRule(OpRule):
         y = node.outputs[0]
         outputs = [y] + ([node.outputs[2]] if len(node.outputs) > 2 and node.outputs[2].outputs else [])
         if tensor.name not in {t.name for t in outputs}:
-            return blocked(f"EmbedLayerNormalization '{node.name}' reads token ids, not channels")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node,
+                           f"EmbedLayerNormalization '{node.name}' reads token ids, not channels")
         size = ctx.shape(tensor)[axis]
         links = [same((t.name, axis), size) for t in outputs if t.name != tensor.name]
         if axis != len(ctx.shape(y)) - 1:
-            return blocked(f"EmbedLayerNormalization '{node.name}' builds this axis from its token ids")
+            return blocked(BlockKind.AXIS_LAYOUT, node,
+                           f"EmbedLayerNormalization '{node.name}' builds this axis from its token ids")
         if not ctx.options.get("prune_hidden"):
             return _hidden_off(node)
         params = []
@@ -97,7 +101,8 @@ class EmbedLayerNormRule(OpRule):
             if not _present(node, slot):
                 continue
             if ctx.const(node.inputs[slot]) is None:
-                return blocked(f"EmbedLayerNormalization '{node.name}' has tables computed at run time")
+                return blocked(BlockKind.RUNTIME_PARAMETER, node,
+                               f"EmbedLayerNormalization '{node.name}' has tables computed at run time")
             params.append(slice_all(node.inputs[slot], ctx.const(node.inputs[slot]).ndim - 1, size, kind))
         return Coupling(PRODUCER, links, params)
 
@@ -128,7 +133,8 @@ class _Unsupported(OpRule):
     reason = ""
 
     def couple(self, node, tensor, axis, ctx):
-        return blocked(f"com.microsoft {node.op} '{node.name}' {self.reason}: onnxprune does not prune through it")
+        return blocked(BlockKind.UNSUPPORTED_OP, node,
+                       f"com.microsoft {node.op} '{node.name}' {self.reason}: onnxprune does not prune through it")
 
 
 for _op, _why in _NOT_PRUNED.items():

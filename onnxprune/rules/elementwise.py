@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.coupling import PASSIVE, Coupling, OpRule, blocked, register, same, slice_all
+from onnxprune.coupling import PASSIVE, BlockKind, Coupling, OpRule, blocked, register, same, slice_all
+from onnxprune.rules.opsets import SOFTMAX_AXES
 
 
 def _through(node, tensor, axis, ctx, out_axis=None) -> Coupling:
@@ -28,9 +29,9 @@ def _only_first_output_used(node) -> bool:
 class UnaryRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         if tensor.name != node.inputs[0].name and tensor.name != node.outputs[0].name:
-            return blocked(f"{node.op} '{node.name}' uses a channel tensor as a parameter")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"{node.op} '{node.name}' uses a channel tensor as a parameter")
         if not _only_first_output_used(node):
-            return blocked(f"{node.op} '{node.name}' has a second output in use")
+            return blocked(BlockKind.EXTRA_OUTPUT, node, f"{node.op} '{node.name}' has a second output in use")
         return _through(node, tensor, axis, ctx)
 
 
@@ -48,7 +49,7 @@ class BroadcastRule(OpRule):
         out_axis = axis if tensor.name == out.name else axis + rank - len(ctx.shape(tensor))
         size = out_shape[out_axis]
         if ctx.shape(tensor)[axis] != size:
-            return blocked(f"{node.op} '{node.name}' broadcasts one channel over {size}")
+            return blocked(BlockKind.BROADCAST, node, f"{node.op} '{node.name}' broadcasts one channel over {size}")
         kind = "weight" if node.op in self._SCALES else "shift"
         links, params = [], []
         for operand in node.inputs:
@@ -69,9 +70,9 @@ class BroadcastRule(OpRule):
 class PoolRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         if axis >= 2:
-            return blocked(f"{node.op} '{node.name}' pools over this axis")
+            return blocked(BlockKind.CROSS_CHANNEL, node, f"{node.op} '{node.name}' pools over this axis")
         if not _only_first_output_used(node):
-            return blocked(f"{node.op} '{node.name}' uses its indices output")
+            return blocked(BlockKind.EXTRA_OUTPUT, node, f"{node.op} '{node.name}' uses its indices output")
         return _through(node, tensor, axis, ctx)
 
 
@@ -85,13 +86,13 @@ def _pads(node, ctx):
 class PadRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         if tensor.name not in (node.inputs[0].name, node.outputs[0].name):
-            return blocked(f"Pad '{node.name}' reads its pads from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Pad '{node.name}' reads its pads from a channel tensor")
         pads = _pads(node, ctx)
         if pads is None or (len(node.inputs) > 3 and node.inputs[3].name):
-            return blocked(f"Pad '{node.name}' has pads computed at run time or explicit axes")
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Pad '{node.name}' has pads computed at run time or explicit axes")
         rank = len(ctx.shape(node.inputs[0]))
         if pads[axis] != 0 or pads[axis + rank] != 0:
-            return blocked(f"Pad '{node.name}' pads the channel axis")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"Pad '{node.name}' pads the channel axis")
         return _through(node, tensor, axis, ctx)
 
 
@@ -99,12 +100,12 @@ class PadRule(OpRule):
 class ResizeRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         if tensor.name not in (node.inputs[0].name, node.outputs[0].name):
-            return blocked(f"{node.op} '{node.name}' reads its sizes from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"{node.op} '{node.name}' reads its sizes from a channel tensor")
         if ctx.shape(node.inputs[0])[axis] != ctx.shape(node.outputs[0])[axis]:
-            return blocked(f"{node.op} '{node.name}' resizes this axis")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"{node.op} '{node.name}' resizes this axis")
         sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name else None
         if sizes is not None and ctx.const(sizes) is None:
-            return blocked(f"Resize '{node.name}' has sizes computed at run time")
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Resize '{node.name}' has sizes computed at run time")
         return _through(node, tensor, axis, ctx)
 
     def rewrite(self, node, removed, ctx):
@@ -119,17 +120,16 @@ class ResizeRule(OpRule):
 
 def _softmax_axes(node, ctx) -> set[int]:
     rank = len(ctx.shape(node.inputs[0]))
-    opset = ctx.graph.opset
-    default = -1 if opset >= 13 else 1
-    first = int(node.attrs.get("axis", default)) % rank
-    return {first} if opset >= 13 else set(range(first, rank))
+    axes = SOFTMAX_AXES.at(ctx.graph.opset)
+    first = int(node.attrs.get("axis", axes.default)) % rank
+    return set(range(first, rank)) if axes.through_last else {first}
 
 
 @register("Softmax", "LogSoftmax", "Hardmax")
 class SoftmaxRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         if axis in _softmax_axes(node, ctx):
-            return blocked(f"{node.op} '{node.name}' normalises over this axis")
+            return blocked(BlockKind.CROSS_CHANNEL, node, f"{node.op} '{node.name}' normalises over this axis")
         return _through(node, tensor, axis, ctx)
 
 
@@ -143,17 +143,17 @@ class ReduceRule(OpRule):
         elif len(node.inputs) > 1 and node.inputs[1].name:
             value = ctx.const(node.inputs[1])
             if value is None:
-                return blocked(f"{node.op} '{node.name}' reduces over axes computed at run time")
+                return blocked(BlockKind.RUNTIME_SHAPE, node, f"{node.op} '{node.name}' reduces over axes computed at run time")
             axes = [int(a) for a in value.ravel()]
         else:
             axes = node.attrs.get("axes")
         if not axes:
-            return blocked(f"{node.op} '{node.name}' reduces over every axis")
+            return blocked(BlockKind.CROSS_CHANNEL, node, f"{node.op} '{node.name}' reduces over every axis")
         axes = sorted(a % rank for a in axes)
         keep = int(node.attrs.get("keepdims", 1))
         if tensor.name == node.inputs[0].name:
             if axis in axes:
-                return blocked(f"{node.op} '{node.name}' reduces over this axis")
+                return blocked(BlockKind.CROSS_CHANNEL, node, f"{node.op} '{node.name}' reduces over this axis")
             out_axis = axis if keep else axis - sum(a < axis for a in axes)
             return Coupling(PASSIVE, [same((node.outputs[0].name, out_axis), ctx.shape(tensor)[axis])])
         in_axis = axis if keep else [a for a in range(rank) if a not in axes][axis]

@@ -5,15 +5,31 @@ is in :mod:`onnxprune.rules.reshape`, Shape in :mod:`onnxprune.rules.shape_expr`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.coupling import PASSIVE, PRODUCER, Coupling, Link, OpRule, blocked, identity, register, same, slice_all
+from onnxprune.coupling import (
+    PASSIVE,
+    PRODUCER,
+    BlockKind,
+    Coupling,
+    Link,
+    OpRule,
+    RuleContext,
+    blocked,
+    identity,
+    register,
+    same,
+    slice_all,
+)
+from onnxprune.rules.opsets import placement
 from onnxprune.rules.shape_expr import input_elements, shape_elements
 
 
-def _axis(node, rank: int, default: int = 0) -> int:
+def attribute_axis(node: gs.Node, rank: int, default: int = 0) -> int:
+    """The node's ``axis`` attribute as an axis of a rank-``rank`` tensor (negative counts from the end)."""
     return int(node.attrs.get("axis", default)) % rank
 
 
@@ -23,7 +39,7 @@ class ConcatRule(OpRule):
 
     def couple(self, node, tensor, axis, ctx):
         out = node.outputs[0]
-        cat = _axis(node, len(ctx.shape(out)))
+        cat = attribute_axis(node, len(ctx.shape(out)))
         links, params, offset = [], [], 0
         is_output = tensor.name == out.name
         for operand in node.inputs:
@@ -50,7 +66,7 @@ class ConcatRule(OpRule):
 
 def _split_sizes(node, ctx) -> list[int] | None:
     rank = len(ctx.shape(node.inputs[0]))
-    axis = _axis(node, rank)
+    axis = attribute_axis(node, rank)
     if len(node.inputs) > 1 and node.inputs[1].name:
         return _static_ints(node, 1, ctx)
     if "split" in node.attrs:
@@ -63,11 +79,11 @@ class SplitRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x = node.inputs[0]
         if tensor.name != x.name and tensor.name not in {o.name for o in node.outputs}:
-            return blocked(f"Split '{node.name}' reads its sizes from a channel tensor")
-        split_axis = _axis(node, len(ctx.shape(x)))
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Split '{node.name}' reads its sizes from a channel tensor")
+        split_axis = attribute_axis(node, len(ctx.shape(x)))
         sizes = _split_sizes(node, ctx)
         if sizes is None:
-            return blocked(f"Split '{node.name}' has sizes that depend on the input shapes")
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Split '{node.name}' has sizes that depend on the input shapes")
         links, offset = [], 0
         for out, size in zip(node.outputs, sizes):
             span = identity(size)
@@ -85,18 +101,19 @@ class SplitRule(OpRule):
         return Coupling(PASSIVE, links)
 
     def rewrite(self, node, removed, ctx):
-        split_axis = _axis(node, len(ctx.shape(node.inputs[0])))
+        split_axis = attribute_axis(node, len(ctx.shape(node.inputs[0])))
         if (node.inputs[0].name, split_axis) not in removed:
             return
         old = _split_sizes(node, ctx)
         new = [s - len(removed.get((o.name, split_axis), ())) for o, s in zip(node.outputs, old)]
+        place = placement("Split", "split", ctx.graph.opset)
         if len(node.inputs) > 1 and node.inputs[1].name:
             node.inputs[1] = gs.Constant(f"{node.name}_split_sizes", np.asarray(new, dtype=np.int64))
-        elif ctx.graph.opset >= 13:
+        elif place.is_input:
             node.attrs.pop("num_outputs", None)
             node.inputs.append(gs.Constant(f"{node.name}_split_sizes", np.asarray(new, dtype=np.int64)))
         else:
-            node.attrs["split"] = new
+            node.attrs[place.attribute] = new
 
 
 def _static_ints(node, slot: int, ctx) -> list[int] | None:
@@ -111,19 +128,26 @@ def _static_ints(node, slot: int, ctx) -> list[int] | None:
     return [e.value for e in elements]
 
 
-def _slice_params(node, ctx):
-    """starts, ends, axes, steps as lists, or None when any depends on the input shapes."""
+class SliceBounds(NamedTuple):
+    starts: list[int]
+    ends: list[int]
+    axes: list[int]
+    steps: list[int]
+
+
+def slice_params(node: gs.Node, ctx: RuleContext) -> SliceBounds | None:
+    """A Slice's starts, ends, axes and steps, or None when any depends on the input shapes."""
     if len(node.inputs) == 1:  # opset < 10: attributes
         a = node.attrs
         starts, ends = list(a["starts"]), list(a["ends"])
-        return starts, ends, list(a.get("axes", range(len(starts)))), [1] * len(starts)
+        return SliceBounds(starts, ends, list(a.get("axes", range(len(starts)))), [1] * len(starts))
     values = [_static_ints(node, slot, ctx) if t.name else None for slot, t in enumerate(node.inputs[1:], 1)]
     if any(v is None for v in values[:2]) or any(v is None for t, v in zip(node.inputs[3:], values[2:]) if t.name):
         return None
     starts, ends = values[0], values[1]
     axes = values[2] if len(values) > 2 and values[2] is not None else list(range(len(starts)))
     steps = values[3] if len(values) > 3 and values[3] is not None else [1] * len(starts)
-    return starts, ends, axes, steps
+    return SliceBounds(starts, ends, axes, steps)
 
 
 @register("Slice")
@@ -131,10 +155,10 @@ class SliceRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x, y = node.inputs[0], node.outputs[0]
         if tensor.name not in (x.name, y.name):
-            return blocked(f"Slice '{node.name}' reads its bounds from a channel tensor")
-        params = _slice_params(node, ctx)
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Slice '{node.name}' reads its bounds from a channel tensor")
+        params = slice_params(node, ctx)
         if params is None:
-            return blocked(f"Slice '{node.name}' has bounds that depend on the input shapes")
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Slice '{node.name}' has bounds that depend on the input shapes")
         starts, ends, axes, steps = params
         rank = len(ctx.shape(x))
         axes = [a % rank for a in axes]
@@ -143,7 +167,7 @@ class SliceRule(OpRule):
                                            ctx.shape(tensor)[axis])])
         j = axes.index(axis)
         if steps[j] != 1:
-            return blocked(f"Slice '{node.name}' strides over the channel axis")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"Slice '{node.name}' strides over the channel axis")
         start = int(np.clip(starts[j] + (ctx.shape(x)[axis] if starts[j] < 0 else 0), 0, ctx.shape(x)[axis]))
         span = identity(ctx.shape(y)[axis])
         if tensor.name == x.name:
@@ -152,7 +176,7 @@ class SliceRule(OpRule):
 
     def rewrite(self, node, removed, ctx):
         x, y = node.inputs[0], node.outputs[0]
-        starts, ends, axes, _ = _slice_params(node, ctx)
+        starts, ends, axes, _ = slice_params(node, ctx)
         rank = len(ctx.shape(x))
         for j, axis in enumerate(a % rank for a in axes):
             gone_in = removed.get((x.name, axis))
@@ -243,11 +267,11 @@ class _ReshapeLike(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x, y = node.inputs[0], node.outputs[0]
         if tensor.name not in (x.name, y.name):
-            return blocked(f"{node.op} '{node.name}' reads its shape from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"{node.op} '{node.name}' reads its shape from a channel tensor")
         from_input = tensor.name == x.name
         result = reshape_link(ctx.shape(x), ctx.shape(y), axis, from_input)
         if isinstance(result, str):
-            return blocked(f"{node.op} '{node.name}': {result}")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"{node.op} '{node.name}': {result}")
         other_axis, here, there = result
         return Coupling(PASSIVE, [Link(((y if from_input else x).name, other_axis), here, there)])
 
@@ -263,16 +287,16 @@ class GatherRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         data, index, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if tensor.name == index.name:
-            return blocked(f"Gather '{node.name}' reads its indices from a channel tensor")
-        gathered = _axis(node, len(ctx.shape(data)))
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Gather '{node.name}' reads its indices from a channel tensor")
+        gathered = attribute_axis(node, len(ctx.shape(data)))
         index_rank = len(ctx.shape(index))
         if tensor.name == y.name:
             if gathered <= axis < gathered + index_rank:
-                return blocked(f"Gather '{node.name}' builds this axis from its indices")
+                return blocked(BlockKind.AXIS_LAYOUT, node, f"Gather '{node.name}' builds this axis from its indices")
             data_axis, out_axis = (axis, axis) if axis < gathered else (axis - index_rank + 1, axis)
         else:
             if axis == gathered:
-                return blocked(f"Gather '{node.name}' selects along this axis")
+                return blocked(BlockKind.AXIS_LAYOUT, node, f"Gather '{node.name}' selects along this axis")
             data_axis, out_axis = (axis, axis) if axis < gathered else (axis, axis + index_rank - 1)
         size = ctx.shape(tensor)[axis]
         if ctx.const(data) is not None:  # an embedding table: its rows are looked up, its columns produced
@@ -289,16 +313,16 @@ class ExpandRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if tensor.name == target.name:
-            return blocked(f"Expand '{node.name}' reads its shape from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Expand '{node.name}' reads its shape from a channel tensor")
         rank, x_rank = len(ctx.shape(y)), len(ctx.shape(x))
         out_axis = axis if tensor.name == y.name else axis + rank - x_rank
         x_axis = out_axis - (rank - x_rank)
         if x_axis < 0 or ctx.shape(x)[x_axis] != ctx.shape(y)[out_axis]:
-            return blocked(f"Expand '{node.name}' broadcasts over this axis")
+            return blocked(BlockKind.BROADCAST, node, f"Expand '{node.name}' broadcasts over this axis")
         elements = shape_elements(target, ctx)
         k = out_axis - (rank - len(elements)) if elements is not None else -1
         if elements is None or (k >= 0 and (elements[k].dynamic or elements[k].value != 1)):
-            return blocked(f"Expand '{node.name}' names the size of this axis in its target shape")
+            return blocked(BlockKind.BROADCAST, node, f"Expand '{node.name}' names the size of this axis in its target shape")
         size = ctx.shape(tensor)[axis]
         if ctx.const(x) is not None:
             return Coupling(PASSIVE, params=[slice_all(x, x_axis, size, "shift")])

@@ -9,6 +9,7 @@ from onnxprune.coupling import (
     CONSUMER,
     PASSIVE,
     PRODUCER,
+    BlockKind,
     Coupling,
     Link,
     OpRule,
@@ -35,9 +36,9 @@ class ConvRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         w = ctx.const(node.inputs[1])
         if w is None:
-            return blocked(f"Conv '{node.name}' has weights computed at run time")
+            return blocked(BlockKind.RUNTIME_PARAMETER, node, f"Conv '{node.name}' has weights computed at run time")
         if axis != 1:
-            return blocked(f"Conv '{node.name}' would slice a spatial or batch axis")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"Conv '{node.name}' would slice a spatial or batch axis")
         group = int(node.attrs.get("group", 1))
         weight, bias = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         c_out = w.shape[0]
@@ -77,11 +78,11 @@ class ConvTransposeRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         w = ctx.const(node.inputs[1])
         if w is None:
-            return blocked(f"ConvTranspose '{node.name}' has weights computed at run time")
+            return blocked(BlockKind.RUNTIME_PARAMETER, node, f"ConvTranspose '{node.name}' has weights computed at run time")
         if axis != 1:
-            return blocked(f"ConvTranspose '{node.name}' would slice a spatial or batch axis")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"ConvTranspose '{node.name}' would slice a spatial or batch axis")
         if int(node.attrs.get("group", 1)) != 1:
-            return blocked(f"grouped ConvTranspose '{node.name}' is not supported")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node, f"grouped ConvTranspose '{node.name}' is not supported")
         weight = node.inputs[1]
         if tensor.name == node.outputs[0].name:
             params = [slice_all(weight, 1, w.shape[1], "weight")]
@@ -100,24 +101,24 @@ class GemmRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         b = ctx.const(node.inputs[1])
         if b is None:
-            return blocked(f"Gemm '{node.name}' multiplies two activations")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node, f"Gemm '{node.name}' multiplies two activations")
         trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
         weight = node.inputs[1]
         if tensor.name == node.outputs[0].name:
             if axis != 1:
-                return blocked(f"Gemm '{node.name}' would slice its rows")
+                return blocked(BlockKind.AXIS_LAYOUT, node, f"Gemm '{node.name}' would slice its rows")
             n = b.shape[0] if trans_b else b.shape[1]
             params = [slice_all(weight, 0 if trans_b else 1, n, "weight")]
             c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
             if c is not None:
                 cv = ctx.const(c)
                 if cv is None:
-                    return blocked(f"Gemm '{node.name}' adds a bias computed at run time")
+                    return blocked(BlockKind.RUNTIME_PARAMETER, node, f"Gemm '{node.name}' adds a bias computed at run time")
                 if cv.ndim >= 1 and cv.shape[-1] == n:
                     params.append(slice_all(c, cv.ndim - 1, n, "shift"))
             return Coupling(PRODUCER, params=params)
         if axis != (0 if trans_a else 1):
-            return blocked(f"Gemm '{node.name}' would slice its rows")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"Gemm '{node.name}' would slice its rows")
         k = b.shape[1] if trans_b else b.shape[0]
         return Coupling(CONSUMER, params=[slice_all(weight, 1 if trans_b else 0, k, "weight")])
 
@@ -139,12 +140,13 @@ class MatMulRule(OpRule):
         if w is None and ctx.const(node.inputs[0]) is None:
             return batched_matmul(node, tensor, axis, ctx)  # Q @ K^T, attention @ V
         if w is None:
-            return blocked(f"MatMul '{node.name}' multiplies a constant by an activation (W @ X)")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node,
+                           f"MatMul '{node.name}' multiplies a constant by an activation (W @ X)")
         if w.ndim != 2:
-            return blocked(f"MatMul '{node.name}' has a batched constant operand")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node, f"MatMul '{node.name}' has a batched constant operand")
         rank = len(ctx.shape(node.outputs[0]) or ())
         if rank < 2:
-            return blocked(f"MatMul '{node.name}' has a vector operand")
+            return blocked(BlockKind.UNSUPPORTED_FORM, node, f"MatMul '{node.name}' has a vector operand")
         weight = node.inputs[1]
         is_output = tensor.name == node.outputs[0].name
         if axis == rank - 1:

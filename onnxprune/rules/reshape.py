@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.coupling import PASSIVE, Coupling, Link, OpRule, RuleContext, blocked, identity, register
-from onnxprune.rules.layout import _axis, _slice_params, split_link
+from onnxprune.coupling import PASSIVE, BlockKind, Coupling, Link, OpRule, RuleContext, blocked, identity, register
+from onnxprune.rules.layout import attribute_axis, slice_params, split_link
 from onnxprune.rules.shape_expr import Element, input_elements, scale_input
 
 
@@ -65,11 +65,11 @@ def _shuffle_links(x_key, y_key, channels: int, groups: int, from_input: bool) -
 def _selects(user: gs.Node, axis: int, rank: int, ctx: RuleContext) -> bool:
     """Whether ``user`` (a Gather, Split or Slice of the tensor) picks pieces along ``axis``."""
     if user.op == "Gather":
-        return ctx.const(user.inputs[1]) is not None and _axis(user, rank) == axis
+        return ctx.const(user.inputs[1]) is not None and attribute_axis(user, rank) == axis
     if user.op == "Split":
-        return _axis(user, rank) == axis
-    params = _slice_params(user, ctx)
-    return params is not None and axis in [a % rank for a in params[2]]
+        return attribute_axis(user, rank) == axis
+    params = slice_params(user, ctx)
+    return params is not None and axis in [a % rank for a in params.axes]
 
 
 def _selected_along(tensor: gs.Tensor, axis: int, ctx: RuleContext, depth: int = 0) -> bool:
@@ -148,12 +148,13 @@ class ReshapeRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if tensor.name not in (x.name, y.name):
-            return blocked(f"Reshape '{node.name}' reads its shape from a channel tensor")
+            return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Reshape '{node.name}' reads its shape from a channel tensor")
         elements = None
         if ctx.const(target) is None:
             elements = input_elements(node, 1, ctx)
             if elements is None:
-                return blocked(f"Reshape '{node.name}' has a shape computed at run time by ops onnxprune cannot read")
+                return blocked(BlockKind.RUNTIME_SHAPE, node,
+                               f"Reshape '{node.name}' has a shape computed at run time by ops onnxprune cannot read")
         else:
             shuffle = self._shuffle(node, tensor, axis, ctx)
             if shuffle is not None:
@@ -166,12 +167,12 @@ class ReshapeRule(OpRule):
         else:
             result = split_link(ctx.shape(y), ctx.shape(x), axis, stacked_src=stacked, last=last)
         if isinstance(result, str):
-            return blocked(f"Reshape '{node.name}': {result}")
+            return blocked(BlockKind.AXIS_LAYOUT, node, f"Reshape '{node.name}': {result}")
         other_axis, here, there = result
         if elements is not None:
             problem = _element_problem(node, elements, other_axis if from_input else axis, ctx)
             if problem is not None:
-                return blocked(f"Reshape '{node.name}': {problem}")
+                return blocked(BlockKind.RUNTIME_SHAPE, node, f"Reshape '{node.name}': {problem}")
         return Coupling(PASSIVE, [Link(((y if from_input else x).name, other_axis), here, there)])
 
     @staticmethod

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.coupling import PASSIVE, Coupling, OpRule, RuleContext, blocked, register
+from onnxprune.coupling import PASSIVE, BlockKind, Coupling, OpRule, RuleContext, blocked, register
 from onnxprune.ir import resolve_shapes, skeleton
 
 logger = logging.getLogger(__name__)
@@ -345,7 +345,8 @@ class ShapeRule(OpRule):
             return Coupling(PASSIVE)
         problem = _read_problem(node.outputs[0], axis - start, ctx)
         if problem is not None:
-            return blocked(f"Shape '{node.name}' lets the channel count be read at run time ({problem})")
+            return blocked(BlockKind.RUNTIME_SHAPE, node,
+                           f"Shape '{node.name}' lets the channel count be read at run time ({problem})")
         return Coupling(PASSIVE)
 
     def rewrite(self, node, removed, ctx):
