@@ -14,10 +14,12 @@ from functools import cached_property
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.activations import ChannelStats
-from onnxprune.activations import measure as measure_stats
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import UserError
+from onnxprune.evidence.distill import distill
+from onnxprune.evidence.priors import InputPrior, MomentPropagation, infer_input_prior
+from onnxprune.evidence.statistics import ChannelStats
+from onnxprune.evidence.statistics import measure as measure_stats
 from onnxprune.ir import (
     Model,
     Shape,
@@ -33,9 +35,7 @@ from onnxprune.ir import (
 from onnxprune.pass_infra import PassManager
 from onnxprune.passes.lower import lowering_passes
 from onnxprune.plan import Corrections
-from onnxprune.priors import InputPrior, MomentPropagation, infer_input_prior
 from onnxprune.rewrite import corrected
-from onnxprune.synthesis import distill
 
 #: How many synthetic inputs channel statistics are measured on (fewer for large models).
 STATISTICS_INPUTS = (16, 128)

@@ -58,7 +58,7 @@ def _run_batched(sess: ort.InferenceSession, feeds: list[dict[str, np.ndarray]])
 def probe_feeds(model: onnx.ModelProto, shapes: dict[str, Shape], count: int, seed: int,
                 prior=None) -> list[dict]:
     """``count`` synthetic samples, one feed per sample (models may have a fixed batch of 1);
-    float inputs follow ``prior`` (an :class:`~onnxprune.priors.InputPrior`) when given."""
+    float inputs follow ``prior`` (an :class:`~onnxprune.evidence.priors.InputPrior`) when given."""
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(count):

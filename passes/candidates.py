@@ -24,8 +24,8 @@ from onnxprune.passes.reconstruct import consumer_spaces
 
 from onnxprune.coupling import CONSUMER, PRODUCER
 from onnxprune.depgraph import ChannelGroup
+from onnxprune.evidence.priors import MomentPropagation
 from onnxprune.plan import Corrections, GroupPlan
-from onnxprune.priors import MomentPropagation
 
 
 @dataclass(order=True)

@@ -10,7 +10,7 @@ import numpy as np
 from onnxprune.passes.candidates import Candidate
 
 from onnxprune.depgraph import ChannelGroup
-from onnxprune.probes import Impact, ProbeModel, mask_name, merge_dst_name, merge_src_name
+from onnxprune.evidence.probes import Impact, ProbeModel, mask_name, merge_dst_name, merge_src_name
 
 
 def measured_counts(groups: list[ChannelGroup], pools: dict[int, list[Candidate]], limit: int | None) -> dict[int, int]:

@@ -44,9 +44,9 @@ from onnxprune.passes.reconstruct import Reconstructor, consumer_spaces, removed
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
+from onnxprune.evidence.probes import Impact, ProbeModel, probeable
 from onnxprune.intervals import DeviationIntervals, Unsupported, width_and_entropy
 from onnxprune.plan import GroupPlan, PruningPlan
-from onnxprune.probes import Impact, ProbeModel, probeable
 from onnxprune.rewrite import corrected
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ Three data-free corrections, applied at every consumer of a removed unit ``u``:
 - **merge** (Srinivas & Babu; Neuron Merging): if ``u`` was found to behave like a kept unit
   ``v`` scaled by ``s``, the consumer's weights for ``v`` absorb ``s`` times those for ``u``;
 - **bias**: what is left, ``u - s*v``, is replaced by its expected value (from
-  :mod:`onnxprune.priors`): ``W_u * (mean_u - s*mean_v)`` moves into the consumer's bias;
+  :mod:`onnxprune.evidence.priors`): ``W_u * (mean_u - s*mean_v)`` moves into the consumer's bias;
 - **variance**: a BatchNorm downstream of the consumer normalised by a variance that included
   ``u``'s share, ``W_u**2 * var(u - s*v)``; that share is taken out of its running variance so
   the next layer sees activations at the scale it was trained on.
@@ -13,7 +13,7 @@ Three data-free corrections, applied at every consumer of a removed unit ``u``:
 With ``plan.reconstruction == "least-squares"`` the merge generalises from one look-alike to
 every channel that stays: the removed channels' consumer weights are spread over the kept
 channels by the linear estimate of the removed ones from the kept ones
-(:mod:`onnxprune.activations`), fitted on synthetic inputs run through the graph as it is at
+(:mod:`onnxprune.evidence.statistics`), fitted on synthetic inputs run through the graph as it is at
 that step; what the estimate cannot explain goes into the bias (mean) and the downstream
 BatchNorm (variance) as above.
 
@@ -31,12 +31,12 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.activations import ChannelStats
 from onnxprune.coupling import CONSUMER, ParamSlice
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
+from onnxprune.evidence.priors import MomentPropagation
+from onnxprune.evidence.probes import consumer_nodes
+from onnxprune.evidence.statistics import ChannelStats
 from onnxprune.plan import Corrections, PruningPlan
-from onnxprune.priors import MomentPropagation
-from onnxprune.probes import consumer_nodes
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import nets
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.evidence.priors import InputPrior, MomentPropagation, gaussian_moments, infer_input_prior, relu_moments
 from onnxprune.pipeline import analyse
-from onnxprune.priors import InputPrior, MomentPropagation, gaussian_moments, infer_input_prior, relu_moments
 
 
 def test_quadrature_is_exact_for_polynomials():

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from onnxprune import prune
+from onnxprune.evidence.probes import ProbeModel, impacts, mask_name, merge_dst_name, merge_src_name
 from onnxprune.ir import session
 from onnxprune.pipeline import analyse
 from onnxprune.plan import GroupPlan, PruningPlan
-from onnxprune.probes import ProbeModel, impacts, mask_name, merge_dst_name, merge_src_name
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -132,7 +132,7 @@ def test_single_unit_rows_run_the_sparse_form_and_equal_the_dense_one(source):
     from onnxprune.passes.candidates import least_squares_estimates
     from onnxprune.passes.reconstruct import consumer_spaces
 
-    from onnxprune.probes import probeable
+    from onnxprune.evidence.probes import probeable
 
     if source.startswith("light_"):
         from light_models import materialise

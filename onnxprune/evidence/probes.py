@@ -23,8 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
+from onnxprune.evidence.priors import InputPrior, MomentPropagation
 from onnxprune.ir import graph_inputs, make_batch_dynamic, session, to_model, toposort_nodes
-from onnxprune.priors import InputPrior, MomentPropagation
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.evidence.priors import InputPrior
 from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
 from onnxprune.ir import graph_inputs, make_batch_dynamic, session
-from onnxprune.priors import InputPrior
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from onnxprune import prune
-from onnxprune.activations import RIDGE, RIDGE_GRID, ChannelStats, cross_validated_ridge, measure
+from onnxprune.evidence.statistics import RIDGE, RIDGE_GRID, ChannelStats, cross_validated_ridge, measure
 from onnxprune.ir import session
 from onnxprune.pipeline import analyse
 from onnxprune.plan import GroupPlan, PruningPlan
