@@ -22,12 +22,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnx import helper
 
 from onnxprune.errors import UserError
 from onnxprune.gradient import INPUT_GRAD, LABELS, LOSS, GradientUnsupported, input_gradient_model, output_kind
+from onnxprune.ir import (
+    InputSpec,
+    Model,
+    Session,
+    copy_model,
+    input_specs,
+    load_model,
+    make_batch_dynamic,
+    output_names,
+    session,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +89,7 @@ def _fmt(eps: float) -> str:
 
 
 # ------------------------------------------------------------------------------------ data
-def load_npz(path: str | Path, model: onnx.ModelProto | str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(path: str | Path, model: Model | str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read labelled data from an .npz archive: inputs as x (or X, data), integer class
     labels as y (or Y, labels). If ``model`` is given, x must match its input's rank and
     static dims. Raises UserError with what to fix."""
@@ -141,20 +149,18 @@ def _check_xy(x, y, where: str = "data") -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def _data_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
+def _data_input(model: Model) -> InputSpec:
+    inputs = input_specs(model)
     if len(inputs) != 1:
         raise UserError(f"eval needs a model with exactly one input; this one has {len(inputs)} "
                         f"({', '.join(i.name for i in inputs)})")
     return inputs[0]
 
 
-def _check_x_for_model(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def _check_x_for_model(model: Model, x: np.ndarray) -> np.ndarray:
     inp = _data_input(model)
-    tt = inp.type.tensor_type
-    if tt.HasField("shape"):
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    if inp.dims is not None:
+        dims = list(inp.dims)
         want = "[" + ", ".join(str(d) if d else "N" if i == 0 else "?" for i, d in enumerate(dims)) + "]"
         if len(dims) != x.ndim:
             hint = ""
@@ -166,27 +172,19 @@ def _check_x_for_model(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
         if bad:
             raise UserError(f"the model input {inp.name!r} expects shape {want} but the data has shape "
                             f"{list(x.shape)} (axis {bad[0]} differs)")
-    if tt.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
-        x = x.astype(helper.tensor_dtype_to_np_dtype(tt.elem_type), copy=False)
+    if inp.dtype in (np.float32, np.float64, np.float16):
+        x = x.astype(inp.dtype, copy=False)
     return x
 
 
-def _load_model(model_or_path: onnx.ModelProto | str | Path) -> onnx.ModelProto:
-    if isinstance(model_or_path, onnx.ModelProto):
+def _load_model(model_or_path: Model | str | Path) -> Model:
+    """The model, read (external data too) with the checks every onnxprune command makes."""
+    if isinstance(model_or_path, Model):
         return model_or_path
     p = Path(model_or_path)
     if not p.is_file():
         raise UserError(f"model file {p} does not exist")
-    try:
-        return onnx.load(str(p))
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
-        raise UserError(f"cannot read ONNX model {p}: {exc}") from None
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return load_model(p)
 
 
 # ------------------------------------------------------------------------------- gradients
@@ -200,13 +198,13 @@ def _cross_entropy(outputs: np.ndarray, labels: np.ndarray, kind: str) -> np.nda
     return np.log(np.exp(z).sum(axis=1)) - z[rows, labels]
 
 
-def _fixed_batch(session: ort.InferenceSession) -> int | None:
+def _fixed_batch(session: Session) -> int | None:
     """The model's batch size if its input fixes it, else None (dynamic)."""
     shape = session.get_inputs()[0].shape
     return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
 
 
-def _run(session: ort.InferenceSession, feeds: dict, outputs: list[str], fixed: int | None) -> list[np.ndarray]:
+def _run(session: Session, feeds: dict, outputs: list[str], fixed: int | None) -> list[np.ndarray]:
     """session.run, in chunks of exactly ``fixed`` rows when the batch is fixed (the last
     chunk padded by repeating its last row; samples are independent, so padding is inert)."""
     if fixed is None:
@@ -222,7 +220,7 @@ def _run(session: ort.InferenceSession, feeds: dict, outputs: list[str], fixed: 
     return [np.concatenate([p[j] for p in parts]) for j in range(len(outputs))]
 
 
-def finite_difference_gradient(session: ort.InferenceSession, x: np.ndarray, labels: np.ndarray, h: float,
+def finite_difference_gradient(session: Session, x: np.ndarray, labels: np.ndarray, h: float,
                                *, output_kind: str = "auto", max_rows: int = 4096) -> np.ndarray:
     """Central-difference d cross-entropy / d input for any model onnxruntime runs.
 
@@ -293,15 +291,15 @@ def pgd(grad_fn: GradientFn, x: np.ndarray, y: np.ndarray, eps_abs: float, step_
 class Classifier:
     """Sessions for one model, created once: outputs, predictions and input gradients."""
 
-    def __init__(self, model: onnx.ModelProto, sample: np.ndarray, *, gradient: str, fd_step: float) -> None:
+    def __init__(self, model: Model, sample: np.ndarray, *, gradient: str, fd_step: float) -> None:
         if gradient not in ("auto", "graph", "finite-difference"):
             raise UserError(f"gradient must be 'auto', 'graph' or 'finite-difference', not {gradient!r}")
         self.inp = _data_input(model).name
-        self.out = model.graph.output[0].name
+        self.out = output_names(model)[0]
         self.kind = "probs" if output_kind(model) == "probs" else "auto"
         self.fd_step = fd_step
         try:
-            self.sess = _session(model)
+            self.sess = session(model)
         except Exception as exc:  # noqa: BLE001 - onnxruntime reports bad models in many ways
             raise UserError(f"onnxruntime cannot load the model: {exc}") from None
         self.fixed = _fixed_batch(self.sess)
@@ -316,7 +314,7 @@ class Classifier:
         self.method = "finite-difference"
         if gradient != "finite-difference":
             try:
-                self.grad_sess = _session(input_gradient_model(model))
+                self.grad_sess = session(input_gradient_model(model))
                 self.method = "graph"
             except GradientUnsupported as exc:
                 if gradient == "graph":
@@ -370,22 +368,16 @@ class Classifier:
         return bool(ok.sum() * 2 >= len(ok))
 
 
-def _dynamic_batch(model, session, inp, out, sample, fixed) -> tuple[onnx.ModelProto, ort.InferenceSession] | None:
+def _dynamic_batch(model, fixed_session, inp, out, sample, fixed) -> tuple[Model, Session] | None:
     """Same model with a symbolic batch dim, if it computes the same per-sample outputs
     (a Reshape to a hard-coded [1, ...] inside the graph makes it fail, and we say no).
     Checked on one sample more than the fixed batch, a batch size it was not exported for."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for v in [i for i in m.graph.input if i.name == inp] + list(m.graph.output):
-        dims = v.type.tensor_type.shape.dim
-        if len(dims):
-            dims[0].Clear()
-            dims[0].dim_param = "N"
-    del m.graph.value_info[:]
+    m = copy_model(model)
+    make_batch_dynamic(m, batch=fixed, reshapes=False)  # a Reshape to [1, ...] says no
     try:
-        sess = _session(m)
+        sess = session(m)
         batched = sess.run([out], {inp: sample})[0]
-        single = _run(session, {inp: sample}, [out], fixed)[0]
+        single = _run(fixed_session, {inp: sample}, [out], fixed)[0]
         if batched.shape == single.shape and np.allclose(batched, single, rtol=1e-4, atol=1e-5):
             return m, sess
     except Exception as exc:  # noqa: BLE001 - any failure means: keep feeding one at a time
@@ -394,7 +386,7 @@ def _dynamic_batch(model, session, inp, out, sample, fixed) -> tuple[onnx.ModelP
 
 
 # ------------------------------------------------------------------------------ evaluation
-def _prepare(model_or_path, x, y) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+def _prepare(model_or_path, x, y) -> tuple[Model, np.ndarray, np.ndarray]:
     model = _load_model(model_or_path)
     x, y = _check_xy(x, y)
     return model, _check_x_for_model(model, x), y
@@ -461,7 +453,7 @@ def _step_reporter(tick: Callable[[int, str], None], count: int, label: str) -> 
     return lambda t: tick(count, label.format(t + 1))
 
 
-def evaluate(model_or_path: onnx.ModelProto | str | Path, x: np.ndarray, y: np.ndarray, *,
+def evaluate(model_or_path: Model | str | Path, x: np.ndarray, y: np.ndarray, *,
              epsilons: Sequence[float] = (0.01, 0.05, 0.1), pgd_steps: int = 10,
              pgd_epsilon: float | Sequence[float] | None = None, pgd_step_size: float = 0.25,
              pgd_random_start: bool = False, batch_size: int = 256, progress: ProgressFn | None = None,
@@ -485,7 +477,7 @@ def evaluate(model_or_path: onnx.ModelProto | str | Path, x: np.ndarray, y: np.n
                      started=started)[0]
 
 
-def compare(original: onnx.ModelProto | str | Path, pruned: onnx.ModelProto | str | Path, x: np.ndarray,
+def compare(original: Model | str | Path, pruned: Model | str | Path, x: np.ndarray,
             y: np.ndarray, **kwargs) -> CompareReport:
     """Evaluate both models (same keyword arguments as :func:`evaluate`) and measure how
     closely the pruned one follows the original on clean data: top-1 agreement and mean

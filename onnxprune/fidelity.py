@@ -6,10 +6,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
-from onnxprune.ir import Shape, random_inputs, session
+from onnxprune.ir import Model, Session, Shape, random_inputs, session
 
 
 @dataclass
@@ -49,13 +47,13 @@ def compare_outputs(ref: list[np.ndarray], new: list[np.ndarray]) -> Fidelity:
     )
 
 
-def _run_batched(sess: ort.InferenceSession, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def _run_batched(sess: Session, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     runs = [sess.run(None, f) for f in feeds]
     return [np.concatenate([r[i] for r in runs], axis=0) if np.ndim(runs[0][i]) else np.stack([r[i] for r in runs])
             for i in range(len(runs[0]))]
 
 
-def probe_feeds(model: onnx.ModelProto, shapes: dict[str, Shape], count: int, seed: int,
+def probe_feeds(model: Model, shapes: dict[str, Shape], count: int, seed: int,
                 prior=None) -> list[dict]:
     """``count`` synthetic samples, one feed per sample (models may have a fixed batch of 1);
     float inputs follow ``prior`` (an :class:`~onnxprune.evidence.priors.InputPrior`) when given."""
@@ -71,13 +69,13 @@ def probe_feeds(model: onnx.ModelProto, shapes: dict[str, Shape], count: int, se
     return feeds
 
 
-def measure_fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict[str, Shape],
+def measure_fidelity(original: Model, pruned: Model, shapes: dict[str, Shape],
                      count: int, seed: int = 0, prior=None) -> Fidelity:
     feeds = probe_feeds(original, shapes, count, seed, prior)
     return compare_outputs(_run_batched(session(original), feeds), _run_batched(session(pruned), feeds))
 
 
-def latency_ratio(original: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict[str, Shape],
+def latency_ratio(original: Model, pruned: Model, shapes: dict[str, Shape],
                   seconds: float = 2.0, threads: int = 1) -> tuple[float, float, float]:
     """(original ms, pruned ms, pruned/original): medians of interleaved runs on the same input."""
     a, b = session(original, threads), session(pruned, threads)

@@ -2,7 +2,7 @@
 
 The budget is what a uniform ratio removes: as many channels (default) or, with ``--budget
 macs``, as many MACs. Measured impact decides where it comes from, within per-group caps;
-grouped convolutions and ``uniform`` budgets follow a per-group schedule instead.
+grouped convolutions follow a per-group schedule instead.
 """
 
 from __future__ import annotations

@@ -15,9 +15,8 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
+from onnxprune.ir import evaluate_node, np_dtype
 from onnxprune.pass_infra import GraphPass, PassResult
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def _numpy_fold(node: gs.Node, inputs: list) -> list[np.ndarray] | None:
     if op == "Identity":
         return [x]
     if op == "Cast":
-        return [x.astype(helper.tensor_dtype_to_np_dtype(node.attrs["to"]))]
+        return [x.astype(np_dtype(node.attrs["to"]))]
     if op == "Unsqueeze":
         out = x
         for a in sorted(a % (x.ndim + len(_axes(node, inputs, 1))) for a in _axes(node, inputs, 1)):
@@ -83,16 +82,6 @@ def _numpy_fold(node: gs.Node, inputs: list) -> list[np.ndarray] | None:
     return None
 
 
-def _reference_fold(node: gs.Node, inputs: list) -> list[np.ndarray]:
-    names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
-    attrs = {k: (numpy_helper.from_array(np.asarray(v.values)) if isinstance(v, gs.Constant) else v)
-             for k, v in node.attrs.items()}
-    proto = helper.make_node(node.op, names, [f"out{i}" for i in range(len(node.outputs))],
-                             domain=node.domain or "", **attrs)
-    feeds = {n: v for n, v in zip(names, inputs) if n}
-    return [np.asarray(v) for v in ReferenceEvaluator(proto).run(None, feeds)]
-
-
 class FoldConstants(GraphPass):
     """Evaluate every node whose inputs are all constants and replace it by its values."""
 
@@ -112,7 +101,7 @@ class FoldConstants(GraphPass):
             try:
                 outputs = _numpy_fold(node, inputs)
                 if outputs is None:
-                    outputs = _reference_fold(node, inputs)
+                    outputs = evaluate_node(node, inputs)
             except Exception as exc:  # an op the reference cannot evaluate stays a node
                 logger.debug("cannot fold %s (%s): %s", node.name, node.op, exc)
                 continue

@@ -23,7 +23,6 @@ class Budget:
     seed: int = 0
     compensate: bool = True
     step: float | None = None  # progressive methods: share of each group removed per step
-    uniform: bool = False  # progressive methods: the same share from every group
     target: str = "channels"  # progressive methods: match a uniform ratio's "channels" or "macs"
     reconstruction: str | None = None  # "least-squares" or "pair"; None: the method's default
 

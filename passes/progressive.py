@@ -142,7 +142,7 @@ class Progressive(Method):
         plan = PruningPlan(self.name, budget.ratio, budget.seed, list(plans.values()), compensate=True,
                            reconstruction=self.reconstruction_for(analysis, budget),
                            details={"steps": steps, "probes": self.probes,
-                                    "allocation": "uniform" if budget.uniform else "by measured impact"})
+                                    "allocation": "by measured impact"})
         reconstructor = Reconstructor(dep, analysis.moments, spaces=consumer_spaces(*groups))
         reconstructor.statistics = lambda spaces, ridges: analysis.statistics(
             spaces, budget.seed, ridges, corrections=reconstructor.corrections)
@@ -151,9 +151,9 @@ class Progressive(Method):
         probes = int(np.clip(ROW_MACS / (64 * per_sample), 4, self.probes))
         row_limit = max(len(groups), int(ROW_MACS / (probes * per_sample)))
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
-        # Grouped convolutions need equal removals per block, and --uniform asks for the same
-        # share everywhere: those groups follow a per-group schedule; the rest compete globally.
-        scheduled = {g.id for g in groups if budget.uniform or g.balance is not None}
+        # Grouped convolutions need equal removals per block: those groups follow a per-group
+        # schedule; the rest compete globally.
+        scheduled = {g.id for g in groups if g.balance is not None}
         return _Run(analysis, budget, groups, targets,
                     caps={g.id: allocation.cap(g, budget.ratio, targets[g.id]) for g in groups},
                     cost=cost, goal=cost.after_uniform(groups, targets), steps=steps, plans=plans, plan=plan,

@@ -47,32 +47,6 @@ def _consumer_weight(coupling) -> ParamSlice | None:
     return next((p for p in coupling.params if p.kind == "weight"), None)
 
 
-def _columns(values: np.ndarray, p: ParamSlice, param_idx: int) -> tuple[np.ndarray, np.ndarray]:
-    """The consumer weights reading one input index, as [outputs, k] (zeros outside its conv
-    group), and the output rows they belong to."""
-    if p.groups > 1:
-        per, rows = values.shape[1], values.shape[0] // p.groups
-        g = param_idx // per
-        block = values[g * rows:(g + 1) * rows, param_idx % per].reshape(rows, -1)
-        return block, np.arange(g * rows, (g + 1) * rows)
-    moved = np.moveaxis(values, p.axis, 0)[param_idx]  # Conv [out, k, k], Gemm/MatMul [out]
-    return moved.reshape(moved.shape[0], -1), np.arange(moved.shape[0])
-
-
-def _add_columns(values: np.ndarray, p: ParamSlice, dst: int, src: int, scale: float) -> None:
-    if p.groups > 1:
-        per, rows = values.shape[1], values.shape[0] // p.groups
-        if dst // per != src // per:
-            return  # different conv groups: the kept unit cannot absorb this one
-        g = dst // per
-        values[g * rows:(g + 1) * rows, dst % per] += scale * values[g * rows:(g + 1) * rows, src % per]
-        return
-    index_dst = [slice(None)] * values.ndim
-    index_src = list(index_dst)
-    index_dst[p.axis], index_src[p.axis] = dst, src
-    values[tuple(index_dst)] += scale * values[tuple(index_src)]
-
-
 def _bias(node: gs.Node, outputs: int) -> tuple[gs.Constant | None, float] | None:
     """Where the consumer's bias lives and its multiplier: ``(constant, factor)``,
     ``(None, factor)`` for a Conv or Gemm without one (reconstruction gives it one), or None
@@ -218,29 +192,28 @@ class Reconstructor:
             to_param[p.space] = p.param
             dead = gone.get(tensor, set())
             live = np.array([c for c in range(len(st.mean)) if c not in dead and to_param[c] >= 0], dtype=np.int64)
-            outputs = values.shape[0] if p.groups > 1 else _columns(values, p, 0)[0].shape[0]
+            outputs = values.shape[0] if p.groups > 1 else p.columns(values, 0)[0].shape[0]
             shift, drop = np.zeros(outputs), np.zeros(outputs)
             if p.groups > 1:  # each conv group reads its own channels: estimate within the block
-                per = values.shape[1]
-                blocks = [(removed[to_param[removed] // per == b], live[to_param[live] // per == b])
-                          for b in np.unique(to_param[removed] // per)]
+                removed_block, live_block = p.block_of(to_param[removed]), p.block_of(to_param[live])
+                blocks = [(removed[removed_block == b], live[live_block == b]) for b in np.unique(removed_block)]
             else:
                 blocks = [(removed, live)]
             for rem, keep in blocks:
                 b, residual = st.estimator(rem, keep)
                 for i, atom in enumerate(rem):
-                    col, rows = _columns(values, p, int(to_param[atom]))
+                    col, rows = p.columns(values, int(to_param[atom]))
                     shift[rows] += col.sum(axis=1) * (st.mean[atom] - b[i] @ st.mean[keep])
                     drop[rows] += (col**2).sum(axis=1) * residual[i]
                 if p.groups > 1:
                     for i, atom in enumerate(rem):
                         for j, kept in enumerate(keep):
-                            _add_columns(values, p, int(to_param[kept]), int(to_param[atom]), float(b[i, j]))
+                            p.add_columns(values, int(to_param[kept]), int(to_param[atom]), float(b[i, j]))
                 elif len(keep):
                     moved = np.moveaxis(values, p.axis, 0)  # a view: [channels, ...]
                     moved[to_param[keep]] += np.tensordot(b.T, moved[to_param[rem]], axes=(1, 0))
             for atom in removed:
-                _add_columns(values, p, int(to_param[atom]), int(to_param[atom]), -1.0)
+                p.add_columns(values, int(to_param[atom]), int(to_param[atom]), -1.0)
             self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype))
             self._shift_bias(member.node, shift)
             if self.variance:
@@ -262,14 +235,14 @@ class Reconstructor:
             values = np.array(self.corrections.read(p.tensor), dtype=np.float64, copy=True)
             to_param = np.full(int(max(p.space.max(), local.max())) + 1, -1, dtype=np.int64)
             to_param[p.space] = p.param
-            outputs = values.shape[0] if p.groups > 1 else _columns(values, p, 0)[0].shape[0]
+            outputs = values.shape[0] if p.groups > 1 else p.columns(values, 0)[0].shape[0]
             shift, drop = np.zeros(outputs), np.zeros(outputs)
             for unit, into, scale, corr in entries:
                 src = np.sort(local[units == unit])
                 dst = np.sort(local[units == into]) if into >= 0 else None
                 merge = dst is not None and len(dst) == len(src)
                 for k, atom in enumerate(src):
-                    col, rows = _columns(values, p, int(to_param[atom]))
+                    col, rows = p.columns(values, int(to_param[atom]))
                     residual_mean = m.mean[atom] if m is not None else 0.0
                     residual_var = m.var[atom] if m is not None else 0.0
                     if merge:
@@ -278,9 +251,9 @@ class Reconstructor:
                     shift[rows] += col.sum(axis=1) * residual_mean
                     drop[rows] += (col**2).sum(axis=1) * residual_var
                     if merge:
-                        _add_columns(values, p, int(to_param[dst[k]]), int(to_param[atom]), scale)
+                        p.add_columns(values, int(to_param[dst[k]]), int(to_param[atom]), scale)
                     if zero_removed:
-                        _add_columns(values, p, int(to_param[atom]), int(to_param[atom]), -1.0)
+                        p.add_columns(values, int(to_param[atom]), int(to_param[atom]), -1.0)
             self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype))
             self._shift_bias(member.node, shift)
             if self.variance:

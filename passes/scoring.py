@@ -10,8 +10,6 @@ from onnxprune.depgraph import ChannelGroup
 
 
 class Scorer:
-    name = "scorer"
-
     def score(self, group: ChannelGroup) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -23,8 +21,6 @@ class MagnitudeScorer(Scorer):
     normalised by its mean over the group's units before summing, so that one large layer
     does not drown the others in a residual group.
     """
-
-    name = "magnitude"
 
     def score(self, group: ChannelGroup) -> np.ndarray:
         total = np.zeros(group.size)
@@ -39,7 +35,6 @@ class MagnitudeScorer(Scorer):
 class RandomScorer(Scorer):
     """Uniform random importances, seeded per group: the floor every method must beat."""
 
-    name = "random"
 
     def __init__(self, seed: int = 0):
         self.seed = seed

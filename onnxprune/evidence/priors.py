@@ -34,9 +34,6 @@ class Moments:
     mean: np.ndarray
     var: np.ndarray
 
-    def take(self, index: np.ndarray) -> Moments:
-        return Moments(self.axis, self.mean[index], self.var[index])
-
 
 @dataclass
 class InputPrior:

@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.ir import make_batch_dynamic, session, to_model
+from onnxprune.ir import Model, make_batch_dynamic, session, to_model
 
 #: Ridge, relative to the mean channel variance of the tensor.
 RIDGE = 1e-2
@@ -129,7 +128,7 @@ def cross_validated_ridge(folds: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return max(RIDGE, RIDGE_GRID[int(np.argmin(errors))] / 2)
 
 
-def measure(graph: gs.Graph, template: onnx.ModelProto, inputs: dict[str, np.ndarray],
+def measure(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray],
             spaces: list[tuple[str, int]], chunk: int = 4,
             ridges: dict[tuple[str, int], float] | None = None) -> dict[tuple[str, int], ChannelStats]:
     """Means and covariances of the channels of each ``(tensor, axis)`` on ``inputs``, with a

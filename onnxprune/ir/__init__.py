@@ -18,12 +18,16 @@ from onnxprune.ir.export import (
     toposort_nodes,
 )
 from onnxprune.ir.io import load_model, load_model_info, save_model
-from onnxprune.ir.runtime import session
+from onnxprune.ir.reference import evaluate_node, np_dtype, template_for
+from onnxprune.ir.runtime import Session, session
 from onnxprune.ir.shapes import (
+    InputSpec,
     Shape,
     concrete_input_shapes,
     graph_inputs,
     input_dtypes,
+    input_specs,
+    output_names,
     parse_input_shapes,
     random_inputs,
     resolve_shapes,
@@ -35,8 +39,9 @@ from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
 Model = onnx.ModelProto
 
 __all__ = [
-    "Model", "ModelStats", "Shape", "check_model", "concrete_input_shapes", "copy_model", "count_macs",
+    "InputSpec", "Model", "ModelStats", "Session", "Shape", "check_model", "concrete_input_shapes", "copy_model",
+    "count_macs", "evaluate_node", "input_specs", "output_names",
     "graph_inputs", "import_graph", "input_dtypes", "load_model", "load_model_info", "make_batch_dynamic", "model_stats",
-    "node_macs", "parse_input_shapes", "random_inputs", "resolve_shapes", "save_model", "session", "signature",
-    "skeleton", "to_model", "toposort_nodes",
+    "node_macs", "np_dtype", "parse_input_shapes", "random_inputs", "resolve_shapes", "save_model", "session", "signature",
+    "skeleton", "template_for", "to_model", "toposort_nodes",
 ]

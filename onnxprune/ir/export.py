@@ -40,14 +40,17 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return clone
 
 
-def make_batch_dynamic(model: onnx.ModelProto) -> None:
-    """Probes stack ablations on the batch axis: a fixed batch of 1 becomes symbolic, and
-    Reshape targets that hard-code it copy it instead."""
+def make_batch_dynamic(model: onnx.ModelProto, batch: int = 1, reshapes: bool = True) -> None:
+    """In place: a fixed batch of ``batch`` becomes symbolic (probes stack ablations on the
+    batch axis, evaluation runs whole test sets), and with ``reshapes`` Reshape targets that
+    hard-code a batch of 1 copy it instead."""
     for value in list(graph_inputs(model)) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
             dims[0].dim_param = "N"
     del model.graph.value_info[:]
+    if not reshapes:
+        return
     inits = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Reshape" and node.input[1] in inits:

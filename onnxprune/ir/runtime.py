@@ -5,6 +5,9 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
+#: An onnxruntime session; modules outside ``ir`` name the type through this alias.
+Session = ort.InferenceSession
+
 
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     """A CPU session over ``model``, quiet; ``threads`` intra-op threads (0: onnxruntime's choice)."""

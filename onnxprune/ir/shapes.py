@@ -10,6 +10,7 @@ these shapes serve analysis only.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -34,10 +35,33 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """A real graph input: its name, dimensions (None where not fixed; None for all when the
+    model declares no shape) and element type."""
+
+    name: str
+    dims: tuple[int | None, ...] | None
+    dtype: np.dtype
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    specs = []
+    for v in graph_inputs(model):
+        tt = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim) \
+            if tt.HasField("shape") else None
+        specs.append(InputSpec(v.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
 def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
     """Each real graph input's element type, in input order."""
-    return {v.name: np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
-            for v in graph_inputs(model)}
+    return {spec.name: spec.dtype for spec in input_specs(model)}
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:

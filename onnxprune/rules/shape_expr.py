@@ -20,11 +20,10 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, BlockKind, Coupling, OpRule, RuleContext, blocked, register
-from onnxprune.ir import resolve_shapes, skeleton
+from onnxprune.ir import np_dtype, resolve_shapes, skeleton, template_for
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +74,8 @@ def dynamic_axes(ctx: RuleContext) -> dict[str, set[int]] | None:
     if alternative is not None and alternative == {t.name: ctx.shapes[t.name] for t in ctx.graph.inputs}:
         result = {name: set() for name in wanted}  # every input dimension is fixed
     elif alternative is not None:
-        opsets = list(ctx.graph.import_domains or [onnx.helper.make_opsetid("", ctx.graph.opset)])
-        template = onnx.helper.make_model(onnx.helper.make_graph([], "template", [], []), opset_imports=opsets)
-        template.ir_version = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
         try:
-            moved = resolve_shapes(skeleton(ctx.graph, template), alternative, wanted)
+            moved = resolve_shapes(skeleton(ctx.graph, template_for(ctx.graph)), alternative, wanted)
             result = {name: {a for a, (x, y) in enumerate(zip(ctx.shapes[name], moved[name])) if x != y}
                       for name in wanted if name in moved and name in ctx.shapes}
         except Exception as exc:  # a model that only runs at its analysis shapes: nothing is static
@@ -146,7 +142,7 @@ def _parse_node(tensor, ctx, memo, depth) -> list[Element] | None:
     if op in ("Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"):
         return sub(0)
     if op == "Cast":
-        to = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
+        to = np_dtype(node.attrs["to"])
         return sub(0) if np.dtype(to).kind in _INT_KINDS else None
     if op == "Concat":
         parts = [_parse(t, ctx, memo, depth + 1) for t in node.inputs]
@@ -289,7 +285,7 @@ def _read_problem(tensor: gs.Tensor, position: int | None, ctx: RuleContext, dep
             continue
         if op in ("Slice", "Split") and slot >= 1:  # bounds: constants again once their axis is pruned
             continue
-        if op == "Cast" and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(user.attrs["to"]))).kind not in _INT_KINDS:
+        if op == "Cast" and np_dtype(user.attrs["to"]).kind not in _INT_KINDS:
             continue
         if op == "Gather" and slot == 0 and _ints(user.inputs[1]) is not None:
             index = _ints(user.inputs[1])

@@ -1,0 +1,97 @@
+"""The pipeline's passes: each fills in its part of the job once, the analysis stays frozen,
+and the rewrite refuses a result that fails the checker or changes the signature."""
+
+from __future__ import annotations
+
+import hashlib
+
+import nets
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxprune.errors import InternalError
+from onnxprune.pass_infra import Pass, PassManager, PassResult, PostconditionError, PreconditionError
+from onnxprune.pipeline import (
+    AnalysePass,
+    PlanPass,
+    PruneJob,
+    PruneSettings,
+    ReconstructPass,
+    RewritePass,
+    VerifyPass,
+    analyse,
+    pipeline,
+)
+
+PASSES = [AnalysePass, PlanPass, ReconstructPass, RewritePass, VerifyPass]
+
+
+def _weights(analysis) -> str:
+    """A digest of every constant of the analysed graph and of every slice the groups declare."""
+    h = hashlib.sha256()
+    for name, t in sorted(analysis.graph.tensors().items()):
+        if isinstance(t, gs.Constant):
+            h.update(name.encode() + np.ascontiguousarray(t.values).tobytes())
+    for g in analysis.dep.groups:
+        for m in g.members:
+            h.update(f"{g.id}{m.node.name}{m.space}{len(m.coupling.params)}".encode())
+    h.update(str(len(analysis.graph.nodes)).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "paoding"])
+def test_a_second_run_of_each_pipeline_pass_changes_nothing(method):
+    job = PruneJob(nets.resnet(), PruneSettings(ratio=0.4, method=method, check=2))
+    for cls in PASSES:
+        # progressive methods compute their corrections while planning: nothing left to reconstruct
+        assert cls()(job).modified == (cls is not ReconstructPass or method == "magnitude"), cls.__name__
+        assert not cls()(job).modified, cls.__name__
+    assert job.pruned is not None and job.report.groups_pruned > 0
+
+
+@pytest.mark.parametrize("method, reconstruction", [("paoding", None), ("paoding", "pair"), ("magnitude", None)])
+def test_the_analysis_is_never_edited(method, reconstruction):
+    analysis = analyse(nets.resnet())
+    before = _weights(analysis)
+    settings = PruneSettings(ratio=0.5, method=method, reconstruction=reconstruction, check=2)
+    job = pipeline()(PruneJob(nets.resnet(), settings, analysis=analysis)).value
+    assert job.plan.corrections, "compensation went somewhere"
+    assert _weights(analysis) == before
+    again = pipeline()(PruneJob(nets.resnet(), settings, analysis=analysis)).value
+    assert again.pruned.SerializeToString() == job.pruned.SerializeToString()
+
+
+def test_passes_refuse_what_they_do_not_accept():
+    with pytest.raises(PreconditionError, match="not analysed"):
+        PlanPass()(PruneJob(nets.resnet(), PruneSettings()))
+
+    class Broken(Pass[int]):
+        def call(self, value):
+            return PassResult(value + 1, True)
+
+        def ensures(self, value):
+            return "odd" if value % 2 else None
+
+    with pytest.raises(PostconditionError, match="Broken: postcondition failed: odd"):
+        Broken()(2)
+
+
+def test_the_rewrite_ensures_the_signature():
+    job = pipeline()(PruneJob(nets.resnet(), PruneSettings(ratio=0.4, check=1))).value
+    job.pruned.graph.output[0].type.tensor_type.shape.dim[-1].dim_value += 1
+    with pytest.raises(InternalError, match="signature changed"):
+        RewritePass().ensures(job)
+
+
+def test_a_failing_pass_names_the_passes_before_it():
+    class Explodes(Pass[int]):
+        def call(self, value):
+            raise ValueError("boom")
+
+    class Fine(Pass[int]):
+        def call(self, value):
+            return PassResult(value, False)
+
+    with pytest.raises(InternalError, match=r"Explodes failed \(passes before it: Fine\)"):
+        PassManager([Fine(), Explodes()])(0)
