@@ -42,6 +42,14 @@ STATISTICS_INPUTS = (16, 128)
 
 
 @dataclass
+class SyntheticInputs:
+    """Synthetic inputs by graph input name, and what they were made from."""
+
+    arrays: dict[str, np.ndarray]
+    source: str
+
+
+@dataclass
 class Analysis:
     """Everything passes may read about the model being pruned. Frozen: nothing edits the
     graph, the dependency graph or the weights after :func:`analyse` (planning measures
@@ -69,10 +77,17 @@ class Analysis:
     def probe_inputs(self, count: int, seed: int) -> dict[str, np.ndarray]:
         """Seeded synthetic probe inputs, distilled from BatchNorm statistics where the model
         has them (computed once, on the weights as analysed)."""
-        if (count, seed) not in self._probe_inputs:
-            rng = np.random.default_rng(seed)
+        return self.synthetic(count, seed).arrays
+
+    def synthetic(self, count: int, seed: int, held_out: bool = False) -> SyntheticInputs:
+        """``count`` synthetic inputs and what they are. ``held_out`` ones come from a seed
+        stream no method plans with, so that a check on them is not a check on the inputs
+        the channels were chosen with."""
+        key = (count, seed, held_out)
+        if key not in self._probe_inputs:
+            rng = np.random.default_rng([seed, 1] if held_out else seed)
             prior = self.prior
-            inputs = {}
+            inputs, distilled_any = {}, False
             dtypes = input_dtypes(self.model)
             for name, dtype in dtypes.items():
                 shape = (count, *self.input_shapes[name][1:])
@@ -83,9 +98,11 @@ class Analysis:
                 if len(dtypes) == 1:
                     steps = int(np.clip(2e11 / (3 * self.macs * count), 20, 150))
                     distilled = distill(to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
+                distilled_any |= distilled is not None
                 inputs[name] = (prior.sample(shape, rng) if distilled is None else distilled).astype(dtype)
-            self._probe_inputs[count, seed] = inputs
-        return self._probe_inputs[count, seed]
+            source = "distilled from BatchNorm statistics" if distilled_any else f"input prior ({prior.source})"
+            self._probe_inputs[key] = SyntheticInputs(inputs, source)
+        return self._probe_inputs[key]
 
     def statistics(self, spaces: list[tuple[str, int]], seed: int = 0, ridges: dict | None = None,
                    corrections: Corrections | None = None) -> dict[tuple[str, int], ChannelStats]:

@@ -165,7 +165,7 @@ def summary_table(report: PruneReport, latency: tuple[float, float, float] | Non
     if report.fidelity:
         f = report.fidelity
         top1 = f"{f.top1:.1%}" if f.top1 is not None else "-"
-        table.add_row(f"fidelity ({f.probes} probes)", f"cos {f.cosine:.4f}", f"relL2 {f.rel_l2:.4f}", f"top1 {top1}")
+        table.add_row(f"fidelity ({f.probes} held-out)", f"cos {f.cosine:.4f}", f"relL2 {f.rel_l2:.4f}", f"top1 {top1}")
     table.add_row("time", "", f"{sum(report.seconds.values()):.2f} s", "")
     return table
 
@@ -213,6 +213,9 @@ def run_prune(argv: list[str]) -> int:
         from onnxprune.fidelity import latency_ratio
         latency = latency_ratio(model, pruned, report.input_shapes)
     out.print(summary_table(report, latency))
+    if report.fidelity:
+        out.print(f"fidelity measured on {report.fidelity.probes} {report.fidelity.inputs} (not real data: "
+                  "`onnxprune eval` measures that)", style="dim")
     blocked = _blocked_table(report)
     if blocked is not None:
         out.print(blocked)
@@ -351,10 +354,26 @@ def run_eval(argv: list[str]) -> int:
 
 
 COMMANDS = {"inspect": run_inspect, "eval": run_eval}
+#: Options whose value may start with a minus sign that argparse would take for an option
+#: (``--input-range -0.95,2.15``).
+SIGNED_VALUES = ("--input-range",)
+
+
+def attach_signed_values(argv: list[str]) -> list[str]:
+    """``--opt -1,2`` becomes ``--opt=-1,2`` for the options in SIGNED_VALUES."""
+    out, k = [], 0
+    while k < len(argv):
+        if argv[k] in SIGNED_VALUES and k + 1 < len(argv) and argv[k + 1].startswith("-") and argv[k + 1][1:2] in "0123456789.":
+            out.append(f"{argv[k]}={argv[k + 1]}")
+            k += 2
+            continue
+        out.append(argv[k])
+        k += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = attach_signed_values(list(sys.argv[1:] if argv is None else argv))
     command = COMMANDS.get(argv[0]) if argv else None
     try:
         return command(argv[1:]) if command else run_prune(argv)

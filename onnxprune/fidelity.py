@@ -16,6 +16,7 @@ class Fidelity:
     cosine: float      # mean cosine similarity of output vectors (worst output)
     rel_l2: float      # mean ||pruned - original|| / ||original|| (worst output)
     top1: float | None  # share of probes whose argmax agrees (classification-like outputs)
+    inputs: str = ""   # what the probes were: how they were made, whether planning saw them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +74,19 @@ def measure_fidelity(original: Model, pruned: Model, shapes: dict[str, Shape],
                      count: int, seed: int = 0, prior=None) -> Fidelity:
     feeds = probe_feeds(original, shapes, count, seed, prior)
     return compare_outputs(_run_batched(session(original), feeds), _run_batched(session(pruned), feeds))
+
+
+def split_feeds(inputs: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+    """Inputs stacked on the batch axis as feeds of ``batch`` rows (models may fix their batch)."""
+    count = len(next(iter(inputs.values())))
+    return [{k: v[i:i + batch] for k, v in inputs.items()} for i in range(0, count - batch + 1, batch)]
+
+
+def fidelity_on(original: Model, pruned: Model, feeds: list[dict[str, np.ndarray]], inputs: str) -> Fidelity:
+    """Fidelity of ``pruned`` to ``original`` on the given feeds, described by ``inputs``."""
+    found = compare_outputs(_run_batched(session(original), feeds), _run_batched(session(pruned), feeds))
+    found.probes, found.inputs = len(feeds), inputs
+    return found
 
 
 def latency_ratio(original: Model, pruned: Model, shapes: dict[str, Shape],

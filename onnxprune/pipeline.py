@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.analysis import Analysis, analyse
 from onnxprune.errors import FidelityError, InternalError, UserError
-from onnxprune.fidelity import Fidelity, measure_fidelity
+from onnxprune.fidelity import Fidelity, fidelity_on, split_feeds
 from onnxprune.ir import Model, ModelStats, Shape, check_model, model_stats, resolve_shapes, signature, skeleton, to_model
 from onnxprune.pass_infra import Pass, PassManager, PassResult
 from onnxprune.passes.lower import DedupeConstants
@@ -46,6 +46,8 @@ class PruneReport:
     fidelity: Fidelity | None
     input_shapes: dict[str, Shape]
     plan: PruningPlan
+    #: What synthetic inputs look like (``--input-range``, or fitted to the first BatchNorm).
+    input_prior: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -219,9 +221,12 @@ class VerifyPass(_Timed):
 
     def run(self, job):
         analysis, s = job.analysis, job.settings
+        shapes = list(analysis.input_shapes.values())
+        batch = shapes[0][0] if shapes and shapes[0] else 1
+        held_out = analysis.synthetic(max(s.check, 1) * batch, s.seed, held_out=True)
         try:
-            fidelity = measure_fidelity(analysis.model, job.pruned, analysis.input_shapes, max(s.check, 1), s.seed,
-                                        analysis.prior)
+            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(held_out.arrays, batch),
+                                   f"held-out synthetic inputs, {held_out.source}")
         except Exception as exc:
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
         after_shapes = resolve_shapes(skeleton(job.pruned_graph, job.pruned), analysis.input_shapes)
@@ -244,7 +249,8 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> Pru
         before=model_stats(analysis.model, analysis.shapes), after=model_stats(job.pruned, after_shapes),
         groups_total=len(dep.groups), groups_prunable=len(prunable), groups_pruned=len(job.plan.groups),
         blocked=blocked, channels_removed=job.plan.removed_units, channels_prunable=sum(g.size for g in prunable),
-        fidelity=fidelity, input_shapes=analysis.input_shapes, plan=job.plan, seconds=job.seconds)
+        fidelity=fidelity, input_shapes=analysis.input_shapes, plan=job.plan, seconds=job.seconds,
+        input_prior=analysis.prior.source)
 
 
 def pipeline() -> PassManager[PruneJob]:

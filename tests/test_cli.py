@@ -174,3 +174,11 @@ def test_entry_point_runs_and_hides_tracebacks(tmp_path):
     result = subprocess.run([sys.executable, "-m", "onnxprune.cli", str(tmp_path / "none.onnx"),
                              str(tmp_path / "o.onnx"), "--ratio", "0.4"], capture_output=True, text=True)
     assert result.returncode == 2 and "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("spelling", [["--input-range", "-0.95,2.15"], ["--input-range=-0.95,2.15"]])
+def test_input_range_takes_negative_numbers_as_written(capsys, model_path, tmp_path, spelling):
+    code, out, err = run(capsys, model_path, tmp_path / "out.onnx", "--ratio", "0.2", "--report",
+                         tmp_path / "r.json", *spelling)
+    assert code == 0, err
+    assert "within [-0.95, 2.15]" in json.loads((tmp_path / "r.json").read_text())["input_prior"]
