@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import onnx
 
+from onnxprune.ir.emit import ModelEditor, NodeEmitter, NodeView
 from onnxprune.ir.export import (
     check_model,
     copy_model,
@@ -18,6 +19,7 @@ from onnxprune.ir.export import (
     toposort_nodes,
 )
 from onnxprune.ir.io import load_model, load_model_info, save_model
+from onnxprune.ir.opsets import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE, Opset
 from onnxprune.ir.runtime import session
 from onnxprune.ir.shapes import (
     Shape,
@@ -35,8 +37,9 @@ from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
 Model = onnx.ModelProto
 
 __all__ = [
-    "Model", "ModelStats", "Shape", "check_model", "concrete_input_shapes", "copy_model", "count_macs",
-    "graph_inputs", "import_graph", "input_dtypes", "load_model", "load_model_info", "make_batch_dynamic", "model_stats",
-    "node_macs", "parse_input_shapes", "random_inputs", "resolve_shapes", "save_model", "session", "signature",
-    "skeleton", "to_model", "toposort_nodes",
+    "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "Model", "ModelEditor", "ModelStats", "NodeEmitter", "NodeView",
+    "Opset", "Shape", "check_model", "concrete_input_shapes", "copy_model", "count_macs", "graph_inputs",
+    "import_graph", "input_dtypes", "load_model", "load_model_info", "make_batch_dynamic", "model_stats", "node_macs",
+    "parse_input_shapes", "random_inputs", "resolve_shapes", "save_model", "session", "signature", "skeleton",
+    "to_model", "toposort_nodes",
 ]
