@@ -102,8 +102,8 @@ class NodeEmitter:
         ``x``'s element type (zero when None)."""
         if not self.opset.params_as_inputs("Pad"):
             return self.add("Pad", [x], pads=list(pads), mode="constant", value=0.0 if value is None else float(value))
-        fill = [] if value is None else [self.const(np.asarray(value))]
-        return self.add("Pad", [x, self.i64(pads), *fill], mode="constant")
+        inputs = [x, self.i64(pads)] + ([] if value is None else [self.const(np.asarray(value))])
+        return self.add("Pad", inputs, mode="constant")
 
 
 @dataclass(frozen=True)
