@@ -245,7 +245,8 @@ class ProbeModel:
         start, spans = 0, {}
         for group in self.groups:
             spans[group.id] = (start, start + group.size)
-            b.emit("Slice", [_ALL_MASKS, *(b.i64([v]) for v in (start, start + group.size, 1))], [mask_name(group)])
+            starts, ends, axes = b.i64([start]), b.i64([start + group.size]), b.i64([1])
+            b.emit("Slice", [_ALL_MASKS, starts, ends, axes], [mask_name(group)])
             start += group.size
         edit.extend(b, first=True)
         edit.set_outputs([self.output])
