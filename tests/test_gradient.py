@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.evaluate import finite_difference_gradient
 from onnxprune.gradient import GRADIENT_RULES, GradientUnsupported, input_gradient_model
 from onnxprune.gradient.emitter import Emitter
-from onnxprune.gradient.opsets import Opset
 from onnxprune.gradient.static import StaticInfo
+from onnxprune.ir import Opset
 
 F = TensorProto.FLOAT
 N_CLASSES = 3

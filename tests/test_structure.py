@@ -20,9 +20,6 @@ BANNED = ("onnx", "onnxruntime", "onnx_graphsurgeon.exporters", "onnx_graphsurge
 BOUNDARY = {
     "onnxprune.ir": "the protobuf boundary itself",
     "onnxprune.gradient": "a ModelProto -> ModelProto transform: protobuf is its subject",
-    # TEMPORARY: they still build their auxiliary models in protobuf; moving onto ir's emitter.
-    "onnxprune.evidence.probes": "builds the probe model",
-    "onnxprune.evidence.distill": "builds the statistics model",
 }
 
 

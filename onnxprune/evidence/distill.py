@@ -14,89 +14,67 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
 from onnxprune.evidence.priors import InputPrior
 from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
-from onnxprune.ir import graph_inputs, make_batch_dynamic, session
+from onnxprune.ir import Model, ModelEditor, NodeEmitter, copy_model, graph_inputs, make_batch_dynamic, session
 
 logger = logging.getLogger(__name__)
 
 
-def _statistics_model(model: onnx.ModelProto) -> onnx.ModelProto | None:
+def _statistics_model(model: Model) -> Model | None:
     """``model`` with one output, logits ``[0, L]`` per sample, L the BatchNorm mismatch."""
-    aux = onnx.ModelProto()
-    aux.CopyFrom(model)
-    g = aux.graph
-    inits = {t.name: t for t in g.initializer}
-    opset = next(o.version for o in aux.opset_import if o.domain in ("", "ai.onnx"))
-    nodes, terms, count = [], [], [0]
-
-    def fresh():
-        count[0] += 1
-        return f"onnxprune_stat_{count[0]}"
-
-    def const(value):
-        name = fresh()
-        g.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-        return name
-
-    def op(kind, *inputs, **attrs):
-        out = fresh()
-        nodes.append(helper.make_node(kind, list(inputs), [out], **attrs))
-        return out
-
-    def mean(x, axes, keepdims=1):
-        if opset >= 18:
-            return op("ReduceMean", x, numpy_const(axes), keepdims=keepdims)
-        return op("ReduceMean", x, axes=axes, keepdims=keepdims)
-
-    def numpy_const(values):
-        name = fresh()
-        g.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
-        return name
-
-    for node in g.node:
-        if node.op_type != "BatchNormalization" or not all(n in inits for n in node.input[3:5]):
+    edit = ModelEditor(model)
+    b = edit.emitter("onnxprune_stat_{n}")
+    terms = []
+    for node in edit.nodes():
+        if node.op_type != "BatchNormalization":
             continue
-        rm = numpy_helper.to_array(inits[node.input[3]]).astype(np.float32)
-        rv = numpy_helper.to_array(inits[node.input[4]]).astype(np.float32)
-        shape = [1, -1, 1, 1]
-        axes = [0, 2, 3]
-        m = mean(node.input[0], axes)
-        centred = op("Sub", node.input[0], m)
-        v = mean(op("Mul", centred, centred), axes)
-        inv = const((1.0 / np.maximum(rv, 1e-6)).reshape(shape))
-        dm = op("Sub", m, const(rm.reshape(shape)))
-        ds = op("Sub", op("Sqrt", op("Add", v, const(1e-6))), const(np.sqrt(rv).reshape(shape)))
-        term = op("Mul", op("Add", op("Mul", dm, dm), op("Mul", ds, ds)), inv)
-        terms.append(mean(term, [0, 1, 2, 3], keepdims=0))
+        rm, rv = (edit.constant(name) for name in node.inputs[3:5])
+        if rm is None or rv is None:
+            continue
+        terms.append(_mismatch(b, node.inputs[0], rm.astype(np.float32), rv.astype(np.float32)))
     if not terms:
         return None
     total = terms[0]
     for t in terms[1:]:
-        total = op("Add", total, t)
-    total = op("Div", total, const(float(len(terms))))
-    x = graph_inputs(aux)[0].name
-    zero = op("Mul", op("Flatten", mean(x, [1, 2, 3]), axis=1), const(0.0))  # [N, 1] zeros
-    column = op("Add", zero, total)                      # [N, 1], L for every sample
-    logits = fresh()
-    nodes.append(helper.make_node("Concat", [zero, column], [logits], axis=1))
-    g.node.extend(nodes)
-    del g.output[:]
-    g.output.append(helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None))
-    return aux
+        total = b.add("Add", [total, t])
+    total = b.add("Div", [total, _f32(b, float(len(terms)))])
+    x = edit.inputs[0]
+    zero = b.add("Mul", [b.add("Flatten", [b.reduce_mean(x, [1, 2, 3])], axis=1), _f32(b, 0.0)])  # [N, 1] zeros
+    column = b.add("Add", [zero, total])                      # [N, 1], L for every sample
+    logits = b.add("Concat", [zero, column], axis=1)
+    edit.extend(b)
+    edit.set_outputs([logits], np.float32)
+    return edit.finish()
 
 
-def distill(model: onnx.ModelProto, shape: tuple[int, ...], prior: InputPrior, rng: np.random.Generator,
+def _mismatch(b: NodeEmitter, x: str, rm: np.ndarray, rv: np.ndarray) -> str:
+    """How far the batch statistics of ``x`` are from the running ones ``rm``, ``rv``: the
+    mean over channels of ``((m - rm)^2 + (s - sqrt(rv))^2) / rv``."""
+    shape = [1, -1, 1, 1]
+    axes = [0, 2, 3]
+    m = b.reduce_mean(x, axes)
+    centred = b.add("Sub", [x, m])
+    v = b.reduce_mean(b.add("Mul", [centred, centred]), axes)
+    inv = _f32(b, (1.0 / np.maximum(rv, 1e-6)).reshape(shape))
+    dm = b.add("Sub", [m, _f32(b, rm.reshape(shape))])
+    ds = b.add("Sub", [b.add("Sqrt", [b.add("Add", [v, _f32(b, 1e-6)])]), _f32(b, np.sqrt(rv).reshape(shape))])
+    term = b.add("Mul", [b.add("Add", [b.add("Mul", [dm, dm]), b.add("Mul", [ds, ds])]), inv])
+    return b.reduce_mean(term, [0, 1, 2, 3], keepdims=0)
+
+
+def _f32(b: NodeEmitter, value) -> str:
+    return b.const(np.asarray(value, np.float32))
+
+
+def distill(model: Model, shape: tuple[int, ...], prior: InputPrior, rng: np.random.Generator,
             steps: int = 150, lr: float = 0.05) -> np.ndarray | None:
     """``shape[0]`` inputs whose BatchNorm statistics match the running ones, or None when
     the model has no BatchNorm to match (or no gradient graph can be built)."""
     if len(shape) != 4:
         return None
-    batched = onnx.ModelProto()
-    batched.CopyFrom(model)
+    batched = copy_model(model)
     make_batch_dynamic(batched)
     aux = _statistics_model(batched)
     if aux is None:

@@ -17,14 +17,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
 from onnxprune.evidence.priors import InputPrior, MomentPropagation
-from onnxprune.ir import graph_inputs, make_batch_dynamic, session, to_model, toposort_nodes
+from onnxprune.ir import Model, ModelEditor, NodeEmitter, input_dtypes, make_batch_dynamic, session
 
 logger = logging.getLogger(__name__)
 
@@ -41,39 +39,16 @@ def merge_dst_name(group: ChannelGroup) -> str:
     return f"onnxprune_merge_dst_{group.id}"
 
 
-class _Nodes:
-    """Appends nodes and constants to a graph under fresh names."""
+#: How probe tensors are named (``n`` counts).
+_PROBE_NAMES = "onnxprune_probe_{n}"
+#: The input every group's mask is sliced from in the first-order model.
+_ALL_MASKS = "onnxprune_masks"
 
-    def __init__(self, graph: onnx.GraphProto, opset: int):
-        self.graph, self.nodes, self.count, self.opset = graph, [], 0, opset
 
-    def fresh(self) -> str:
-        self.count += 1
-        return f"onnxprune_probe_{self.count}"
-
-    def const(self, value: np.ndarray) -> str:
-        name = self.fresh()
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op_type: str, *inputs: str, **attrs) -> str:
-        out = self.fresh()
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
-        return out
-
-    def gather(self, name: str, index: str, pad_value: float) -> str:
-        """Unit-level [N, U] to space-level [N, C]: padded column U for foreign atoms."""
-        if self.opset >= 11:
-            padded = self.op("Pad", name, self.const(np.array([0, 0, 0, 1], np.int64)),
-                             self.const(np.array(pad_value, np.float32)))
-        else:  # pads and value were attributes before opset 11
-            padded = self.op("Pad", name, pads=[0, 0, 0, 1], value=pad_value)
-        return self.op("Gather", padded, index, axis=1)
-
-    def reduce_sum(self, x: str, axis: int) -> str:
-        if self.opset >= 13:
-            return self.op("ReduceSum", x, self.const(np.array([axis], np.int64)))
-        return self.op("ReduceSum", x, axes=[axis])
+def _gather(b: NodeEmitter, name: str, index: str, pad_value: float) -> str:
+    """Unit-level [N, U] to space-level [N, C]: padded column U for foreign atoms."""
+    padded = b.pad(name, [0, 0, 0, 1], np.float32(pad_value))
+    return b.add("Gather", [padded, index], axis=1)
 
 
 @dataclass
@@ -116,7 +91,7 @@ def impacts(outputs: np.ndarray, base: np.ndarray) -> Impact:
 class ProbeModel:
     """A session over the masked model and the seeded synthetic probe inputs."""
 
-    def __init__(self, graph: gs.Graph, template: onnx.ModelProto, groups: list[ChannelGroup],
+    def __init__(self, graph: gs.Graph, template: Model, groups: list[ChannelGroup],
                  moments: MomentPropagation, prior: InputPrior, input_shapes: dict, probes: int = 16,
                  seed: int = 0, max_batch: int = 2048, inputs: dict[str, np.ndarray] | None = None,
                  estimates: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None):
@@ -125,19 +100,17 @@ class ProbeModel:
         self.graph = graph  # the graph probed, weights as corrected so far
         self._source = (graph, template, moments, estimates or {})
         self.model = self._masked(sparse=True)
-        self.output = _probe_output(self.model)
         self.session = session(self.model)
         self._dense, self._dense_session = None, None  # built when needed
         if inputs is None:
             rng = np.random.default_rng(seed)
             inputs = {}
-            for value in graph_inputs(template):
-                shape = (probes, *input_shapes[value.name][1:])
-                dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            for name, dtype in input_dtypes(template).items():
+                shape = (probes, *input_shapes[name][1:])
                 if np.issubdtype(dtype, np.floating):
-                    inputs[value.name] = prior.sample(shape, rng).astype(dtype)
+                    inputs[name] = prior.sample(shape, rng).astype(dtype)
                 else:
-                    inputs[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+                    inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
         self.inputs = inputs
         probes = len(next(iter(inputs.values())))
         self.probes = probes
@@ -145,37 +118,36 @@ class ProbeModel:
         self.runs = 0
         self.base = self.run({})[0]
 
-    def _masked(self, sparse: bool) -> onnx.ModelProto:
+    def _masked(self, sparse: bool) -> Model:
         graph, template, moments, estimates = self._source
-        model = to_model(graph.copy(), template)
-        output = _probe_output(model)
-        spaces = self._add_masks(model, moments, estimates, sparse)
+        edit = ModelEditor.from_graph(graph.copy(), template)
+        self.output = _probe_output(edit)
+        spaces = self._add_masks(edit, moments, estimates, sparse)
         if sparse:
             self.sparse_spaces = spaces
-        if output not in {o.name for o in model.graph.output}:
-            model.graph.output.append(helper.make_empty_tensor_value_info(output))
+        if self.output not in edit.outputs:
+            edit.add_output(self.output)
+        model = edit.finish(toposort=True)  # the masks' nodes feed the model's own
         make_batch_dynamic(model)
         return model
 
-    def dense_model(self) -> onnx.ModelProto:
+    def dense_model(self) -> Model:
         """The probe model with every space masked densely: any mask rows (several units per
         row, fractional masks), and the form the first-order estimate differentiates."""
         if self._dense is None:
             self._dense = self._masked(sparse=False)
         return self._dense
 
-    def _add_masks(self, model: onnx.ModelProto, moments: MomentPropagation, estimates: dict,
+    def _add_masks(self, edit: ModelEditor, moments: MomentPropagation, estimates: dict,
                    sparse: bool) -> list[list[ChannelGroup]]:
         """Per consumer space, what its consumers read instead of ``x`` (see
         :func:`_dense_fill` and :func:`_sparse_fill`); the sparse form where the layout allows.
         Returns the groups of each sparse space."""
-        g = model.graph
-        nodes_by_name = {n.name: n for n in g.node}
         per_space: dict[tuple, list[tuple[ChannelGroup, np.ndarray, bool]]] = {}
         consumers: dict[tuple, set[str]] = {}
         for group in self.groups:
             for name in (mask_name(group), merge_src_name(group), merge_dst_name(group)):
-                g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", group.size]))
+                edit.add_input(name, np.float32, ["N", group.size])
             for space, names in consumer_nodes(group).items():
                 local, unit = group.atoms[space]
                 index = np.full(moments.shapes[space[0]][space[1]], group.size, dtype=np.int64)
@@ -183,7 +155,7 @@ class ProbeModel:
                 single = len(np.unique(unit)) == len(unit)
                 per_space.setdefault(space, []).append((group, index, single))
                 consumers.setdefault(space, set()).update(names)
-        b = _Nodes(g, next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+        b = edit.emitter(_PROBE_NAMES)
         sparse_spaces = []
         for space, entries in per_space.items():
             tensor, axis = space
@@ -197,13 +169,8 @@ class ProbeModel:
             if fill is _sparse_fill:
                 sparse_spaces.append([group for group, _, _ in entries])
             for name in consumers[space]:
-                node = nodes_by_name[name]
-                for i, inp in enumerate(node.input):
-                    if inp == tensor:
-                        node.input[i] = x
-        nodes = list(g.node) + b.nodes
-        del g.node[:]
-        g.node.extend(toposort_nodes(nodes, {i.name for i in g.input} | {t.name for t in g.initializer}))
+                edit.replace_input(name, tensor, x)
+        edit.extend(b)
         return sparse_spaces
 
     def sparse_expresses(self, masks: dict[str, np.ndarray]) -> bool:
@@ -270,29 +237,23 @@ class ProbeModel:
         None when the gradient graph cannot be built (an op without a backward rule)."""
         from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
 
-        model = onnx.ModelProto()
-        model.CopyFrom(self.dense_model())
-        g = model.graph
-        names = {mask_name(group) for group in self.groups}
-        kept_inputs = [i for i in g.input if i.name not in names]
-        del g.input[:]
-        g.input.append(helper.make_tensor_value_info("onnxprune_masks", TensorProto.FLOAT, ["N", None]))
-        g.input.extend(kept_inputs)
+        # Every group's mask is a slice of one input, the first: what the gradient is taken of.
+        edit = ModelEditor(self.dense_model())
+        edit.remove_inputs(mask_name(group) for group in self.groups)
+        edit.add_input(_ALL_MASKS, np.float32, ["N", None], first=True)
+        b = edit.emitter(_PROBE_NAMES)
         start, spans = 0, {}
         for group in self.groups:
             spans[group.id] = (start, start + group.size)
-            bounds = [numpy_helper.from_array(np.array([v], np.int64), f"onnxprune_span_{group.id}_{k}")
-                      for k, v in enumerate((start, start + group.size, 1))]
-            g.initializer.extend(bounds)
-            g.node.insert(0, helper.make_node("Slice", ["onnxprune_masks"] + [b.name for b in bounds],
-                                              [mask_name(group)]))
+            starts, ends, axes = b.i64([start]), b.i64([start + group.size]), b.i64([1])
+            b.emit("Slice", [_ALL_MASKS, starts, ends, axes], [mask_name(group)])
             start += group.size
-        del g.output[:]
-        g.output.append(helper.make_empty_tensor_value_info(self.output))
+        edit.extend(b, first=True)
+        edit.set_outputs([self.output])
         try:
-            grad_session = session(input_gradient_model(model))
+            grad_session = session(input_gradient_model(edit.finish()))
             feeds = dict(self.inputs)
-            feeds["onnxprune_masks"] = np.ones((self.probes, start), np.float32)
+            feeds[_ALL_MASKS] = np.ones((self.probes, start), np.float32)
             for group in self.groups:
                 for name in (merge_src_name(group), merge_dst_name(group)):
                     feeds[name] = np.zeros((self.probes, group.size), np.float32)
@@ -308,7 +269,7 @@ class ProbeModel:
         return impacts(self.run(masks), self.base)
 
 
-def _dense_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np.ndarray, estimate) -> str:
+def _dense_fill(b: NodeEmitter, tensor: str, axis: int, rank: int, entries, mean: np.ndarray, estimate) -> str:
     """``x' = x*M + (1-M)*value + S*(sum_c(D*x) - sum_c(D*mean))`` over the whole tensor.
 
     M is the removal mask; S (one-hot at the removed unit u) and D (the merge scale s at the
@@ -330,22 +291,22 @@ def _dense_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np.
     x = tensor
     for group, index, single in entries:
         idx = b.const(index)
-        mask = b.gather(mask_name(group), idx, 1.0)
-        mb = b.op("Reshape", mask, b.const(np.array(shape, np.int64)))
-        kept = b.op("Mul", x, mb)
-        fill = b.op("Sub", value, b.op("Mul", value, mb))
-        x = b.op("Add", kept, fill)
+        mask = _gather(b, mask_name(group), idx, 1.0)
+        mb = b.add("Reshape", [mask, b.const(np.array(shape, np.int64))])
+        kept = b.add("Mul", [x, mb])
+        fill = b.add("Sub", [value, b.add("Mul", [value, mb])])
+        x = b.add("Add", [kept, fill])
         if single:
-            src = b.op("Reshape", b.gather(merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
-            dst = b.op("Reshape", b.gather(merge_dst_name(group), idx, 0.0), b.const(np.array(shape, np.int64)))
+            src = b.add("Reshape", [_gather(b, merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64))])
+            dst = b.add("Reshape", [_gather(b, merge_dst_name(group), idx, 0.0), b.const(np.array(shape, np.int64))])
             # u's slot reads s * x_v (what the merged weights see) minus its mean.
-            moved = b.reduce_sum(b.op("Mul", tensor, dst), axis)
-            lost = b.reduce_sum(b.op("Mul", dst, mean_c), axis)
-            x = b.op("Add", x, b.op("Mul", src, b.op("Sub", moved, lost)))
+            moved = b.reduce_sum(b.add("Mul", [tensor, dst]), [axis])
+            lost = b.reduce_sum(b.add("Mul", [dst, mean_c]), [axis])
+            x = b.add("Add", [x, b.add("Mul", [src, b.add("Sub", [moved, lost])])])
     return x
 
 
-def _sparse_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np.ndarray, estimate) -> str:
+def _sparse_fill(b: NodeEmitter, tensor: str, axis: int, rank: int, entries, mean: np.ndarray, estimate) -> str:
     """The same substitution for rows that remove at most one unit of the space (what
     candidate measurement does), at the cost of that unit's channels only.
 
@@ -368,50 +329,50 @@ def _sparse_fill(b: _Nodes, tensor: str, axis: int, rank: int, entries, mean: np
     onehot = (per[None, :] == np.arange(width)[:, None]).astype(np.float32)  # [K, C]
     removed = None
     for group, index, _ in entries:
-        r = b.op("Sub", b.const(np.array(1.0, np.float32)), b.gather(mask_name(group), b.const(index), 1.0))
-        removed = r if removed is None else b.op("Add", removed, r)
-    sel = b.op("Mul", b.op("Reshape", removed, b.const(np.array([0, 1, size], np.int64))), b.const(onehot))
-    sel_t = b.op("Transpose", sel, perm=[0, 2, 1])  # [N, C, K]
-    x3 = b.op("Reshape", tensor, b.const(np.array([0, size, -1] if first else [0, -1, size], np.int64)))
+        r = b.add("Sub", [b.const(np.array(1.0, np.float32)), _gather(b, mask_name(group), b.const(index), 1.0)])
+        removed = r if removed is None else b.add("Add", [removed, r])
+    sel = b.add("Mul", [b.add("Reshape", [removed, b.const(np.array([0, 1, size], np.int64))]), b.const(onehot)])
+    sel_t = b.add("Transpose", [sel], perm=[0, 2, 1])  # [N, C, K]
+    x3 = b.add("Reshape", [tensor, b.const(np.array([0, size, -1] if first else [0, -1, size], np.int64))])
     if estimate is not None:
         matrix, mu = estimate
         bias = (mu - matrix @ mu).astype(np.float32)
-        rows = b.op("MatMul", sel, b.const(matrix.astype(np.float32)))  # [N, K, C]: the estimate's rows
+        rows = b.add("MatMul", [sel, b.const(matrix.astype(np.float32))])  # [N, K, C]: the estimate's rows
     else:
         bias, rows = mean, None
     if first:  # [N, C, S]
-        picked = b.op("MatMul", sel, x3)                                          # [N, K, S]
-        value = b.op("MatMul", sel, b.const(bias.reshape(size, 1)))               # [N, K, 1]
+        picked = b.add("MatMul", [sel, x3])                                          # [N, K, S]
+        value = b.add("MatMul", [sel, b.const(bias.reshape(size, 1))])               # [N, K, 1]
         if rows is not None:
-            value = b.op("Add", b.op("MatMul", rows, x3), value)
+            value = b.add("Add", [b.add("MatMul", [rows, x3]), value])
     else:  # [N, S, C]
-        picked = b.op("MatMul", x3, sel_t)                                        # [N, S, K]
-        value = b.op("MatMul", b.const(bias.reshape(1, size)), sel_t)             # [N, 1, K]
+        picked = b.add("MatMul", [x3, sel_t])                                        # [N, S, K]
+        value = b.add("MatMul", [b.const(bias.reshape(1, size)), sel_t])             # [N, 1, K]
         if rows is not None:
-            value = b.op("Add", b.op("MatMul", x3, b.op("Transpose", rows, perm=[0, 2, 1])), value)
-    delta = b.op("Sub", value, picked)
+            value = b.add("Add", [b.add("MatMul", [x3, b.add("Transpose", [rows], perm=[0, 2, 1])]), value])
+    delta = b.add("Sub", [value, picked])
     if any(one for _, _, one in entries):  # u's slot reads s * (x_v - mean_v) more: u merged into v with scale s
         dst = src = None
         for group, index, one in entries:
             if not one:
                 continue
-            d = b.gather(merge_dst_name(group), b.const(index), 0.0)
-            dst = d if dst is None else b.op("Add", dst, d)
-            s = b.reduce_sum(merge_src_name(group), 1)
-            src = s if src is None else b.op("Add", src, s)
-        d3 = b.op("Reshape", dst, b.const(np.array([0, 1, size], np.int64)))      # [N, 1, C]
-        src = b.op("Reshape", src, b.const(np.array([-1, 1, 1], np.int64)))       # [N, 1, 1]
-        lost = b.op("MatMul", d3, b.const(mean.reshape(size, 1)))                 # [N, 1, 1]
+            d = _gather(b, merge_dst_name(group), b.const(index), 0.0)
+            dst = d if dst is None else b.add("Add", [dst, d])
+            s = b.reduce_sum(merge_src_name(group), [1])
+            src = s if src is None else b.add("Add", [src, s])
+        d3 = b.add("Reshape", [dst, b.const(np.array([0, 1, size], np.int64))])      # [N, 1, C]
+        src = b.add("Reshape", [src, b.const(np.array([-1, 1, 1], np.int64))])       # [N, 1, 1]
+        lost = b.add("MatMul", [d3, b.const(mean.reshape(size, 1))])                 # [N, 1, 1]
         if first:
-            moved = b.op("MatMul", d3, x3)                                         # [N, 1, S]
-            first_slot = b.const(np.eye(width, 1, dtype=np.float32))              # [K, 1]
+            moved = b.add("MatMul", [d3, x3])                                        # [N, 1, S]
+            first_slot = b.const(np.eye(width, 1, dtype=np.float32))                 # [K, 1]
         else:
-            moved = b.op("MatMul", x3, b.op("Transpose", d3, perm=[0, 2, 1]))     # [N, S, 1]
-            first_slot = b.const(np.eye(1, width, dtype=np.float32))              # [1, K]
-        merge = b.op("Mul", src, b.op("Sub", moved, lost))
-        delta = b.op("Add", delta, b.op("Mul", merge, first_slot))
-    back = b.op("MatMul", sel_t, delta) if first else b.op("MatMul", delta, sel)
-    return b.op("Reshape", b.op("Add", x3, back), b.op("Shape", tensor))
+            moved = b.add("MatMul", [x3, b.add("Transpose", [d3], perm=[0, 2, 1])])  # [N, S, 1]
+            first_slot = b.const(np.eye(1, width, dtype=np.float32))                 # [1, K]
+        merge = b.add("Mul", [src, b.add("Sub", [moved, lost])])
+        delta = b.add("Add", [delta, b.add("Mul", [merge, first_slot])])
+    back = b.add("MatMul", [sel_t, delta]) if first else b.add("MatMul", [delta, sel])
+    return b.add("Reshape", [b.add("Add", [x3, back]), b.add("Shape", [tensor])])
 
 
 def _estimable(axis: int, rank: int) -> bool:
@@ -420,7 +381,7 @@ def _estimable(axis: int, rank: int) -> bool:
     return axis == rank - 1 or (axis == 1 and rank in (3, 4, 5))
 
 
-def _estimate(b: _Nodes, tensor: str, axis: int, rank: int, estimate) -> str | None:
+def _estimate(b: NodeEmitter, tensor: str, axis: int, rank: int, estimate) -> str | None:
     """``mu + B (x - mu)`` over the channel axis (where :func:`_estimable`): a MatMul for
     channels-last, a 1x1 convolution for channels-first feature maps; None without one."""
     if estimate is None:
@@ -428,9 +389,9 @@ def _estimate(b: _Nodes, tensor: str, axis: int, rank: int, estimate) -> str | N
     matrix, mu = estimate
     bias = (mu - matrix @ mu).astype(np.float32)
     if axis == rank - 1:
-        return b.op("Add", b.op("MatMul", tensor, b.const(matrix.T.astype(np.float32))), b.const(bias))
+        return b.add("Add", [b.add("MatMul", [tensor, b.const(matrix.T.astype(np.float32))]), b.const(bias)])
     kernel = matrix.astype(np.float32).reshape(*matrix.shape, *([1] * (rank - 2)))
-    return b.op("Conv", tensor, b.const(kernel), b.const(bias))
+    return b.add("Conv", [tensor, b.const(kernel), b.const(bias)])
 
 
 def probeable(group: ChannelGroup, shapes: dict, batch: int = 1) -> bool:
@@ -450,10 +411,10 @@ def consumer_nodes(group: ChannelGroup) -> dict[tuple, set[str]]:
     return spaces
 
 
-def _probe_output(model: onnx.ModelProto) -> str:
+def _probe_output(edit: ModelEditor) -> str:
     """The first output, or the logits in front of a final Softmax (more sensitive)."""
-    name = model.graph.output[0].name
-    for node in model.graph.node:
-        if name in node.output and node.op_type in ("Softmax", "LogSoftmax"):
-            return node.input[0]
+    name = edit.outputs[0]
+    for node in edit.nodes():
+        if name in node.outputs and node.op_type in ("Softmax", "LogSoftmax"):
+            return node.inputs[0]
     return name

@@ -23,8 +23,9 @@ Modules:
   measures the shapes shape inference leaves unknown;
 - :mod:`.paths` -- which nodes lie on the input->loss path;
 - :mod:`.loss` -- the cross-entropy and its gradient, :func:`output_kind`;
-- :mod:`.emitter` -- fresh names, constants and opset-aware helper ops for the rules;
-  :mod:`.opsets` -- what changed between opsets, as tables;
+- :mod:`.emitter` -- fresh names, constants and opset-aware helper ops for the rules (on
+  :class:`onnxprune.ir.NodeEmitter`, whose :mod:`~onnxprune.ir.opsets` tables say what
+  changed between opsets);
 - :mod:`.registry` -- :data:`GRADIENT_RULES` and the :func:`~.registry.rule` decorator;
 - rules by op family: :mod:`.activations`, :mod:`.elementwise` (with :mod:`.broadcast`),
   :mod:`.linear`, :mod:`.pooling` (with :mod:`.windows`), :mod:`.normalization`,

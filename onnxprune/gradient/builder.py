@@ -13,14 +13,17 @@ from onnxprune.gradient.assemble import assemble
 from onnxprune.gradient.emitter import Emitter
 from onnxprune.gradient.errors import GradientUnsupported
 from onnxprune.gradient.loss import INPUT_GRAD, LABELS, LOSS, emit_loss, loss_target
-from onnxprune.gradient.opsets import MIN_VERSION, Opset
 from onnxprune.gradient.paths import backward_path
 from onnxprune.gradient.probe import has_shape_gaps, probe_shapes
 from onnxprune.gradient.protos import op_key
 from onnxprune.gradient.registry import GRADIENT_RULES
 from onnxprune.gradient.static import StaticInfo
+from onnxprune.ir import Opset
 
 logger = logging.getLogger(__name__)
+
+#: The oldest opset a gradient graph is built for.
+MIN_VERSION = 9
 
 
 def input_gradient_model(model: onnx.ModelProto) -> onnx.ModelProto:

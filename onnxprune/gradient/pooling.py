@@ -8,10 +8,10 @@ import math
 import numpy as np
 
 from onnxprune.gradient.errors import GradientUnsupported
-from onnxprune.gradient.opsets import AVAILABLE_SINCE
 from onnxprune.gradient.protos import attrs
 from onnxprune.gradient.registry import rule
 from onnxprune.gradient.windows import kernel_shape, scatter_windows, window
+from onnxprune.ir import AVAILABLE_SINCE
 
 
 def _indices_output(b, n) -> str:

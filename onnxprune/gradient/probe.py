@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from onnxprune.gradient.static import StaticInfo
+from onnxprune.ir.runtime import session
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ def has_shape_gaps(static: StaticInfo) -> bool:
 
 def _run_exposed(static: StaticInfo, dims: list, dynamic: bool) -> tuple[list[str], list[dict]] | None:
     """Every tensor's value on random inputs, at batch 2 and 3 if the batch is dynamic."""
-    import onnxruntime as ort
 
     m = onnx.ModelProto()
     m.CopyFrom(static.model)
@@ -50,9 +50,7 @@ def _run_exposed(static: StaticInfo, dims: list, dynamic: bool) -> tuple[list[st
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(static.x_elem))
     rng = np.random.default_rng(0)
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sess = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sess = session(m)
         names = [o.name for o in sess.get_outputs()]
         runs = []
         for batch in ((2, 3) if dynamic else (dims[0],)):

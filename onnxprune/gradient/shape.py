@@ -9,9 +9,9 @@ from onnx import helper
 
 from onnxprune.gradient.emitter import INT_MAX
 from onnxprune.gradient.errors import GradientUnsupported
-from onnxprune.gradient.opsets import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE
 from onnxprune.gradient.protos import attrs
 from onnxprune.gradient.registry import rule
+from onnxprune.ir import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE
 
 
 @rule("Identity", "Dropout")

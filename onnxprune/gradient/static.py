@@ -12,8 +12,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.gradient.errors import GradientUnsupported
-from onnxprune.gradient.opsets import Opset
 from onnxprune.gradient.protos import attrs, constant_value
+from onnxprune.ir import Opset
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import onnx
 
 from onnxprune.gradient.emitter import INT_MAX, Emitter
 from onnxprune.gradient.errors import GradientUnsupported
-from onnxprune.gradient.opsets import PARAMS_AS_INPUTS_SINCE
 from onnxprune.gradient.protos import attrs
+from onnxprune.ir import PARAMS_AS_INPUTS_SINCE
 
 
 def kernel_shape(b: Emitter, n: onnx.NodeProto, w: str | None = None) -> list[int]:

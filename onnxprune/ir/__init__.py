@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import onnx
 
+from onnxprune.ir.emit import ModelEditor, NodeEmitter, NodeView
 from onnxprune.ir.export import (
     check_model,
     copy_model,
@@ -18,6 +19,7 @@ from onnxprune.ir.export import (
     toposort_nodes,
 )
 from onnxprune.ir.io import load_model, load_model_info, save_model
+from onnxprune.ir.opsets import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE, Opset
 from onnxprune.ir.reference import evaluate_node, np_dtype, template_for
 from onnxprune.ir.runtime import Session, session
 from onnxprune.ir.shapes import (
@@ -39,9 +41,10 @@ from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
 Model = onnx.ModelProto
 
 __all__ = [
-    "InputSpec", "Model", "ModelStats", "Session", "Shape", "check_model", "concrete_input_shapes", "copy_model",
-    "count_macs", "evaluate_node", "input_specs", "output_names",
-    "graph_inputs", "import_graph", "input_dtypes", "load_model", "load_model_info", "make_batch_dynamic", "model_stats",
-    "node_macs", "np_dtype", "parse_input_shapes", "random_inputs", "resolve_shapes", "save_model", "session", "signature",
-    "skeleton", "template_for", "to_model", "toposort_nodes",
+    "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
+    "NodeView", "Opset", "Session", "Shape", "check_model", "concrete_input_shapes", "copy_model", "count_macs",
+    "evaluate_node", "graph_inputs", "import_graph", "input_dtypes", "input_specs", "load_model", "load_model_info",
+    "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
+    "random_inputs", "resolve_shapes", "save_model", "session", "signature", "skeleton", "template_for", "to_model",
+    "toposort_nodes",
 ]

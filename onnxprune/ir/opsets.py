@@ -1,14 +1,11 @@
-"""What changed between opsets 9 and 21, as data: the backward graph is emitted in the
-model's own opset, so every rule and helper that depends on the version asks :class:`Opset`
-instead of comparing version numbers itself.
+"""What changed between opsets 9 and 21, as data: nodes are emitted in the model's own opset,
+so every emitter and rule that depends on the version asks :class:`Opset` instead of comparing
+version numbers itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-#: The oldest opset a gradient graph is built for.
-MIN_VERSION = 9
 
 #: Opset from which each op takes its parameters (starts/ends/axes, pads, min/max, axes,
 #: split sizes) as inputs rather than as attributes.
@@ -23,7 +20,7 @@ PARAMS_AS_INPUTS_SINCE = {
     "ReduceMean": 18,
 }
 
-#: Opset from which an op, or a feature of one, that backward graphs rely on exists.
+#: Opset from which an op, or a feature of one, exists.
 AVAILABLE_SINCE = {
     "Range": 11,
     "ScatterElements": 11,
