@@ -54,28 +54,6 @@ def _run_batched(sess: Session, feeds: list[dict[str, np.ndarray]]) -> list[np.n
             for i in range(len(runs[0]))]
 
 
-def probe_feeds(model: Model, shapes: dict[str, Shape], count: int, seed: int,
-                prior=None) -> list[dict]:
-    """``count`` synthetic samples, one feed per sample (models may have a fixed batch of 1);
-    float inputs follow ``prior`` (an :class:`~onnxprune.evidence.priors.InputPrior`) when given."""
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        feed = random_inputs(model, shapes, rng)
-        if prior is not None:
-            for name, value in feed.items():
-                if np.issubdtype(value.dtype, np.floating):
-                    feed[name] = prior.sample(value.shape, rng).astype(value.dtype)
-        feeds.append(feed)
-    return feeds
-
-
-def measure_fidelity(original: Model, pruned: Model, shapes: dict[str, Shape],
-                     count: int, seed: int = 0, prior=None) -> Fidelity:
-    feeds = probe_feeds(original, shapes, count, seed, prior)
-    return compare_outputs(_run_batched(session(original), feeds), _run_batched(session(pruned), feeds))
-
-
 def split_feeds(inputs: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
     """Inputs stacked on the batch axis as feeds of ``batch`` rows (models may fix their batch)."""
     count = len(next(iter(inputs.values())))
