@@ -71,8 +71,8 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> float:
     return acc
 
 
-def run(sets, names, ratios, methods, console: Console) -> list[dict]:
-    rows = []
+def run(sets, names, ratios, methods, console: Console) -> tuple[list[dict], list[dict]]:
+    rows, failures = [], []
     for e in entries(sets, names):
         model = load_model(e["folder"] / e["file"])
         x, y = load_npz(e["folder"] / e["data"])
@@ -85,6 +85,8 @@ def run(sets, names, ratios, methods, console: Console) -> list[dict]:
                     pruned, report = prune(model, ratio, method=method, input_range=e["input_range"], check=8)
                 except Exception as exc:  # a row that fails says so; the bench goes on
                     console.print(f"[red]{e['set']}/{e['name']} {method} {ratio}: {type(exc).__name__}: {exc}[/]")
+                    failures.append({"set": e["set"], "model": e["name"], "method": method, "ratio": ratio,
+                                     "error": f"{type(exc).__name__}: {exc}"})
                     continue
                 seconds = time.perf_counter() - t0
                 pruned_logits = logits(pruned, x)
@@ -102,7 +104,7 @@ def run(sets, names, ratios, methods, console: Console) -> list[dict]:
                 console.print(f"{e['set']:10s} {e['name']:10s} {method:10s} {ratio:.2f} "
                               f"acc {base_acc:.3f} -> {row['accuracy'][1]:.3f}  cos reported "
                               f"{_f(row['reported_cosine'])} real {cos:.4f}  {seconds:.1f}s")
-    return rows
+    return rows, failures
 
 
 def _f(v, fmt="{:.4f}") -> str:
@@ -184,14 +186,16 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(width=170, stderr=True)
     started = time.perf_counter()
-    rows = run(args.sets, args.models, args.ratios, args.methods, console)
+    rows, failures = run(args.sets, args.models, args.ratios, args.methods, console)
     stats = summary(rows)
     out = Console(width=170)
     out.print(table(rows))
     out.print(summary_table(stats))
+    for f in failures:
+        out.print(f"[red]failed: {f['set']} {f['model']} {f['method']} {f['ratio']:g}: {f['error'].splitlines()[0]}[/]")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rows": rows, "summary": stats}, indent=1))
+    path.write_text(json.dumps({"rows": rows, "summary": stats, "failures": failures}, indent=1))
     console.print(f"wrote {path} ({len(rows)} rows, {time.perf_counter() - started:.0f}s)")
 
 
