@@ -32,6 +32,7 @@ bench: install
 models: install
 	$(BIN)/python -m pip install --quiet -r models/requirements.txt
 	$(BIN)/python models/build.py
+	$(BIN)/python models/validation/build.py
 	$(BIN)/python models/encoders/build.py
 
 lint: install
