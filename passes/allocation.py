@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from onnxprune.passes.candidates import Candidate
 from onnxprune.passes.cost import MacModel
 
 from onnxprune.depgraph import ChannelGroup
@@ -46,3 +47,38 @@ def scheduled_quota(groups: list[ChannelGroup], plans: dict[int, GroupPlan], tar
                     step: int, steps: int) -> dict[int, int]:
     """Scheduled groups lose their target in equal parts: what is due by the end of ``step``."""
     return {g.id: round(targets[g.id] * (step + 1) / steps) - len(plans[g.id].remove) for g in groups}
+
+
+def take_feasible(balance: np.ndarray | None, pool: list[Candidate], order, quota: int) -> list[Candidate]:
+    """Take candidates in ``order``: a unit that absorbs another this step stays, and
+    balanced groups lose the same count per block."""
+    blocks = 1 if balance is None else int(balance.max()) + 1
+    per_block = quota // blocks if blocks > 1 else quota
+    taken, targets, removed, counts = [], set(), set(), {}
+    for r in order:
+        c = pool[r]
+        if c.unit in targets or c.into in removed:
+            continue
+        block = 0 if balance is None else int(balance[c.unit])
+        if counts.get(block, 0) >= per_block:
+            continue
+        taken.append(c)
+        removed.add(c.unit)
+        if c.merges:
+            targets.add(c.into)
+        counts[block] = counts.get(block, 0) + 1
+        if len(taken) == per_block * blocks:
+            break
+    if blocks > 1 and len(taken) < per_block * blocks:
+        # The pool ran dry in some block: keep as many in every block as in the poorest one,
+        # or the grouped convolution's channel count stops dividing by its groups.
+        fewest = min(counts.get(b, 0) for b in range(blocks))
+        kept = {b: 0 for b in range(blocks)}
+        trimmed = []
+        for c in taken:
+            block = int(balance[c.unit])
+            if kept[block] < fewest:
+                trimmed.append(c)
+                kept[block] += 1
+        taken = trimmed
+    return taken

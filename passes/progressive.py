@@ -219,7 +219,7 @@ class Progressive(Method):
         for g in active:
             if g.id in run.scheduled:
                 order = self.order(impact[g.id], run.rng, len(run.plans[g.id].remove) / run.targets[g.id], quota[g.id])
-                chosen[g.id] = self._feasible(g, pools[g.id], order, quota[g.id])
+                chosen[g.id] = allocation.take_feasible(g.balance, pools[g.id], order, quota[g.id])
                 for c in chosen[g.id]:
                     run.cost.remove(g, c.unit)
         competing = [g for g in active if g.id not in run.scheduled]
@@ -274,29 +274,6 @@ class Progressive(Method):
         """Candidate rows in the order this method takes them; PAODING: least impact on the
         output layer (relative L2 change plus the share of decisions it flips) per MAC saved."""
         return list(np.argsort(_per_saving(impact.rel_l2 + impact.top1, saving), kind="stable"))
-
-    @staticmethod
-    def _feasible(group, pool: list[Candidate], order, quota) -> list[Candidate]:
-        """Take candidates in ``order``: a unit that absorbs another this step stays, and
-        balanced groups lose the same count per block."""
-        blocks = 1 if group.balance is None else int(group.balance.max()) + 1
-        per_block = quota // blocks if blocks > 1 else quota
-        taken, targets, removed, counts = [], set(), set(), {}
-        for r in order:
-            c = pool[r]
-            if c.unit in targets or c.into in removed:
-                continue
-            block = 0 if group.balance is None else int(group.balance[c.unit])
-            if counts.get(block, 0) >= per_block:
-                continue
-            taken.append(c)
-            removed.add(c.unit)
-            if c.merges:
-                targets.add(c.into)
-            counts[block] = counts.get(block, 0) + 1
-            if len(taken) == per_block * blocks:
-                break
-        return taken
 
 
 class Paoding(Progressive):

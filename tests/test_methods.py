@@ -113,3 +113,16 @@ def test_progressive_methods_keep_grouped_convolutions_balanced(method):
         _, report = prune(nets.from_text(text), 0.5, method=method, seed=seed)
         balanced = next(g for g in report.plan.groups if g.size == 8)
         assert sorted(u // 4 for u in balanced.remove) == [0, 0, 1, 1]
+
+
+def test_balanced_groups_lose_the_same_count_per_block_even_when_the_pool_runs_dry():
+    from onnxprune.passes.allocation import take_feasible
+    from onnxprune.passes.candidates import Candidate
+
+    balance = np.repeat(np.arange(4), 4)  # 16 units, 4 conv-group blocks
+    pool = [Candidate(float(k), u) for k, u in enumerate([0, 1, 4, 5, 8, 9, 12])]  # block 3 has one candidate
+    taken = take_feasible(balance, pool, list(range(len(pool))), quota=8)
+    per_block = np.bincount(balance[[c.unit for c in taken]], minlength=4)
+    assert len(set(per_block)) == 1 and per_block[0] == 1
+    full = take_feasible(balance, pool + [Candidate(9.0, 13)], list(range(len(pool) + 1)), quota=8)
+    assert sorted(c.unit for c in full) == [0, 1, 4, 5, 8, 9, 12, 13]
