@@ -141,3 +141,12 @@ def test_calibration_must_match_the_concrete_input_shape():
         analyse(model, {"x": (1, 3, 8, 8)}, calibration={"x": np.zeros((4, 3, 6, 6), np.float32)})
     analysis = analyse(model, {"x": (1, 3, 6, 6)}, calibration={"x": np.zeros((4, 3, 6, 6), np.float32)})
     assert analysis.calibration.samples == 4 and analysis.calibration.held_out_count == 1
+
+
+def test_a_saved_plan_replays_to_the_same_bytes_with_the_same_file(capsys, model_path, tmp_path):
+    np.savez(tmp_path / "cal.npz", x=samples(16, seed=4))
+    first, again, plan = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "plan.json"
+    common = ("--ratio", "0.4", "--calibration", tmp_path / "cal.npz")
+    assert run(capsys, model_path, first, *common, "--method", "paoding", "--save-plan", plan)[0] == 0
+    assert run(capsys, model_path, again, *common, "--plan", plan)[0] == 0
+    assert again.read_bytes() == first.read_bytes()
