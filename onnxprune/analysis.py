@@ -8,7 +8,7 @@ once :func:`analyse` returns. Planning measures corrected copies
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import UserError
+from onnxprune.evidence.calibration import CalibrationSet, check_calibration
 from onnxprune.evidence.distill import distill
 from onnxprune.evidence.priors import InputPrior, MomentPropagation, infer_input_prior
 from onnxprune.evidence.statistics import ChannelStats
@@ -27,6 +28,7 @@ from onnxprune.ir import (
     count_macs,
     import_graph,
     input_dtypes,
+    input_specs,
     load_model,
     resolve_shapes,
     skeleton,
@@ -43,10 +45,12 @@ STATISTICS_INPUTS = (16, 128)
 
 @dataclass
 class SyntheticInputs:
-    """Synthetic inputs by graph input name, and what they were made from."""
+    """Synthetic inputs by graph input name, and what they were made from (``kind``:
+    "synthetic", or "calibration" when they are samples of the user's calibration set)."""
 
     arrays: dict[str, np.ndarray]
     source: str
+    kind: str = "synthetic"
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Analysis:
     shapes: dict[str, Shape]
     dep: DependencyGraph
     input_range: tuple[float, float] | None = None
+    #: The user's unlabelled inputs (``--calibration``), used instead of synthetic ones.
+    calibration: CalibrationSet | None = None
     _moments: MomentPropagation | None = None
     _probe_inputs: dict = field(default_factory=dict)
     _prior: InputPrior | None = None
@@ -82,8 +88,13 @@ class Analysis:
     def synthetic(self, count: int, seed: int, held_out: bool = False) -> SyntheticInputs:
         """``count`` synthetic inputs and what they are. ``held_out`` ones come from a seed
         stream no method plans with, so that a check on them is not a check on the inputs
-        the channels were chosen with."""
+        the channels were chosen with. With a calibration set they are its samples instead:
+        planning's from the first three quarters, held-out ones from the last quarter (at
+        most ``count``, fewer when the part is smaller: see :mod:`onnxprune.evidence.calibration`)."""
         key = (count, seed, held_out)
+        if key not in self._probe_inputs and self.calibration is not None:
+            arrays, source = self.calibration.take(count, seed, held_out)
+            self._probe_inputs[key] = SyntheticInputs(arrays, source, "calibration")
         if key not in self._probe_inputs:
             rng = np.random.default_rng([seed, 1] if held_out else seed)
             prior = self.prior
@@ -128,15 +139,20 @@ class Analysis:
 
 
 def analyse(model: Model | str | os.PathLike, input_shapes: dict[str, Shape] | None = None,
-            options: dict | None = None, input_range: tuple[float, float] | None = None) -> Analysis:
-    """Lower a model and build its channel dependency graph."""
+            options: dict | None = None, input_range: tuple[float, float] | None = None,
+            calibration: dict[str, np.ndarray] | None = None) -> Analysis:
+    """Lower a model and build its channel dependency graph. ``calibration`` (arrays by input
+    name, samples first) replaces the synthetic inputs; it must match the concrete input shapes."""
     if not isinstance(model, Model):
         model = load_model(model)
     shapes_in = concrete_input_shapes(model, input_shapes or {})
+    if calibration is not None:
+        specs = [replace(spec, dims=tuple(shapes_in[spec.name])) for spec in input_specs(model)]
+        calibration = check_calibration(calibration, specs, getattr(calibration, "origin", "arrays passed in"))
     graph = PassManager(lowering_passes())(import_graph(model)).value
     graph.cleanup().toposort()
     shapes = resolve_shapes(skeleton(graph, model), shapes_in)
     dep = DependencyGraph(graph, shapes, options)
     if input_range is not None and not input_range[0] < input_range[1]:
         raise UserError(f"--input-range needs LOW < HIGH, got {input_range[0]:g},{input_range[1]:g}")
-    return Analysis(model, graph, shapes_in, shapes, dep, input_range)
+    return Analysis(model, graph, shapes_in, shapes, dep, input_range, calibration)

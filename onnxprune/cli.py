@@ -22,7 +22,8 @@ from onnxprune import __version__
 from onnxprune.coupling import BlockKind, BlockReason
 from onnxprune.depgraph import ChannelGroup
 from onnxprune.errors import FidelityError, OnnxPruneError, UserError
-from onnxprune.ir import load_model_info, parse_input_shapes, save_model
+from onnxprune.evidence.calibration import load_calibration
+from onnxprune.ir import input_specs, load_model_info, parse_input_shapes, save_model
 from onnxprune.passes.registry import METHODS
 from onnxprune.pipeline import PruneReport, analyse, prune
 from onnxprune.plan import PruningPlan
@@ -81,6 +82,10 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=_positive, default=1, metavar="N", help="keep channel counts multiples of N")
     p.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="the range input values live in (synthetic probes stay inside it)")
+    p.add_argument("--calibration", metavar="FILE.npz",
+                   help="opt-in: unlabelled inputs (one array per model input, named after it, samples on the "
+                        "first axis) that replace the synthetic inputs everywhere; the last quarter (at most 64) "
+                        "is held out for the fidelity check, planning uses the rest")
     p.add_argument("--step", type=_ratio, metavar="S",
                    help="progressive methods: share of each group removed per step "
                         "(default 0.025; 0.05 for models above 1 GMAC)")
@@ -192,6 +197,7 @@ def run_prune(argv: list[str]) -> int:
     if not args.dry_run and not (dst.parent if str(dst.parent) else Path(".")).is_dir():
         raise UserError(f"output folder {dst.parent} does not exist")
     model, external = load_model_info(src)
+    calibration = load_calibration(args.calibration, input_specs(model)) if args.calibration else None
     plan = PruningPlan.load(args.plan) if args.plan else None
     with _progress() as progress:
         try:
@@ -203,7 +209,7 @@ def run_prune(argv: list[str]) -> int:
                                    step=args.step,
                                    method_options={"alpha": args.alpha, "beta": args.beta, "intervals": args.intervals}
                                    if args.method == "srdfp" else None, target=args.budget,
-                                   reconstruction=args.reconstruction,
+                                   reconstruction=args.reconstruction, calibration=calibration,
                                    options={"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
             failure = None
         except FidelityError as exc:
@@ -213,7 +219,10 @@ def run_prune(argv: list[str]) -> int:
         from onnxprune.fidelity import latency_ratio
         latency = latency_ratio(model, pruned, report.input_shapes)
     out.print(summary_table(report, latency))
-    if report.fidelity:
+    if report.fidelity and report.calibration:
+        out.print(f"fidelity measured on {report.fidelity.probes} {report.fidelity.inputs} (unlabelled: "
+                  "`onnxprune eval` measures accuracy)", style="dim")
+    elif report.fidelity:
         out.print(f"fidelity measured on {report.fidelity.probes} {report.fidelity.inputs} (not real data: "
                   "`onnxprune eval` measures that)", style="dim")
     blocked = _blocked_table(report)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from onnxprune.ir import (
     output_names,
     session,
 )
+from onnxprune.npz import check_shape, read_npz
 
 logger = logging.getLogger(__name__)
 
@@ -94,21 +94,7 @@ def load_npz(path: str | Path, model: Model | str | Path | None = None) -> tuple
     labels as y (or Y, labels). If ``model`` is given, x must match its input's rank and
     static dims. Raises UserError with what to fix."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data file {p} does not exist")
-    single = UserError(f"{p} is a single .npy array; save inputs and labels together with "
-                       "numpy.savez(path, x=inputs, y=labels)")
-    try:
-        loaded = np.load(p, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise single
-        with loaded as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except UserError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(f"{p} is not a readable .npz archive ({exc}); write it with "
-                        "numpy.savez(path, x=inputs, y=labels)") from None
+    arrays = read_npz(p, "numpy.savez(path, x=inputs, y=labels)")
     xk = next((k for k in _X_KEYS if k in arrays), None)
     yk = next((k for k in _Y_KEYS if k in arrays), None)
     if xk is None or yk is None:
@@ -160,18 +146,7 @@ def _data_input(model: Model) -> InputSpec:
 def _check_x_for_model(model: Model, x: np.ndarray) -> np.ndarray:
     inp = _data_input(model)
     if inp.dims is not None:
-        dims = list(inp.dims)
-        want = "[" + ", ".join(str(d) if d else "N" if i == 0 else "?" for i, d in enumerate(dims)) + "]"
-        if len(dims) != x.ndim:
-            hint = ""
-            if len(dims) == x.ndim + 1:
-                hint = " (add the missing axis, e.g. a channel axis with x[:, None])"
-            raise UserError(f"the model input {inp.name!r} has rank {len(dims)} {want} but the data has "
-                            f"rank {x.ndim} {list(x.shape)}{hint}")
-        bad = [i for i, d in enumerate(dims) if i > 0 and d and d != x.shape[i]]
-        if bad:
-            raise UserError(f"the model input {inp.name!r} expects shape {want} but the data has shape "
-                            f"{list(x.shape)} (axis {bad[0]} differs)")
+        check_shape(inp.name, inp.dims, x.shape)
     if inp.dtype in (np.float32, np.float64, np.float16):
         x = x.astype(inp.dtype, copy=False)
     return x

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis import Analysis, analyse
@@ -48,6 +49,9 @@ class PruneReport:
     plan: PruningPlan
     #: What synthetic inputs look like (``--input-range``, or fitted to the first BatchNorm).
     input_prior: str = ""
+    #: The calibration set planning and the fidelity check used instead of synthetic inputs
+    #: ("" when data-free): where it came from and how many samples it held.
+    calibration: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -81,6 +85,8 @@ class PruneSettings:
     method_options: dict = field(default_factory=dict)
     target: str = "channels"
     reconstruction: str | None = None
+    #: Unlabelled inputs by graph input name (``--calibration``): they replace synthetic ones.
+    calibration: dict | None = None
 
     def validate(self) -> None:
         if not 0 < self.ratio < 1:
@@ -146,7 +152,7 @@ class AnalysePass(_Timed):
 
     def run(self, job):
         s = job.settings
-        job.analysis = analyse(job.source, s.input_shapes, s.options, s.input_range)
+        job.analysis = analyse(job.source, s.input_shapes, s.options, s.input_range, s.calibration)
 
 
 class PlanPass(_Timed):
@@ -224,9 +230,11 @@ class VerifyPass(_Timed):
         shapes = list(analysis.input_shapes.values())
         batch = shapes[0][0] if shapes and shapes[0] else 1
         held_out = analysis.synthetic(max(s.check, 1) * batch, s.seed, held_out=True)
+        rows = len(next(iter(held_out.arrays.values())))  # a calibration set may hold fewer than a batch
+        arrays = {k: v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
         try:
-            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(held_out.arrays, batch),
-                                   f"held-out synthetic inputs, {held_out.source}")
+            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch),
+                                   f"held-out {held_out.kind} inputs, {held_out.source}")
         except Exception as exc:
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
         after_shapes = resolve_shapes(skeleton(job.pruned_graph, job.pruned), analysis.input_shapes)
@@ -250,7 +258,15 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> Pru
         groups_total=len(dep.groups), groups_prunable=len(prunable), groups_pruned=len(job.plan.groups),
         blocked=blocked, channels_removed=job.plan.removed_units, channels_prunable=sum(g.size for g in prunable),
         fidelity=fidelity, input_shapes=analysis.input_shapes, plan=job.plan, seconds=job.seconds,
-        input_prior=analysis.prior.source)
+        input_prior=analysis.prior.source, calibration=_calibration_note(analysis))
+
+
+def _calibration_note(analysis: Analysis) -> str:
+    cal = analysis.calibration
+    if cal is None:
+        return ""
+    return (f"{cal.origin}: {cal.samples} samples, the first {cal.samples - cal.held_out_count} for planning, "
+            f"the last {cal.held_out_count} held out")
 
 
 def pipeline() -> PassManager[PruneJob]:
@@ -264,17 +280,22 @@ def prune(model: Model | str | os.PathLike, ratio: float = 0.4, *, method: str =
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
           input_range: tuple[float, float] | None = None, step: float | None = None,
           method_options: dict | None = None, target: str = "channels", reconstruction: str | None = None,
-          ) -> tuple[Model, PruneReport]:
+          calibration: dict | None = None) -> tuple[Model, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
     Raises :class:`UserError` for bad input, :class:`FidelityError` when the mean output cosine
     on ``check`` probes falls below ``min_cosine`` (the pruned model rides on the exception as
     ``.model`` and ``.report``), :class:`InternalError` when the result fails validation.
+
+    ``calibration`` (unlabelled inputs by graph input name, samples on the first axis; see
+    :func:`onnxprune.evidence.calibration.load_calibration`) replaces the synthetic inputs:
+    planning uses its first three quarters, the fidelity check the last quarter.
     """
     settings = PruneSettings(ratio=ratio, method=method, input_shapes=input_shapes, exclude=list(exclude or []),
                              round_to=round_to, seed=seed, check=check, min_cosine=min_cosine, options=options,
                              progress=progress, compensate=compensate, input_range=input_range, step=step,
-                             method_options=method_options or {}, target=target, reconstruction=reconstruction)
+                             method_options=method_options or {}, target=target, reconstruction=reconstruction,
+                             calibration=calibration)
     if plan is not None and not compensate:
         plan.compensate = False
     job = pipeline()(PruneJob(model, settings, plan=plan)).value
