@@ -225,6 +225,8 @@ def run_prune(argv: list[str]) -> int:
     elif report.fidelity:
         out.print(f"fidelity measured on {report.fidelity.probes} {report.fidelity.inputs} (not real data: "
                   "`onnxprune eval` measures that)", style="dim")
+    for warning in report.warnings:
+        out.print(f"warning: {warning}", style="yellow")
     blocked = _blocked_table(report)
     if blocked is not None:
         out.print(blocked)

@@ -52,6 +52,8 @@ class PruneReport:
     #: The calibration set planning and the fidelity check used instead of synthetic inputs
     #: ("" when data-free): where it came from and how many samples it held.
     calibration: str = ""
+    #: What the report cannot vouch for (weak synthetic evidence), one sentence each.
+    warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -239,6 +241,11 @@ class VerifyPass(_Timed):
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
         after_shapes = resolve_shapes(skeleton(job.pruned_graph, job.pruned), analysis.input_shapes)
         job.report = _report(job, fidelity if s.check > 0 else None, after_shapes)
+        if held_out.kind == "synthetic" and not held_out.source.startswith("distilled"):
+            job.report.warnings.append(
+                "the model has no BatchNorm statistics to distil inputs from: planning and the fidelity row "
+                "used noise from the input prior, which can read near 1 while real inputs disagree (a net with "
+                "BatchNorm folded away: reported 1.00, real 0.82); give --calibration or check with onnxprune eval")
         if s.min_cosine is not None and fidelity.cosine < s.min_cosine:
             error = FidelityError(f"output cosine {fidelity.cosine:.4f} is below --min-cosine {s.min_cosine}")
             error.model, error.report = job.pruned, job.report  # type: ignore[attr-defined]

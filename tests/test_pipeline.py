@@ -22,6 +22,7 @@ from onnxprune.pipeline import (
     VerifyPass,
     analyse,
     pipeline,
+    prune,
 )
 
 PASSES = [AnalysePass, PlanPass, ReconstructPass, RewritePass, VerifyPass]
@@ -95,3 +96,11 @@ def test_a_failing_pass_names_the_passes_before_it():
 
     with pytest.raises(InternalError, match=r"Explodes failed \(passes before it: Fine\)"):
         PassManager([Fine(), Explodes()])(0)
+
+
+def test_the_report_warns_when_nothing_could_be_distilled():
+    _, with_bn = prune(nets.resnet(), 0.4, method="paoding", check=2)
+    assert with_bn.warnings == [] and "distilled" in with_bn.fidelity.inputs
+    _, without = prune(nets.mlp(), 0.4, method="paoding", check=2)
+    assert len(without.warnings) == 1 and "no BatchNorm" in without.warnings[0]
+    assert "input prior" in without.fidelity.inputs
