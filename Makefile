@@ -27,6 +27,7 @@ test: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[plot]'
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/validation.py
 
 # Rebuild models/ (needs torch==2.13.0: pip takes the local CPU wheel). Never needed otherwise.
 models: install
