@@ -22,7 +22,7 @@ from onnxprune.ir import Model, ModelStats, Shape, check_model, model_stats, res
 from onnxprune.pass_infra import Pass, PassManager, PassResult
 from onnxprune.passes.lower import DedupeConstants
 from onnxprune.passes.methods import Budget, Progress
-from onnxprune.passes.reconstruct import Reconstructor, consumer_spaces
+from onnxprune.passes.reconstruct import Reconstructor
 from onnxprune.passes.registry import METHODS
 from onnxprune.plan import PruningPlan
 from onnxprune.rewrite import apply_plan, fork, removed_by_space
@@ -186,12 +186,9 @@ class ReconstructPass(_Timed):
 
     def run(self, job):
         analysis, plan = job.analysis, job.plan
-        seed = plan.seed  # a replayed plan measures on the synthetic inputs it was planned with
-        reconstructor = Reconstructor(analysis.dep, analysis.moments,
-                                      spaces=consumer_spaces(*(analysis.dep.groups[gp.group] for gp in plan.groups)))
-        reconstructor.statistics = lambda spaces, ridges: analysis.statistics(
-            spaces, seed, ridges, corrections=reconstructor.corrections)
-        plan.corrections = reconstructor.apply(plan)
+        # a replayed plan measures on the synthetic inputs it was planned with
+        groups = [analysis.dep.groups[gp.group] for gp in plan.groups]
+        plan.corrections = Reconstructor.for_analysis(analysis, groups, plan.seed).apply(plan)
 
 
 class RewritePass(_Timed):

@@ -143,9 +143,7 @@ class Progressive(Method):
                            reconstruction=self.reconstruction_for(analysis, budget),
                            details={"steps": steps, "probes": self.probes,
                                     "allocation": "by measured impact"})
-        reconstructor = Reconstructor(dep, analysis.moments, spaces=consumer_spaces(*groups))
-        reconstructor.statistics = lambda spaces, ridges: analysis.statistics(
-            spaces, budget.seed, ridges, corrections=reconstructor.corrections)
+        reconstructor = Reconstructor.for_analysis(analysis, groups, budget.seed)
         # Large models measure fewer probes and rows per step: about ROW_MACS per step.
         per_sample = max(cost.base / max(batch, 1), 1)  # a probe input is one item of the analysed batch
         probes = int(np.clip(ROW_MACS / (64 * per_sample), 4, self.probes))

@@ -135,6 +135,15 @@ class Reconstructor:
         self._cache: tuple[int, dict] | None = None
         self._ridges: dict | None = None
 
+    @classmethod
+    def for_analysis(cls, analysis, groups: list[ChannelGroup], seed: int) -> Reconstructor:
+        """A reconstructor of ``groups`` whose statistics are measured on ``analysis``'s
+        synthetic inputs of ``seed``, on the graph with its own corrections so far."""
+        reconstructor = cls(analysis.dep, analysis.moments, spaces=consumer_spaces(*groups))
+        reconstructor.statistics = lambda spaces, ridges: analysis.statistics(
+            spaces, seed, ridges, corrections=reconstructor.corrections)
+        return reconstructor
+
     def stats(self, step: int, spaces: list[tuple[str, int]]) -> dict[tuple[str, int], ChannelStats]:
         """Statistics of ``spaces`` before ``step`` is applied (measured once per step)."""
         assert self.statistics is not None
