@@ -1,12 +1,22 @@
-"""onnxruntime sessions: the one place they are made."""
+"""onnxruntime sessions: the one place they are made (and where their time is counted)."""
 
 from __future__ import annotations
 
 import onnx
 import onnxruntime as ort
 
+from onnxprune.profiling import stage
+
 #: An onnxruntime session; modules outside ``ir`` name the type through this alias.
 Session = ort.InferenceSession
+
+
+class _ProfiledSession(ort.InferenceSession):
+    """A session whose runs count as the ``run`` stage of whatever stage called them."""
+
+    def run(self, output_names, input_feed, run_options=None):
+        with stage("run"):
+            return super().run(output_names, input_feed, run_options)
 
 
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
@@ -15,4 +25,5 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with stage("session"):
+        return _ProfiledSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,92 @@
+"""Where prune time goes: every method on a small, a mid and a large model, by stage.
+
+Each run is one ``prune`` call at the uniform-0.4 MAC budget (``--budget macs``) in this
+process, timed by :mod:`onnxprune.profiling`; start-up (importing onnxprune) is measured in
+a fresh interpreter. Prints one table per model and writes bench/results/profile.json.
+
+    python bench/profile.py [--models mlp resnet resnet50] [--methods magnitude paoding srdfp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from onnxprune import profiling, prune  # noqa: E402
+from onnxprune.ir import load_model  # noqa: E402
+
+#: name -> (loader, input range): two digits nets of models/ and the resnet50 light model.
+SMALL = {"mlp": "models/mlp.onnx", "resnet": "models/resnet.onnx", "vgg": "models/vgg.onnx",
+         "mobilenet": "models/mobilenet.onnx", "densenet": "models/densenet.onnx", "vit": "models/vit.onnx"}
+
+
+def _load(name: str):
+    if name in SMALL:
+        return load_model(ROOT / SMALL[name]), (0.0, 1.0)
+    from light_models import materialise
+
+    return materialise(name), None
+
+
+def startup_seconds(repeats: int = 3) -> dict[str, float]:
+    """Fastest of ``repeats`` fresh interpreters: ``onnxprune --help`` and ``import onnxprune``."""
+    out = {}
+    for label, argv in (("onnxprune --help", ["-m", "onnxprune.cli", "--help"]),
+                        ("import onnxprune (library)", ["-c", "import onnxprune.pipeline"])):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *argv], check=True, capture_output=True, cwd=ROOT)
+            best = min(best, time.perf_counter() - t0)
+        out[label] = best
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["mlp", "resnet", "resnet50"])
+    parser.add_argument("--methods", nargs="*", default=["magnitude", "paoding", "srdfp"])
+    parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "profile.json"))
+    args = parser.parse_args()
+    console = Console()
+    results = {"startup": startup_seconds(), "runs": []}
+    console.print({k: round(v, 3) for k, v in results["startup"].items()})
+    for name in args.models:
+        model, input_range = _load(name)
+        for method in args.methods:
+            profiling.reset()
+            t0 = time.perf_counter()
+            _, report = prune(model, args.ratio, method=method, target="macs", input_range=input_range, check=8)
+            seconds = time.perf_counter() - t0
+            prof = profiling.reset()
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            table = Table(title=f"{name} {method}: {seconds:.2f} s, MACs kept "
+                          f"{report.after.macs / report.before.macs:.1%}, peak RSS so far {rss:.0f} MB",
+                          title_justify="left")
+            for col in ("stage", "calls", "self s", "total s"):
+                table.add_column(col, justify="left" if col == "stage" else "right")
+            for label, calls, own, total in prof.rows():
+                table.add_row(label, str(calls), f"{own:.2f}", f"{total:.2f}")
+            console.print(table)
+            results["runs"].append({"model": name, "method": method, "seconds": seconds,
+                                    "macs": report.before.macs, "macs_kept": report.after.macs / report.before.macs,
+                                    "stages": {"/".join(p): s for p, s in prof.seconds.items()},
+                                    "by_stage": prof.by_leaf()})
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Where a prune spends its time: wall seconds per stage, as a tree.
+
+Code marks its expensive parts with ``with stage("distill"):``; stages nest, and each one's
+entry counts only the time not spent in a stage below it (so the entries add up to the
+whole). ``bench/profile.py`` and ``onnxprune ... -v`` print the tree. Recording is always on:
+it costs two clock reads per stage, and stages are coarse (a session, a run, a fit).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Frame:
+    path: tuple[str, ...]
+    start: float
+    inner: float = 0.0
+
+
+@dataclass
+class Profile:
+    """Exclusive seconds and call counts per stage path (``("plan", "distill", "run")``)."""
+
+    seconds: dict[tuple[str, ...], float] = field(default_factory=dict)
+    calls: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def by_leaf(self) -> dict[str, float]:
+        """Seconds per stage name wherever it ran (all ``run`` entries together, ...)."""
+        out: dict[str, float] = {}
+        for path, s in self.seconds.items():
+            out[path[-1]] = out.get(path[-1], 0.0) + s
+        return out
+
+    def rows(self) -> list[tuple[str, int, float, float]]:
+        """(indented name, calls, exclusive seconds, inclusive seconds) in tree order."""
+        inclusive: dict[tuple[str, ...], float] = {}
+        for path, s in self.seconds.items():
+            for i in range(1, len(path) + 1):
+                inclusive[path[:i]] = inclusive.get(path[:i], 0.0) + s
+        return [("  " * (len(p) - 1) + p[-1], self.calls.get(p, 0), self.seconds.get(p, 0.0), inclusive[p])
+                for p in sorted(inclusive)]
+
+
+_stack: list[_Frame] = []
+_current = Profile()
+
+
+@contextmanager
+def stage(name: str):
+    """Time the block under ``name``, nested in the enclosing stage."""
+    parent = _stack[-1].path if _stack else ()
+    frame = _Frame((*parent, name), time.perf_counter())
+    _stack.append(frame)
+    try:
+        yield
+    finally:
+        _stack.pop()
+        elapsed = time.perf_counter() - frame.start
+        _current.seconds[frame.path] = _current.seconds.get(frame.path, 0.0) + elapsed - frame.inner
+        _current.calls[frame.path] = _current.calls.get(frame.path, 0) + 1
+        if _stack:
+            _stack[-1].inner += elapsed
+
+
+def reset() -> Profile:
+    """Start a new profile; returns the one recorded so far."""
+    global _current
+    done, _current = _current, Profile()
+    return done
+
+
+def current() -> Profile:
+    return _current
