@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import UserError
 from onnxprune.evidence.calibration import CalibrationSet, check_calibration
-from onnxprune.evidence.distill import distill
+from onnxprune.evidence.distill import Distiller
 from onnxprune.evidence.priors import InputPrior, MomentPropagation, infer_input_prior
 from onnxprune.evidence.statistics import ChannelStats
 from onnxprune.evidence.statistics import measure as measure_stats
@@ -30,6 +30,7 @@ from onnxprune.ir import (
     input_dtypes,
     input_specs,
     load_model,
+    model_stats,
     resolve_shapes,
     skeleton,
     to_model,
@@ -37,10 +38,17 @@ from onnxprune.ir import (
 from onnxprune.pass_infra import PassManager
 from onnxprune.passes.lower import lowering_passes
 from onnxprune.plan import Corrections
+from onnxprune.profiling import stage
 from onnxprune.rewrite import corrected
 
 #: How many synthetic inputs channel statistics are measured on (fewer for large models).
 STATISTICS_INPUTS = (16, 128)
+#: Multiply-accumulates one pool of distilled inputs may spend (forward and backward runs,
+#: about 3 s on 2 cores for a conv net): large models distil fewer inputs, but at least MIN_POOL.
+EVIDENCE_MACS = 2e11
+MIN_POOL = 4
+#: Adam steps of a distillation: as many as the budget buys, within these bounds.
+DISTILL_STEPS = (20, 150)
 
 
 @dataclass
@@ -51,6 +59,8 @@ class SyntheticInputs:
     arrays: dict[str, np.ndarray]
     source: str
     kind: str = "synthetic"
+    #: Fewer inputs than asked: the evidence budget bought no more.
+    capped: bool = False
 
 
 @dataclass
@@ -86,44 +96,78 @@ class Analysis:
         return self.synthetic(count, seed).arrays
 
     def synthetic(self, count: int, seed: int, held_out: bool = False) -> SyntheticInputs:
-        """``count`` synthetic inputs and what they are. ``held_out`` ones come from a seed
+        """Up to ``count`` synthetic inputs and what they are. ``held_out`` ones come from a seed
         stream no method plans with, so that a check on them is not a check on the inputs
-        the channels were chosen with. With a calibration set they are its samples instead:
-        planning's from the first three quarters, held-out ones from the last quarter (at
-        most ``count``, fewer when the part is smaller: see :mod:`onnxprune.evidence.calibration`)."""
-        key = (count, seed, held_out)
-        if key not in self._probe_inputs and self.calibration is not None:
-            arrays, source = self.calibration.take(count, seed, held_out)
-            self._probe_inputs[key] = SyntheticInputs(arrays, source, "calibration")
-        if key not in self._probe_inputs:
-            rng = np.random.default_rng([seed, 1] if held_out else seed)
-            prior = self.prior
-            inputs, distilled_any = {}, False
-            dtypes = input_dtypes(self.model)
-            for name, dtype in dtypes.items():
-                shape = (count, *self.input_shapes[name][1:])
-                if not np.issubdtype(dtype, np.floating):
-                    inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
+        the channels were chosen with. Planning draws every count from one pool per seed (the
+        probes are the first inputs the statistics are measured on), distilled once; a pool
+        holds fewer inputs than asked where inverting more would pass :data:`EVIDENCE_MACS`.
+        With a calibration set they are its samples instead: planning's from the first three
+        quarters, held-out ones from the last quarter (at most ``count``, fewer when the part
+        is smaller: see :mod:`onnxprune.evidence.calibration`)."""
+        if self.calibration is not None:
+            key = (count, seed, held_out)
+            if key not in self._probe_inputs:
+                arrays, source = self.calibration.take(count, seed, held_out)
+                self._probe_inputs[key] = SyntheticInputs(arrays, source, "calibration")
+            return self._probe_inputs[key]
+        key = (seed, held_out)
+        pool = self._probe_inputs.get(key)
+        if pool is None or (len(next(iter(pool.arrays.values()))) < count and not pool.capped):
+            pool = self._pool(count if held_out else max(count, self.statistics_count), seed, held_out)
+            self._probe_inputs[key] = pool
+        return SyntheticInputs({k: v[:count] for k, v in pool.arrays.items()}, pool.source, pool.kind, pool.capped)
+
+    def _pool(self, count: int, seed: int, held_out: bool) -> SyntheticInputs:
+        rng = np.random.default_rng([seed, 1] if held_out else seed)
+        prior, dtypes = self.prior, input_dtypes(self.model)
+        distiller = self.distiller if len(dtypes) == 1 else None
+        inputs, capped, source = {}, False, f"input prior ({prior.source})"
+        for name, dtype in dtypes.items():
+            shape = (count, *self.input_shapes[name][1:])
+            if not np.issubdtype(dtype, np.floating):
+                inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
+                continue
+            if distiller is not None and distiller.usable:
+                per_sample = 3 * self.macs / max(self.input_shapes[name][0], 1)  # forward and backward
+                most = max(MIN_POOL, int(EVIDENCE_MACS / (per_sample * DISTILL_STEPS[0])))
+                capped, shape = count > most, (min(count, most), *shape[1:])
+                steps = int(np.clip(EVIDENCE_MACS / (per_sample * shape[0]), *DISTILL_STEPS))
+                with stage("distill"):
+                    distilled = distiller.distill(shape, prior, rng, steps=steps)
+                if distilled is not None:
+                    inputs[name] = distilled.astype(dtype)
+                    source = f"distilled from {distiller.objective.source}"
                     continue
-                distilled = None
-                if len(dtypes) == 1:
-                    steps = int(np.clip(2e11 / (3 * self.macs * count), 20, 150))
-                    distilled = distill(to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
-                distilled_any |= distilled is not None
-                inputs[name] = (prior.sample(shape, rng) if distilled is None else distilled).astype(dtype)
-            source = "distilled from BatchNorm statistics" if distilled_any else f"input prior ({prior.source})"
-            self._probe_inputs[key] = SyntheticInputs(inputs, source)
-        return self._probe_inputs[key]
+            inputs[name] = prior.sample((count, *shape[1:]), rng).astype(dtype)
+        return SyntheticInputs(inputs, source, capped=capped)
+
+    @cached_property
+    def distiller(self) -> Distiller:
+        """The inversion of the model as analysed (its gradient session is built once)."""
+        output = self.shapes.get(self.graph.outputs[0].name) if self.graph.outputs else None
+        classes = output[1] if output is not None and len(output) == 2 and output[1] > 1 else 0
+        with stage("distill"):
+            return Distiller(to_model(self.graph.copy(), self.model), self.shapes, classes)
+
+    @property
+    def statistics_count(self) -> int:
+        """How many inputs channel statistics are measured on: as many as about 2e10 MACs buy,
+        16 to 128 (heads after global pooling see one position per input)."""
+        return int(np.clip(2e10 / self.macs, *STATISTICS_INPUTS))
 
     def statistics(self, spaces: list[tuple[str, int]], seed: int = 0, ridges: dict | None = None,
                    corrections: Corrections | None = None) -> dict[tuple[str, int], ChannelStats]:
         """Channel means and covariances of ``spaces`` on the graph with ``corrections`` in,
-        measured on synthetic inputs (as many as about 2e10 MACs buy, 16 to 128: heads after
-        global pooling see one position per input). ``ridges`` holds a chosen ridge per space
-        and gets the cross-validated choice for the spaces it lacks."""
-        count = int(np.clip(2e10 / self.macs, *STATISTICS_INPUTS))
-        return measure_stats(corrected(self.graph, corrections), self.model, self.probe_inputs(count, seed), spaces,
-                             ridges=ridges)
+        measured on :attr:`statistics_count` synthetic inputs. ``ridges`` holds a chosen ridge
+        per space and gets the cross-validated choice for the spaces it lacks."""
+        inputs = self.probe_inputs(self.statistics_count, seed)
+        with stage("statistics"):
+            return measure_stats(corrected(self.graph, corrections), self.model, inputs, spaces, ridges=ridges)
+
+    @cached_property
+    def params(self) -> int:
+        """The model's parameters (at least 1)."""
+        return max(model_stats(self.model, self.shapes).params, 1)
 
     @cached_property
     def macs(self) -> int:

@@ -47,13 +47,15 @@ from onnxprune.depgraph import ChannelGroup
 from onnxprune.evidence.probes import Impact, ProbeModel, probeable
 from onnxprune.intervals import DeviationIntervals, Unsupported, width_and_entropy
 from onnxprune.plan import GroupPlan, PruningPlan
+from onnxprune.profiling import stage
 from onnxprune.rewrite import corrected
 
 logger = logging.getLogger(__name__)
 
-#: Multiply-accumulates a progressive step may spend on probe rows (about a minute on 2 cores);
-#: small models never reach it, resnet50 at 224x224 measures ~75 rows of 4 probes a step.
-ROW_MACS = 1.2e12
+#: Multiply-accumulates a progressive step may spend on probe rows (about 4 s on 2 cores);
+#: small models never reach it, resnet50 at 224x224 measures ~18 rows of 4 probes a step
+#: (the first-order and least-squares saliencies rank the rest).
+ROW_MACS = 3e11
 #: Multiply-accumulates per onnxruntime run: a big model's batch streams its activations through
 #: memory, so larger runs are slower per sample (resnet50 at 224x224: 96 ms per sample in runs
 #: of 288, 55 ms in runs of 32); small models still run up to 2048 samples at once.
@@ -95,12 +97,14 @@ class _Run:
 
     @property
     def by_macs(self) -> bool:
-        return self.budget.target == "macs"
+        """The budget counts MACs (or parameters: the same machinery, another cost)."""
+        return self.budget.target != "channels"
 
 
 class Progressive(Method):
     """The shared loop; subclasses choose among measured candidates."""
 
+    allocates = True  # measured impact decides how much each group loses
     #: The papers' 2.5% per step: most of the damage is done in the last steps, and a finer
     #: step re-measures (and refits) before it. Models above LARGE_MACS take twice the step,
     #: which halves their time.
@@ -133,13 +137,15 @@ class Progressive(Method):
         groups = [g for g in candidates if probeable(g, dep.ctx.shapes, batch)]
         if len(groups) < len(candidates):
             logger.warning("%d group(s) cannot be probed and are left alone", len(candidates) - len(groups))
-        targets = {g.id: removal_count(g, budget.ratio, budget.round_to) for g in groups}
+        ratio, cost, _ = budget.resolved(analysis, groups)
+        targets = {g.id: removal_count(g, ratio, budget.round_to) for g in groups}
         groups = [g for g in groups if targets[g.id] > 0]
-        cost = MacModel(dep, groups)
+        cost = cost or MacModel(dep, groups)
+        goal = budget.goal(analysis, cost) if budget.share is not None else cost.after_uniform(groups, targets)
         step = budget.step or self.default_step * (2 if analysis.macs > self.LARGE_MACS else 1)
-        steps = max(1, math.ceil(budget.ratio / step - 1e-9))
+        steps = max(1, math.ceil(ratio / step - 1e-9))
         plans = {g.id: GroupPlan(g.id, g.name, g.size, [], [], [], [], []) for g in groups}
-        plan = PruningPlan(self.name, budget.ratio, budget.seed, list(plans.values()), compensate=True,
+        plan = PruningPlan(self.name, ratio, budget.seed, list(plans.values()), compensate=True,
                            reconstruction=self.reconstruction_for(analysis, budget),
                            details={"steps": steps, "probes": self.probes,
                                     "allocation": "by measured impact"})
@@ -153,8 +159,8 @@ class Progressive(Method):
         # schedule; the rest compete globally.
         scheduled = {g.id for g in groups if g.balance is not None}
         return _Run(analysis, budget, groups, targets,
-                    caps={g.id: allocation.cap(g, budget.ratio, targets[g.id]) for g in groups},
-                    cost=cost, goal=cost.after_uniform(groups, targets), steps=steps, plans=plans, plan=plan,
+                    caps={g.id: allocation.cap(g, ratio, targets[g.id]) for g in groups},
+                    cost=cost, goal=goal, steps=steps, plans=plans, plan=plan,
                     reconstructor=reconstructor, norms={g.id: consumer_weight_norms(g) for g in groups},
                     probe_inputs=analysis.probe_inputs(probes, budget.seed), row_limit=row_limit,
                     run_batch=int(np.clip(RUN_MACS / per_sample, probes, 2048)), scheduled=scheduled,
@@ -187,17 +193,21 @@ class Progressive(Method):
         if run.plan.reconstruction == "least-squares":  # probes measure what the commit will do
             stats = run.reconstructor.stats(t, consumer_spaces(*active))
             gone = removed_atoms(analysis.dep, run.plan, t - 1)
-            estimates, residual = least_squares_estimates(active, run.plans, stats, gone)
+            with stage("fits"):
+                estimates, residual = least_squares_estimates(active, run.plans, stats, gone)
         corrections = run.reconstructor.corrections
-        probe = ProbeModel(corrected(analysis.graph, corrections), analysis.model, active, analysis.moments,
-                           analysis.prior, analysis.input_shapes, inputs=run.probe_inputs, estimates=estimates,
-                           max_batch=run.run_batch)
+        with stage("probe model"):
+            probe = ProbeModel(corrected(analysis.graph, corrections), analysis.model, active, analysis.moments,
+                               analysis.prior, analysis.input_shapes, inputs=run.probe_inputs, estimates=estimates,
+                               max_batch=run.run_batch)
         # Cheap stage: closed-form saliency times the first-order estimate (one backward run).
-        taylor = probe.first_order() or {}
+        with stage("first order"):
+            taylor = probe.first_order() or {}
         pools = {g.id: self._pool(g, run.plans[g.id], quota[g.id], run.norms[g.id] * taylor.get(g.id, 1.0),
                                   analysis, corrections, residual.get(g.id))
                  for g in active}
-        impact = self.refine(analysis, active, pools, measure(probe, active, pools, run.row_limit), probe)
+        with stage("measure"):
+            impact = self.refine(analysis, active, pools, measure(probe, active, pools, run.row_limit), probe)
         chosen = self._choose(run, active, pools, impact, quota, want, step_goal)
         for g in active:
             gp = run.plans[g.id]
@@ -209,7 +219,8 @@ class Progressive(Method):
                 gp.steps.append(t)
                 run.removed += 1
         run.rows_measured += probe.runs
-        run.reconstructor.apply(run.plan, steps={t}, zero_removed=True)
+        with stage("commit"):
+            run.reconstructor.apply(run.plan, steps={t}, zero_removed=True)
 
     def _choose(self, run: _Run, active, pools, impact, quota, want, step_goal) -> dict[int, list[Candidate]]:
         """Scheduled groups take their quota each; the others compete for the step's budget."""

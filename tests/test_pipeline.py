@@ -98,9 +98,18 @@ def test_a_failing_pass_names_the_passes_before_it():
         PassManager([Fine(), Explodes()])(0)
 
 
-def test_the_report_warns_when_nothing_could_be_distilled():
+def test_the_report_says_what_its_inputs_were_inverted_from():
     _, with_bn = prune(nets.resnet(), 0.4, method="paoding", check=2)
-    assert with_bn.warnings == [] and "distilled" in with_bn.fidelity.inputs
-    _, without = prune(nets.mlp(), 0.4, method="paoding", check=2)
+    assert with_bn.warnings == [] and "distilled from BatchNorm statistics and class targets" in with_bn.fidelity.inputs
+    # no BatchNorm: the classifier's logits alone, and the report says what that cannot vouch for
+    _, logits_only = prune(nets.mlp(), 0.4, method="paoding", check=2)
+    assert "distilled from class targets" in logits_only.fidelity.inputs
+    assert len(logits_only.warnings) == 1 and "class logits alone" in logits_only.warnings[0]
+
+
+def test_the_report_warns_when_nothing_could_be_distilled():
+    text = ("net (float[N,16] x, float[16,32] w1, float[32,1] w2) => (float[N,1] y) {\n"
+            "  h = MatMul(x, w1)\n  a = Relu(h)\n  y = MatMul(a, w2)\n}")
+    _, without = prune(nets.from_text(text), 0.4, method="magnitude", check=2)
     assert len(without.warnings) == 1 and "no BatchNorm" in without.warnings[0]
     assert "input prior" in without.fidelity.inputs

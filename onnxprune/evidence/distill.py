@@ -1,17 +1,28 @@
-"""Data-free synthetic inputs distilled from BatchNorm statistics (ZeroQ-style).
+"""Data-free synthetic inputs: model inversion (ZeroQ, DeepInversion).
 
-A trained network's BatchNorms remember the mean and variance their inputs had on the
-training data. Starting from smooth noise, gradient descent on the input makes every
-BatchNorm see a batch with those statistics: the result is not real data, but inside the
-network it behaves far more like it than noise does, which is what probes need to rank
-channels. Gradients come from :mod:`onnxprune.gradient` (the model's reverse pass as ONNX
-nodes run by onnxruntime): the statistics mismatch ``L`` is exposed as the logits
-``[0, L]`` so that the cross-entropy against class 0, ``log(1 + e^L)``, falls with ``L``.
+A trained network remembers what its training inputs looked like: its BatchNorms keep the
+mean and variance their inputs had, and its classifier knows which inputs make each class.
+Starting from noise drawn from the input prior, Adam on the input minimises, per sample:
+
+- the **BatchNorm mismatch** (ZeroQ): the mean over BatchNorms of how far the batch's channel
+  statistics are from the running ones;
+- for classifiers, the **cross-entropy against a target class** (DeepInversion, Yin et al.
+  2020), classes dealt round-robin so that every output class is covered evenly: a net
+  without BatchNorm still says what its classes look like;
+- image **priors**: total variation (neighbouring pixels agree) and an L2 pull towards the
+  prior's scale, on inputs jittered by a random shift each step (a pattern that only works
+  at one alignment is an adversarial artefact, not a feature).
+
+Gradients come from :mod:`onnxprune.gradient` (the model's reverse pass as ONNX nodes run by
+onnxruntime): the per-sample objective ``s`` is exposed as the logits ``[0, s]``, whose
+cross-entropy against class 0, ``log(1 + e^s)``, falls with ``s``. The priors' gradients are
+computed in numpy.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,39 +32,160 @@ from onnxprune.ir import Model, ModelEditor, NodeEmitter, copy_model, graph_inpu
 
 logger = logging.getLogger(__name__)
 
+#: The one-hot class targets the inversion model reads (classifiers only).
+TARGETS = "onnxprune_targets"
+#: Weight of the class cross-entropy against the BatchNorm mismatch (both are O(1) at the
+#: start; the cross-entropy falls fast, the mismatch slowly).
+CE_WEIGHT = 1.0
+#: Weights of the image priors (each a per-sample mean in prior variances, O(1) on noise).
+TV_WEIGHT = 0.1
+L2_WEIGHT = 0.01
+#: Largest random shift (pixels) of the jitter.
+JITTER = 2
 
-def _statistics_model(model: Model) -> Model | None:
-    """``model`` with one output, logits ``[0, L]`` per sample, L the BatchNorm mismatch."""
+
+@dataclass(frozen=True)
+class Objective:
+    """What an inversion matches: ``batchnorm`` statistics, ``classes`` targets (0: none)."""
+
+    batchnorm: bool
+    classes: int
+
+    @property
+    def source(self) -> str:
+        parts = (["BatchNorm statistics"] if self.batchnorm else []) + (["class targets"] if self.classes else [])
+        return " and ".join(parts)
+
+
+class Distiller:
+    """The inversion of one model: its gradient session, built once, and the Adam loop."""
+
+    def __init__(self, model: Model, shapes: dict[str, tuple], classes: int = 0):
+        self.name = graph_inputs(model)[0].name
+        batched = copy_model(model)
+        make_batch_dynamic(batched)
+        aux, self.objective = _inversion_model(batched, shapes, classes)
+        self.session = None
+        if aux is None:
+            return
+        try:
+            self.session = session(input_gradient_model(aux))
+        except Exception as exc:  # no gradient graph (GradientUnsupported) or no session: use plain noise
+            logger.info("no gradient graph for distillation: %s", exc)
+
+    @property
+    def usable(self) -> bool:
+        return self.session is not None
+
+    def distill(self, shape: tuple[int, ...], prior: InputPrior, rng: np.random.Generator,
+                steps: int = 150, lr: float = 0.05) -> np.ndarray | None:
+        """``shape[0]`` inverted inputs, or None when there is nothing to invert."""
+        if self.session is None:
+            return None
+        x = prior.sample(shape, rng).astype(np.float32)
+        feeds = {LABELS: np.zeros(shape[0], np.int64)}
+        if self.objective.classes:
+            classes = rng.permutation(np.arange(shape[0]) % self.objective.classes)
+            feeds[TARGETS] = np.eye(self.objective.classes, dtype=np.float32)[classes]
+        image = len(shape) == 4 and min(shape[2:]) > 2 * JITTER
+        scale = prior.std * lr
+        m, v = np.zeros_like(x), np.zeros_like(x)
+        for t in range(1, steps + 1):  # Adam on the input
+            shift = tuple(int(s) for s in rng.integers(-JITTER, JITTER + 1, 2)) if image else (0, 0)
+            try:
+                (grad,) = self.session.run([INPUT_GRAD], {self.name: _roll(x, shift), **feeds})
+            except Exception as exc:  # a model that does not batch: fall back to noise
+                logger.info("distillation stopped: %s", str(exc).splitlines()[0])
+                return None
+            if not np.all(np.isfinite(grad)):  # statistics overflowed: keep the last finite inputs
+                logger.info("distillation stopped at step %d: the gradient is not finite", t)
+                break
+            grad = _roll(grad, (-shift[0], -shift[1])) + _prior_gradient(x, prior, image)
+            m = 0.9 * m + 0.1 * grad
+            v = 0.999 * v + 0.001 * grad**2
+            x = x - scale * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+            if prior.low is not None:
+                x = np.clip(x, prior.low, prior.high)
+        return x.astype(np.float32)
+
+
+def _roll(x: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
+    return x if shift == (0, 0) else np.roll(x, shift, axis=(2, 3))
+
+
+def _prior_gradient(x: np.ndarray, prior: InputPrior, image: bool) -> np.ndarray:
+    """Gradient of the image priors, per sample, each a mean over the sample's elements in
+    prior variances (so O(1), like the other terms): squared differences of neighbouring
+    pixels on both spatial axes (images only), and the squared distance from the prior's mean."""
+    size = x[0].size
+    var = max(prior.std, 1e-6) ** 2
+    grad = (2 * L2_WEIGHT / (var * size)) * (x - prior.mean)
+    if image:
+        for axis in (2, 3):
+            d = np.diff(x, axis=axis)
+            g = np.zeros_like(x)
+            lo = [slice(None)] * 4
+            hi = [slice(None)] * 4
+            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+            g[tuple(lo)] -= d
+            g[tuple(hi)] += d
+            grad += (2 * TV_WEIGHT / (var * size)) * g
+    return grad
+
+
+def _inversion_model(model: Model, shapes: dict[str, tuple], classes: int) -> tuple[Model | None, Objective]:
+    """``model`` with one output, logits ``[0, s]`` per sample, ``s`` the inversion objective;
+    None when the model offers nothing to invert (no BatchNorm, not a classifier)."""
     edit = ModelEditor(model)
-    b = edit.emitter("onnxprune_stat_{n}")
+    b = edit.emitter("onnxprune_inv_{n}")
     terms = []
     for node in edit.nodes():
-        if node.op_type != "BatchNormalization":
+        if node.op_type != "BatchNormalization" or len(node.inputs) < 5:
             continue
         rm, rv = (edit.constant(name) for name in node.inputs[3:5])
-        if rm is None or rv is None:
+        rank = len(shapes.get(node.inputs[0]) or ())
+        if rm is None or rv is None or rm.ndim != 1 or rank < 2:
             continue
-        terms.append(_mismatch(b, node.inputs[0], rm.astype(np.float32), rv.astype(np.float32)))
-    if not terms:
-        return None
-    total = terms[0]
-    for t in terms[1:]:
-        total = b.add("Add", [total, t])
-    total = b.add("Div", [total, _f32(b, float(len(terms)))])
+        terms.append(_mismatch(b, node.inputs[0], rank, rm.astype(np.float32), rv.astype(np.float32)))
     x = edit.inputs[0]
-    zero = b.add("Mul", [b.add("Flatten", [b.reduce_mean(x, [1, 2, 3])], axis=1), _f32(b, 0.0)])  # [N, 1] zeros
-    column = b.add("Add", [zero, total])                      # [N, 1], L for every sample
+    axes = list(range(1, max(len(shapes.get(x) or ()), 2)))
+    zero = b.add("Mul", [b.add("Flatten", [b.reduce_mean(x, axes)], axis=1), _f32(b, 0.0)])  # [N, 1] zeros
+    column = zero
+    if terms:
+        total = terms[0]
+        for t in terms[1:]:
+            total = b.add("Add", [total, t])
+        column = b.add("Add", [column, b.add("Div", [total, _f32(b, float(len(terms)))])])
+    classes = classes if _logits(edit) is not None else 0
+    if classes:
+        edit.add_input(TARGETS, np.float32, ["N", classes])
+        log_p = b.add("LogSoftmax", [_logits(edit)], axis=1)
+        ce = b.add("Neg", [b.reduce_sum(b.add("Mul", [log_p, TARGETS]), [1])])  # [N, 1]
+        column = b.add("Add", [column, b.add("Mul", [ce, _f32(b, CE_WEIGHT)])])
+    objective = Objective(bool(terms), classes)
+    if not terms and not classes:
+        return None, objective
     logits = b.add("Concat", [zero, column], axis=1)
     edit.extend(b)
     edit.set_outputs([logits], np.float32)
-    return edit.finish()
+    return edit.finish(), objective
 
 
-def _mismatch(b: NodeEmitter, x: str, rm: np.ndarray, rv: np.ndarray) -> str:
-    """How far the batch statistics of ``x`` are from the running ones ``rm``, ``rv``: the
-    mean over channels of ``((m - rm)^2 + (s - sqrt(rv))^2) / rv``."""
-    shape = [1, -1, 1, 1]
-    axes = [0, 2, 3]
+def _logits(edit: ModelEditor) -> str | None:
+    """The first output, or the logits before a final Softmax/LogSoftmax on it."""
+    out = edit.outputs[0]
+    for node in edit.nodes():
+        if out in node.outputs and node.op_type in ("Softmax", "LogSoftmax"):
+            return node.inputs[0]
+    return out
+
+
+def _mismatch(b: NodeEmitter, x: str, rank: int, rm: np.ndarray, rv: np.ndarray) -> str:
+    """How far the batch statistics of ``x`` (channels on axis 1) are from the running ones
+    ``rm``, ``rv``: the mean over channels of ``((m - rm)^2 + (s - sqrt(rv))^2) / rv``, the
+    statistics taken over the batch and every position."""
+    shape = [1, -1] + [1] * (rank - 2)
+    axes = [0, *range(2, rank)]
     m = b.reduce_mean(x, axes)
     centred = b.add("Sub", [x, m])
     v = b.reduce_mean(b.add("Mul", [centred, centred]), axes)
@@ -61,46 +193,8 @@ def _mismatch(b: NodeEmitter, x: str, rm: np.ndarray, rv: np.ndarray) -> str:
     dm = b.add("Sub", [m, _f32(b, rm.reshape(shape))])
     ds = b.add("Sub", [b.add("Sqrt", [b.add("Add", [v, _f32(b, 1e-6)])]), _f32(b, np.sqrt(rv).reshape(shape))])
     term = b.add("Mul", [b.add("Add", [b.add("Mul", [dm, dm]), b.add("Mul", [ds, ds])]), inv])
-    return b.reduce_mean(term, [0, 1, 2, 3], keepdims=0)
+    return b.reduce_mean(term, list(range(rank)), keepdims=0)
 
 
 def _f32(b: NodeEmitter, value) -> str:
     return b.const(np.asarray(value, np.float32))
-
-
-def distill(model: Model, shape: tuple[int, ...], prior: InputPrior, rng: np.random.Generator,
-            steps: int = 150, lr: float = 0.05) -> np.ndarray | None:
-    """``shape[0]`` inputs whose BatchNorm statistics match the running ones, or None when
-    the model has no BatchNorm to match (or no gradient graph can be built)."""
-    if len(shape) != 4:
-        return None
-    batched = copy_model(model)
-    make_batch_dynamic(batched)
-    aux = _statistics_model(batched)
-    if aux is None:
-        return None
-    try:
-        sess = session(input_gradient_model(aux))
-    except Exception as exc:  # no gradient graph (GradientUnsupported) or no session: use plain noise
-        logger.info("no gradient graph for distillation: %s", exc)
-        return None
-    name = graph_inputs(model)[0].name
-    x = prior.sample(shape, rng).astype(np.float32)
-    labels = np.zeros(shape[0], np.int64)
-    scale = prior.std * lr
-    m, v = np.zeros_like(x), np.zeros_like(x)
-    for t in range(1, steps + 1):  # Adam on the input
-        try:
-            (grad,) = sess.run([INPUT_GRAD], {name: x, LABELS: labels})
-        except Exception as exc:  # a model that does not batch: fall back to noise
-            logger.info("distillation stopped: %s", str(exc).splitlines()[0])
-            return None
-        if not np.all(np.isfinite(grad)):  # statistics overflowed: keep the last finite inputs
-            logger.info("distillation stopped at step %d: the gradient is not finite", t)
-            break
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad**2
-        x = x - scale * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
-        if prior.low is not None:
-            x = np.clip(x, prior.low, prior.high)
-    return x.astype(np.float32)
