@@ -25,7 +25,7 @@ from onnxprune.errors import FidelityError, OnnxPruneError, UserError
 from onnxprune.evidence.calibration import load_calibration
 from onnxprune.ir import input_specs, load_model_info, parse_input_shapes, save_model
 from onnxprune.passes.registry import METHODS
-from onnxprune.pipeline import PruneReport, analyse, prune
+from onnxprune.pipeline import DEFAULT_METHOD, PruneReport, analyse, default_target, prune
 from onnxprune.plan import PruningPlan
 
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
@@ -67,13 +67,29 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def _target(args) -> str:
+    """What the budget counts: ``--target`` (a share), else ``--budget`` (the uniform ratio's
+    amount), else the method's default."""
+    if args.target and args.budget:
+        raise UserError("--budget goes with --ratio; --target already says what to keep")
+    if args.target:
+        return args.target
+    return args.budget or default_target(args.method)
+
+
 def _prune_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune", description="Data-free structured pruning of ONNX models. "
                 "Other commands: 'onnxprune inspect IN', 'onnxprune eval MODEL --data D.npz'.")
     p.add_argument("input", help="the model to prune (.onnx, external data beside it)")
     p.add_argument("output", help="where to write the pruned model")
-    p.add_argument("--ratio", type=_ratio, required=True, help="share of each group's channels to remove, in (0, 1)")
-    p.add_argument("--method", choices=sorted(METHODS), default="magnitude",
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--ratio", type=_ratio,
+                      help="share of each group's channels to remove, in (0, 1) (default 0.4); methods that allocate "
+                           "(paoding, srdfp) remove at least the MACs this uniform plan removes")
+    size.add_argument("--target", metavar="KIND=SHARE",
+                      help="instead of --ratio: what to keep, macs=S or params=S (S in (0, 1), a share of the "
+                           "model's), e.g. --target macs=0.5")
+    p.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD,
                    help="how channels are chosen: " + "; ".join(f"{k}: {m.description}" for k, m in METHODS.items()))
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
                    help="concrete shape for an input with dynamic dimensions (repeatable)")
@@ -93,9 +109,10 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="transformers: also prune the residual stream's width (LayerNorm makes it approximate)")
     p.add_argument("--prune-head-dim", action="store_true",
                    help="transformers: prune dimensions inside each attention head instead of whole heads")
-    p.add_argument("--budget", choices=["channels", "macs"], default="channels",
-                   help="progressive methods: remove as many channels as the uniform ratio (default), or as "
-                        "many MACs, spending it where the measured impact is lowest")
+    p.add_argument("--budget", choices=["channels", "macs", "params"],
+                   help="with --ratio, what the allocating methods (paoding, srdfp) match of the uniform plan: "
+                        "its MACs (their default), its parameters, or its channel count; measured impact "
+                        "decides where the cuts go")
     p.add_argument("--alpha", type=float, default=0.5, help="srdfp: weight of the output deviation's spread")
     p.add_argument("--beta", type=float, default=0.5, help="srdfp: weight of the output deviation's entropy")
     p.add_argument("--intervals", action="store_true",
@@ -149,7 +166,9 @@ def _human(n: float) -> str:
 
 def summary_table(report: PruneReport, latency: tuple[float, float, float] | None = None) -> Table:
     b, a = report.before, report.after
-    table = Table(title=f"onnxprune: {report.method}, ratio {report.ratio}", title_justify="left")
+    aim = f"target {report.target}, ratio {report.ratio:.3g}" if "=" in report.target else \
+        f"ratio {report.ratio:g}" + (f", budget {report.target}" if report.target != "channels" else "")
+    table = Table(title=f"onnxprune: {report.method}, {aim}", title_justify="left")
     for col, just in (("", "left"), ("before", "right"), ("after", "right"), ("kept", "right")):
         table.add_column(col, justify=just)
 
@@ -208,7 +227,7 @@ def run_prune(argv: list[str]) -> int:
                                    compensate=not args.no_compensation, input_range=args.input_range,
                                    step=args.step,
                                    method_options={"alpha": args.alpha, "beta": args.beta, "intervals": args.intervals}
-                                   if args.method == "srdfp" else None, target=args.budget,
+                                   if args.method == "srdfp" else None, target=_target(args),
                                    reconstruction=args.reconstruction, calibration=calibration,
                                    options={"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
             failure = None

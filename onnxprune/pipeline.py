@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.analysis import Analysis, analyse
+from onnxprune.analysis import Analysis, SyntheticInputs, analyse
 from onnxprune.errors import FidelityError, InternalError, UserError
 from onnxprune.fidelity import Fidelity, fidelity_on, split_feeds
 from onnxprune.ir import Model, ModelStats, Shape, check_model, model_stats, resolve_shapes, signature, skeleton, to_model
@@ -25,6 +25,7 @@ from onnxprune.passes.methods import Budget, Progress
 from onnxprune.passes.reconstruct import Reconstructor
 from onnxprune.passes.registry import METHODS
 from onnxprune.plan import PruningPlan
+from onnxprune.profiling import stage
 from onnxprune.rewrite import apply_plan, fork, removed_by_space
 
 __all__ = ["Analysis", "PruneJob", "PruneReport", "PruneSettings", "analyse", "pipeline", "prune"]
@@ -47,6 +48,9 @@ class PruneReport:
     fidelity: Fidelity | None
     input_shapes: dict[str, Shape]
     plan: PruningPlan
+    #: What the budget counted: "channels", "macs", "params", or "macs=S" / "params=S" (a share
+    #: to keep, which ``ratio`` was found for).
+    target: str = "channels"
     #: What synthetic inputs look like (``--input-range``, or fitted to the first BatchNorm).
     input_prior: str = ""
     #: The calibration set planning and the fidelity check used instead of synthetic inputs
@@ -71,7 +75,8 @@ class PruneReport:
 class PruneSettings:
     """What the user asked for (``prune``'s keyword arguments)."""
 
-    ratio: float = 0.4
+    #: Share of each group's channels to remove; None: 0.4, unless the target gives a share.
+    ratio: float | None = None
     method: str = "magnitude"
     input_shapes: dict[str, Shape] | None = None
     exclude: list[str] = field(default_factory=list)
@@ -91,7 +96,12 @@ class PruneSettings:
     calibration: dict | None = None
 
     def validate(self) -> None:
-        if not 0 < self.ratio < 1:
+        kind, share = parse_target(self.target)
+        if share is not None and self.ratio is not None:
+            raise UserError(f"give either a ratio or a target share ({self.target}), not both")
+        if share is None and self.ratio is None:
+            self.ratio = DEFAULT_RATIO
+        if self.ratio is not None and not 0 < self.ratio < 1:
             raise UserError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
@@ -99,12 +109,43 @@ class PruneSettings:
             raise UserError(f"--round-to must be a positive integer, got {self.round_to}")
 
     def budget(self) -> Budget:
-        if self.target not in ("channels", "macs"):
-            raise UserError(f"the budget target is 'channels' or 'macs', got '{self.target}'")
+        kind, share = parse_target(self.target)
         if self.reconstruction not in (None, "least-squares", "pair"):
             raise UserError(f"reconstruction is 'least-squares' or 'pair', got '{self.reconstruction}'")
-        return Budget(self.ratio, self.round_to, list(self.exclude), self.seed, self.compensate, self.step,
-                      target=self.target, reconstruction=self.reconstruction)
+        return Budget(self.ratio if share is None else 0.0, self.round_to, list(self.exclude), self.seed,
+                      self.compensate, self.step, target=kind, reconstruction=self.reconstruction, share=share)
+
+
+#: The ratio when neither a ratio nor a target share is given.
+DEFAULT_RATIO = 0.4
+#: The method ``onnxprune IN OUT`` runs: the one that keeps the most at equal MACs in the
+#: benchmarks (bench/validation.py, bench/run.py).
+DEFAULT_METHOD = "paoding"
+
+
+def default_target(method: str) -> str:
+    """Methods that allocate (the progressive ones) match the uniform plan's MACs by default:
+    spending a channel budget where it saves little compute is what a user did not ask for."""
+    return "macs" if getattr(METHODS.get(method), "allocates", False) else "channels"
+TARGET_KINDS = ("channels", "macs", "params")
+
+
+def parse_target(text: str) -> tuple[str, float | None]:
+    """``"macs"`` -> ("macs", None): as much as the uniform ratio removes; ``"macs=0.5"`` ->
+    ("macs", 0.5): keep half the model's MACs (``params`` alike; ``channels`` takes no share)."""
+    kind, _, value = str(text).partition("=")
+    kind = kind.strip().lower()
+    if kind not in TARGET_KINDS:
+        raise UserError(f"the target is one of {', '.join(TARGET_KINDS)} (macs and params take =SHARE), got '{text}'")
+    if not value:
+        return kind, None
+    try:
+        share = float(value)
+    except ValueError:
+        raise UserError(f"expected {kind}=SHARE with SHARE a number in (0, 1), got '{text}'") from None
+    if kind == "channels" or not 0 < share < 1:
+        raise UserError(f"a target share is macs=S or params=S with S in (0, 1), got '{text}'")
+    return kind, share
 
 
 @dataclass
@@ -136,7 +177,8 @@ class _Timed(Pass[PruneJob]):
         if self.done(job):
             return PassResult(job, False)
         t0 = time.perf_counter()
-        self.run(job)
+        with stage(self.stage):
+            self.run(job)
         job.seconds[self.stage] = job.seconds.get(self.stage, 0.0) + time.perf_counter() - t0
         return PassResult(job, True)
 
@@ -226,27 +268,45 @@ class VerifyPass(_Timed):
 
     def run(self, job):
         analysis, s = job.analysis, job.settings
+        after_shapes = resolve_shapes(skeleton(job.pruned_graph, job.pruned), analysis.input_shapes)
+        if s.check <= 0:  # no check asked for: no held-out inputs to make
+            job.report = _report(job, None, after_shapes)
+            return
         shapes = list(analysis.input_shapes.values())
         batch = shapes[0][0] if shapes and shapes[0] else 1
-        held_out = analysis.synthetic(max(s.check, 1) * batch, s.seed, held_out=True)
+        held_out = analysis.synthetic(s.check * batch, s.seed, held_out=True)
         rows = len(next(iter(held_out.arrays.values())))  # a calibration set may hold fewer than a batch
         arrays = {k: v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
         try:
-            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch),
-                                   f"held-out {held_out.kind} inputs, {held_out.source}")
+            with stage("fidelity"):
+                fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch),
+                                       f"held-out {held_out.kind} inputs, {held_out.source}")
         except Exception as exc:
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
-        after_shapes = resolve_shapes(skeleton(job.pruned_graph, job.pruned), analysis.input_shapes)
-        job.report = _report(job, fidelity if s.check > 0 else None, after_shapes)
-        if held_out.kind == "synthetic" and not held_out.source.startswith("distilled"):
-            job.report.warnings.append(
-                "the model has no BatchNorm statistics to distil inputs from: planning and the fidelity row "
-                "used noise from the input prior, which can read near 1 while real inputs disagree; give "
-                "--calibration, or check the result with onnxprune eval")
+        job.report = _report(job, fidelity, after_shapes)
+        job.report.warnings.extend(_evidence_warnings(held_out))
         if s.min_cosine is not None and fidelity.cosine < s.min_cosine:
             error = FidelityError(f"output cosine {fidelity.cosine:.4f} is below --min-cosine {s.min_cosine}")
             error.model, error.report = job.pruned, job.report  # type: ignore[attr-defined]
             raise error
+
+
+def _evidence_warnings(held_out: SyntheticInputs) -> list[str]:
+    """What the fidelity row cannot vouch for, given the inputs it was measured on."""
+    if held_out.kind != "synthetic":
+        return []
+    if not held_out.source.startswith("distilled"):
+        return ["the model has no BatchNorm statistics or class logits to distil inputs from: planning and the "
+                "fidelity row used noise from the input prior, which can read near 1 while real inputs disagree; "
+                "give --calibration, or check the result with onnxprune eval"]
+    warnings = []
+    if "BatchNorm" not in held_out.source:
+        warnings.append("inputs were inverted from the class logits alone (no BatchNorm statistics to match): "
+                        "they exercise what the classifier responds to, not everything real inputs do; the "
+                        "fidelity row can read higher than real inputs would")
+    if held_out.capped:
+        warnings.append("the model is large: the evidence budget bought fewer held-out inputs than --check asked for")
+    return warnings
 
 
 def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> PruneReport:
@@ -257,7 +317,7 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> Pru
         if g.blocked:
             blocked[g.blocked[0]] = blocked.get(g.blocked[0], 0) + 1
     return PruneReport(
-        method=job.plan.method, ratio=s.ratio,
+        method=job.plan.method, ratio=job.plan.ratio, target=s.target,
         before=model_stats(analysis.model, analysis.shapes), after=model_stats(job.pruned, after_shapes),
         groups_total=len(dep.groups), groups_prunable=len(prunable), groups_pruned=len(job.plan.groups),
         blocked=blocked, channels_removed=job.plan.removed_units, channels_prunable=sum(g.size for g in prunable),
@@ -278,7 +338,7 @@ def pipeline() -> PassManager[PruneJob]:
     return PassManager([AnalysePass(), PlanPass(), ReconstructPass(), RewritePass(), VerifyPass()])
 
 
-def prune(model: Model | str | os.PathLike, ratio: float = 0.4, *, method: str = "magnitude",
+def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, method: str = "magnitude",
           input_shapes: dict[str, Shape] | None = None, exclude: list[str] | None = None, round_to: int = 1,
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
@@ -294,6 +354,10 @@ def prune(model: Model | str | os.PathLike, ratio: float = 0.4, *, method: str =
     ``calibration`` (unlabelled inputs by graph input name, samples on the first axis; see
     :func:`onnxprune.evidence.calibration.load_calibration`) replaces the synthetic inputs:
     planning uses its first three quarters, the fidelity check the last quarter.
+
+    ``target``: "channels" (a uniform ratio's channels), "macs" or "params" (as many as the
+    uniform ratio removes, allocated by the method), or "macs=S" / "params=S": keep the share S
+    of the model's MACs or parameters (instead of a ratio: giving both is a UserError).
     """
     settings = PruneSettings(ratio=ratio, method=method, input_shapes=input_shapes, exclude=list(exclude or []),
                              round_to=round_to, seed=seed, check=check, min_cosine=min_cosine, options=options,

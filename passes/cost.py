@@ -1,22 +1,27 @@
-"""A running count of multiply-accumulates as units are removed, for MAC-matched budgets.
+"""A running count of multiply-accumulates (or weights) as units are removed, for
+MAC- and parameter-matched budgets.
 
-Each Conv/ConvTranspose/Gemm/MatMul costs ``macs * keep(in) * keep(out)``, where ``keep`` is
-the share of its input (output) channel space still there (a depthwise conv only scales with
-its output). The marginal saving of a unit is the first-order change of that sum.
+Each Conv/Gemm/MatMul costs ``macs * keep(in) * keep(out)``, where ``keep`` is the share of
+its input (output) channel space still there (a depthwise conv only scales with its output);
+counting parameters, the cost is the size of its weight instead (nothing for a MatMul of two
+activations). The marginal saving of a unit is the first-order change of that sum.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
+import onnx_graphsurgeon as gs
+from onnxprune.passes.planning import removal_count
 
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
 from onnxprune.ir import node_macs
 
 
 class MacModel:
-    def __init__(self, dep: DependencyGraph, groups: list[ChannelGroup]):
+    def __init__(self, dep: DependencyGraph, groups: list[ChannelGroup], kind: str = "macs"):
         shapes = dep.ctx.shapes
         self.size = {key: dep.nx.nodes[key]["size"] for key in dep.nx.nodes}
         self.removed: dict[tuple, int] = defaultdict(int)
@@ -25,8 +30,13 @@ class MacModel:
             cost = _node_macs(node, shapes)
             if cost is None:
                 continue
-            macs, in_key, out_key, depthwise = cost
-            self.terms.append((macs, in_key, out_key, depthwise))
+            macs, keys = cost
+            if kind == "params":
+                weight = node.inputs[1]
+                macs = int(np.prod(weight.values.shape)) if isinstance(weight, gs.Constant) else 0
+            self.terms.append((macs, keys))
+        if kind == "params":
+            self.terms.extend(_per_channel_params(dep.graph, shapes))
         self.base = self.total()
         # per group: per space, the number of atoms each unit has there
         self.atoms = {g.id: {s: np.bincount(unit, minlength=g.size) for s, (_, unit) in g.atoms.items()}
@@ -37,18 +47,18 @@ class MacModel:
         return 1.0 if not size else 1.0 - self.removed[key] / size
 
     def total(self) -> float:
-        return sum(m * (1.0 if dw else self.keep(i)) * self.keep(o) for m, i, o, dw in self.terms)
+        return sum(m * float(np.prod([self.keep(k) for k in keys])) for m, keys in self.terms)
 
     def marginal(self, group: ChannelGroup) -> np.ndarray:
         """MACs saved by removing each unit of ``group`` now (first order)."""
         atoms = self.atoms[group.id]
         saved = np.zeros(group.size)
-        for macs, in_key, out_key, dw in self.terms:
-            k_in, k_out = (1.0 if dw else self.keep(in_key)), self.keep(out_key)
-            if in_key in atoms and not dw:
-                saved += macs * atoms[in_key] / self.size[in_key] * k_out
-            if out_key in atoms:
-                saved += macs * k_in * atoms[out_key] / self.size[out_key]
+        for macs, keys in self.terms:
+            kept = [self.keep(k) for k in keys]
+            for i, key in enumerate(keys):
+                if key in atoms:
+                    others = float(np.prod(kept[:i] + kept[i + 1:]))
+                    saved += macs * atoms[key] / self.size[key] * others
         return saved
 
     def remove(self, group: ChannelGroup, unit: int) -> None:
@@ -65,9 +75,76 @@ class MacModel:
         self.removed = defaultdict(int, saved)
         return total
 
+    def ratio_for(self, groups: list[ChannelGroup], goal: float, round_to: int = 1) -> float:
+        """The smallest uniform ratio whose removal counts leave at most ``goal`` (bisection;
+        0.95 when even that leaves more)."""
+        low, high = 0.0, 0.95
+        if self.after_uniform(groups, {g.id: removal_count(g, high, round_to) for g in groups}) > goal:
+            return high
+        for _ in range(40):
+            mid = (low + high) / 2
+            if self.after_uniform(groups, {g.id: removal_count(g, mid, round_to) for g in groups}) > goal:
+                low = mid
+            else:
+                high = mid
+        return high
+
+    def counts_for(self, groups: list[ChannelGroup], goal: float, round_to: int = 1) -> dict[int, int]:
+        """Removal counts whose cost is as close to ``goal`` as one aligned step of one group
+        allows: the uniform ratio's counts just short of it, then one more step at a time in
+        the group where a step saves least, until the goal is passed (the closer of the last
+        two is kept). A uniform ratio alone moves many groups at once and overshoots on
+        small nets and coarse groups (heads, grouped convolutions)."""
+        high = self.ratio_for(groups, goal, round_to)
+        counts = {g.id: removal_count(g, max(high - 1e-9, 0.0), round_to) for g in groups}
+        left = self.after_uniform(groups, counts)
+        while left > goal:
+            best = None
+            for g in groups:
+                nxt = _next_count(g, counts[g.id], round_to)
+                if nxt is None:
+                    continue
+                after = self.after_uniform(groups, {**counts, g.id: nxt})
+                if after < left and (best is None or after > best[0]):
+                    best = (after, g.id, nxt)
+            if best is None:
+                break
+            if best[0] <= goal and goal - best[0] > left - goal:  # stepping past lands further away
+                break
+            left, counts[best[1]] = best[0], best[2]
+        return counts
+
+
+def _per_channel_params(graph, shapes) -> list[tuple[int, tuple]]:
+    """Parameters that come one per output channel: biases of Conv/Gemm, the four vectors of
+    a BatchNormalization, LayerNorm's scale and bias (small nets carry many per channel)."""
+    terms = []
+    for node in graph.nodes:
+        y = node.outputs[0].name if node.outputs else None
+        rank = len(shapes.get(y) or ()) if y else 0
+        if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            terms.append((int(node.inputs[2].values.size), ((y, 1),)))
+        elif node.op == "BatchNormalization":
+            size = sum(int(t.values.size) for t in node.inputs[1:] if isinstance(t, gs.Constant))
+            terms.append((size, ((y, 1),)))
+        elif node.op == "LayerNormalization" and rank:
+            size = sum(int(t.values.size) for t in node.inputs[1:] if isinstance(t, gs.Constant))
+            terms.append((size, ((y, rank - 1),)))
+    return terms
+
+
+def _next_count(group: ChannelGroup, count: int, round_to: int) -> int | None:
+    """The next aligned removal count of ``group`` after ``count``, None at the floor."""
+    blocks = 1 if group.balance is None else int(group.balance.max()) + 1
+    step = math.lcm(max(round_to, 1), blocks)
+    nxt = count + step
+    return None if group.size - nxt < max(step, blocks) else nxt
+
 
 def _node_macs(node, shapes):
-    """(macs, input space, output space, depthwise) of a weight-owning node, or None."""
+    """(macs, the spaces whose kept share scales them) of a Conv, Gemm or MatMul, or None:
+    the contracted input axis (not for a depthwise conv) and the output's channels; a MatMul
+    also scales with every other output axis but the first (attention heads)."""
     if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
         return None
     in_shapes = [shapes.get(t.name) or (tuple(t.shape) if t.shape is not None else None) for t in node.inputs[:2]]
@@ -76,9 +153,10 @@ def _node_macs(node, shapes):
     macs = node_macs(node.op, in_shapes, out, trans_a)
     if macs is None:
         return None
+    x, y = node.inputs[0].name, node.outputs[0].name
     if node.op == "Conv":
         depthwise = int(node.attrs.get("group", 1)) > 1 and in_shapes[1][1] == 1
-        return macs, (node.inputs[0].name, 1), (node.outputs[0].name, 1), depthwise
-    axis_in = (0 if trans_a else 1) if node.op == "Gemm" else len(in_shapes[0]) - 1
-    axis_out = 1 if node.op == "Gemm" else len(out) - 1
-    return macs, (node.inputs[0].name, axis_in), (node.outputs[0].name, axis_out), False
+        return macs, ((y, 1),) if depthwise else ((x, 1), (y, 1))
+    if node.op == "Gemm":
+        return macs, ((x, 0 if trans_a else 1), (y, 1))
+    return macs, ((x, len(in_shapes[0]) - 1), *((y, a) for a in range(1, len(out))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from onnxprune.passes.cost import MacModel
 from onnxprune.passes.planning import uniform_plan
 from onnxprune.passes.scoring import MagnitudeScorer, RandomScorer, Scorer
 
@@ -23,8 +24,30 @@ class Budget:
     seed: int = 0
     compensate: bool = True
     step: float | None = None  # progressive methods: share of each group removed per step
-    target: str = "channels"  # progressive methods: match a uniform ratio's "channels" or "macs"
+    #: What the budget counts: "channels" (the uniform ratio's), "macs" or "params" (the
+    #: uniform ratio's, or ``share`` of the model's when given).
+    target: str = "channels"
     reconstruction: str | None = None  # "least-squares" or "pair"; None: the method's default
+    #: The share of the model's MACs or parameters to keep (``--target macs=0.5``): the
+    #: ratio is then found, as the uniform ratio that reaches it.
+    share: float | None = None
+
+    def goal(self, analysis, cost: MacModel) -> float:
+        """The cost ``share`` leaves, in ``cost``'s units (it counts the weight-owning nodes;
+        the rest of the model stays as it is)."""
+        total = analysis.macs if self.target == "macs" else analysis.params
+        return self.share * total - (total - cost.base)
+
+    def resolved(self, analysis, groups: list) -> tuple[float, MacModel | None, dict[int, int] | None]:
+        """(the ratio to plan with, the cost model of the target (None for channels), and
+        with a share, the removal counts per group that reach it uniformly)."""
+        if self.target == "channels":
+            return self.ratio, None, None
+        cost = MacModel(analysis.dep, groups, self.target)
+        if self.share is None:
+            return self.ratio, cost, None
+        goal = self.goal(analysis, cost)
+        return cost.ratio_for(groups, goal, self.round_to), cost, cost.counts_for(groups, goal, self.round_to)
 
 
 Progress = Callable[[str, int, int], None]
@@ -38,6 +61,8 @@ LAYER_NORMS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerN
 class Method:
     name = "method"
     description = ""
+    #: Whether the method decides how much each group loses (else: the uniform ratio).
+    allocates = False
     #: Progressive methods fit least squares at every step (they measure anyway); the one-shot
     #: baselines stay instant with mean and variance compensation unless asked.
     reconstruction = "pair"
@@ -66,13 +91,14 @@ class ScoredMethod(Method):
     def plan(self, analysis, budget, progress=None):
         scorer = self.scorer(budget)
         groups = analysis.dep.prunable_groups(budget.exclude)
+        ratio, _, counts = budget.resolved(analysis, groups)
         scores = {}
         for i, g in enumerate(groups):
             scores[g.id] = scorer.score(g)
             if progress:
                 progress("scoring", i + 1, len(groups))
-        return PruningPlan(self.name, budget.ratio, budget.seed,
-                           uniform_plan(groups, scores, budget.ratio, budget.round_to), compensate=budget.compensate,
+        return PruningPlan(self.name, ratio, budget.seed,
+                           uniform_plan(groups, scores, ratio, budget.round_to, counts), compensate=budget.compensate,
                            reconstruction=self.reconstruction_for(analysis, budget))
 
 

@@ -40,11 +40,13 @@ def lowest(group: ChannelGroup, scores: np.ndarray, count: int) -> list[int]:
 
 
 def uniform_plan(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float,
-                 round_to: int = 1) -> list[GroupPlan]:
-    """The same ratio in every prunable group: remove each group's lowest-scoring units."""
+                 round_to: int = 1, counts: dict[int, int] | None = None) -> list[GroupPlan]:
+    """The same ratio in every prunable group (or ``counts``, per group): remove each group's
+    lowest-scoring units."""
     plans = []
     for g in groups:
-        remove = lowest(g, scores[g.id], removal_count(g, ratio, round_to))
+        count = removal_count(g, ratio, round_to) if counts is None else counts[g.id]
+        remove = lowest(g, scores[g.id], count)
         if remove:
             plans.append(GroupPlan(g.id, g.name, g.size, remove))
     return plans

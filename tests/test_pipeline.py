@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxprune.errors import InternalError
+from onnxprune.errors import InternalError, UserError
 from onnxprune.pass_infra import Pass, PassManager, PassResult, PostconditionError, PreconditionError
 from onnxprune.pipeline import (
     AnalysePass,
@@ -113,3 +113,21 @@ def test_the_report_warns_when_nothing_could_be_distilled():
     _, without = prune(nets.from_text(text), 0.4, method="magnitude", check=2)
     assert len(without.warnings) == 1 and "no BatchNorm" in without.warnings[0]
     assert "input prior" in without.fidelity.inputs
+
+
+@pytest.mark.parametrize("method", ["magnitude", "paoding"])
+@pytest.mark.parametrize("target", ["macs=0.5", "params=0.6"])
+def test_a_target_share_is_hit_within_two_percent(method, target):
+    kind, share = target.split("=")
+    _, report = prune(nets.resnet(), method=method, target=target, check=0)
+    kept = getattr(report.after, kind) / getattr(report.before, kind)
+    assert abs(kept - float(share)) <= 0.02 * float(share), (kept, report.ratio)
+    assert report.target == target
+
+
+def test_a_target_share_replaces_the_ratio():
+    with pytest.raises(UserError, match="not both"):
+        prune(nets.mlp(), 0.4, target="macs=0.5")
+    for bad in ("flops=0.5", "macs=1.5", "macs=x", "channels=0.5"):
+        with pytest.raises(UserError):
+            prune(nets.mlp(), target=bad)
