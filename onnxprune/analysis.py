@@ -133,7 +133,8 @@ class Analysis:
                 capped, shape = count > most, (min(count, most), *shape[1:])
                 steps = int(np.clip(EVIDENCE_MACS / (per_sample * shape[0]), *DISTILL_STEPS))
                 with stage("distill"):
-                    distilled = distiller.distill(shape, prior, rng, steps=steps)
+                    distilled = distiller.distill(shape, prior, rng, steps=steps, label=f"distilling {shape[0]} "
+                                                  + ("held-out inputs" if held_out else "inputs"))
                 if distilled is not None:
                     inputs[name] = distilled.astype(dtype)
                     source = f"distilled from {distiller.objective.source}"

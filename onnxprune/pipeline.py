@@ -25,7 +25,7 @@ from onnxprune.passes.methods import Budget, Progress
 from onnxprune.passes.reconstruct import Reconstructor
 from onnxprune.passes.registry import METHODS
 from onnxprune.plan import PruningPlan
-from onnxprune.profiling import stage
+from onnxprune.profiling import reporting, stage
 from onnxprune.rewrite import apply_plan, fork, removed_by_space
 
 __all__ = ["Analysis", "PruneJob", "PruneReport", "PruneSettings", "analyse", "pipeline", "prune"]
@@ -366,5 +366,6 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
                              calibration=calibration)
     if plan is not None and not compensate:
         plan.compensate = False
-    job = pipeline()(PruneJob(model, settings, plan=plan)).value
+    with reporting(progress):
+        job = pipeline()(PruneJob(model, settings, plan=plan)).value
     return job.pruned, job.report

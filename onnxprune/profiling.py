@@ -77,3 +77,24 @@ def reset() -> Profile:
 
 def current() -> Profile:
     return _current
+
+
+#: Who hears about progress within a stage (the CLI's bars): ``listener(label, done, total)``.
+_listener = None
+
+
+@contextmanager
+def reporting(listener):
+    """Send :func:`advance` calls to ``listener`` (None: nowhere) within the block."""
+    global _listener
+    previous, _listener = _listener, listener
+    try:
+        yield
+    finally:
+        _listener = previous
+
+
+def advance(label: str, done: int, total: int) -> None:
+    """Progress of a long loop (distillation steps, ...), for whoever listens."""
+    if _listener is not None:
+        _listener(label, done, total)

@@ -29,6 +29,7 @@ import numpy as np
 from onnxprune.evidence.priors import InputPrior
 from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
 from onnxprune.ir import Model, ModelEditor, NodeEmitter, copy_model, graph_inputs, make_batch_dynamic, session
+from onnxprune.profiling import advance
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Distiller:
         return self.session is not None
 
     def distill(self, shape: tuple[int, ...], prior: InputPrior, rng: np.random.Generator,
-                steps: int = 150, lr: float = 0.05) -> np.ndarray | None:
+                steps: int = 150, lr: float = 0.05, label: str = "distilling inputs") -> np.ndarray | None:
         """``shape[0]`` inverted inputs, or None when there is nothing to invert."""
         if self.session is None:
             return None
@@ -106,6 +107,7 @@ class Distiller:
             x = x - scale * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
             if prior.low is not None:
                 x = np.clip(x, prior.low, prior.high)
+            advance(label, t, steps)
         return x.astype(np.float32)
 
 
