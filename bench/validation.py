@@ -24,9 +24,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from onnxprune import prune
+from onnxprune import profiling, prune
 from onnxprune.evaluate import evaluate, load_npz
-from onnxprune.ir import load_model, session
+from onnxprune.evidence.calibration import load_calibration
+from onnxprune.ir import input_specs, load_model, session
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -71,40 +72,57 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> float:
     return acc
 
 
-def run(sets, names, ratios, methods, console: Console) -> tuple[list[dict], list[dict]]:
+def run(sets, names, budgets, methods, console: Console, calibrated: bool = False) -> tuple[list[dict], list[dict]]:
+    """``budgets``: ratios (floats) and target shares ("macs=0.5"); each method at its default
+    budget kind. ``calibrated``: with the manifest's 64 unlabelled calibration samples (models
+    without one are skipped)."""
     rows, failures = [], []
     for e in entries(sets, names):
+        if calibrated and not e.get("calibration"):
+            continue
         model = load_model(e["folder"] / e["file"])
         x, y = load_npz(e["folder"] / e["data"])
+        calibration = load_calibration(e["folder"] / e["calibration"], input_specs(model)) if calibrated else None
         base_logits = logits(model, x)
         base_acc = accuracy(model, x, y, base_logits)
         for method in methods:
-            for ratio in ratios:
+            for budget in budgets:
+                ratio, target = (None, budget) if isinstance(budget, str) else (budget, None)
                 t0 = time.perf_counter()
+                profiling.reset()
                 try:
-                    pruned, report = prune(model, ratio, method=method, input_range=e["input_range"], check=8)
+                    pruned, report = prune(model, ratio, method=method, target=target, input_range=e["input_range"],
+                                           check=8, calibration=calibration)
                 except Exception as exc:  # a row that fails says so; the bench goes on
                     console.print(f"[red]{e['set']}/{e['name']} {method} {ratio}: {type(exc).__name__}: {exc}[/]")
-                    failures.append({"set": e["set"], "model": e["name"], "method": method, "ratio": ratio,
+                    failures.append({"set": e["set"], "model": e["name"], "method": method, "ratio": budget,
                                      "error": f"{type(exc).__name__}: {exc}"})
                     continue
                 seconds = time.perf_counter() - t0
                 pruned_logits = logits(pruned, x)
                 cos, top1 = real_fidelity(base_logits, pruned_logits)
                 fid = report.fidelity
-                row = {"set": e["set"], "model": e["name"], "method": method, "ratio": ratio,
+                row = {"set": e["set"], "model": e["name"], "method": method + ("+cal" if calibrated else ""),
+                       "ratio": report.ratio, "target": report.target,
                        "input_range": list(e["input_range"]),
                        "macs_kept": report.after.macs / report.before.macs,
                        "params_kept": report.after.params / report.before.params,
                        "accuracy": [base_acc, accuracy(pruned, x, y, pruned_logits)],
                        "reported_cosine": None if fid is None else fid.cosine,
                        "reported_top1": None if fid is None else fid.top1,
-                       "real_cosine": cos, "real_top1": top1, "prune_seconds": seconds}
+                       "real_cosine": cos, "real_top1": top1, "prune_seconds": seconds,
+                       "evidence_seconds": evidence_seconds(profiling.reset())}
                 rows.append(row)
-                console.print(f"{e['set']:10s} {e['name']:10s} {method:10s} {ratio:.2f} "
+                console.print(f"{e['set']:10s} {e['name']:10s} {method:10s} {budget} ({report.target}) "
+                              f"macs {row['macs_kept']:.1%} "
                               f"acc {base_acc:.3f} -> {row['accuracy'][1]:.3f}  cos reported "
                               f"{_f(row['reported_cosine'])} real {cos:.4f}  {seconds:.1f}s")
     return rows, failures
+
+
+def evidence_seconds(profile: profiling.Profile) -> float:
+    """Seconds spent distilling synthetic inputs (planning's and the held-out ones)."""
+    return sum(s for path, s in profile.seconds.items() if "distill" in path)
 
 
 def _f(v, fmt="{:.4f}") -> str:
@@ -145,7 +163,7 @@ def summary(rows: list[dict]) -> dict[str, dict]:
             "rows": len(pairs),
             "spearman_cosine": spearman([p for p, _, _ in pairs], [q for _, q, _ in pairs]),
             "max_cosine_gap": max(gaps),
-            "max_gap_row": f"{worst['model']} {worst['method']} {worst['ratio']:g}",
+            "max_gap_row": f"{worst['model']} {worst['method']} {worst['ratio']:.3g}",
             "mean_accuracy_drop": float(np.mean([r["accuracy"][0] - r["accuracy"][1] for r in rows
                                                  if r["set"] == set_name])),
         }
@@ -156,13 +174,13 @@ def table(rows: list[dict]) -> Table:
     t = Table(title="onnxprune: models/ vs the validation zoo (reported fidelity = 8 probes; real = test split)",
               title_justify="left")
     for col in ("set", "model", "method", "ratio", "MACs kept", "accuracy", "rep. cos", "rep. top1",
-                "real cos", "real top1", "prune s"):
+                "real cos", "real top1", "prune s", "evidence s"):
         t.add_column(col, justify="left" if col in ("set", "model", "method") else "right")
     for r in rows:
-        t.add_row(r["set"], r["model"], r["method"], f"{r['ratio']:g}", f"{r['macs_kept']:.1%}",
+        t.add_row(r["set"], r["model"], r["method"], f"{r['ratio']:.3g}", f"{r['macs_kept']:.1%}",
                   f"{r['accuracy'][0]:.3f} → {r['accuracy'][1]:.3f}", _f(r["reported_cosine"]),
                   _f(r["reported_top1"], "{:.0%}"), f"{r['real_cosine']:.4f}", f"{r['real_top1']:.1%}",
-                  f"{r['prune_seconds']:.1f}")
+                  f"{r['prune_seconds']:.1f}", f"{r['evidence_seconds']:.1f}")
     return t
 
 
@@ -180,13 +198,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--models", nargs="*", default=[], help="model names (in either set)")
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.4])
+    parser.add_argument("--targets", nargs="*", default=[], help="target shares, e.g. macs=0.5 macs=0.35")
+    parser.add_argument("--calibration", action="store_true",
+                        help="plan with the manifest's 64 unlabelled calibration samples (models that have them)")
     parser.add_argument("--methods", nargs="+", default=["paoding", "magnitude"])
     parser.add_argument("--out", default=str(RESULTS / "validation.json"))
     args = parser.parse_args()
     console = Console(width=170, stderr=True)
     started = time.perf_counter()
-    rows, failures = run(args.sets, args.models, args.ratios, args.methods, console)
+    rows, failures = run(args.sets, args.models, [*args.ratios, *args.targets], args.methods, console, args.calibration)
     stats = summary(rows)
     out = Console(width=170)
     out.print(table(rows))

@@ -90,12 +90,15 @@ class PruneSettings:
     input_range: tuple[float, float] | None = None
     step: float | None = None
     method_options: dict = field(default_factory=dict)
-    target: str = "channels"
+    #: What the budget counts (see :func:`parse_target`); None: the method's default.
+    target: str | None = None
     reconstruction: str | None = None
     #: Unlabelled inputs by graph input name (``--calibration``): they replace synthetic ones.
     calibration: dict | None = None
 
     def validate(self) -> None:
+        if self.target is None:
+            self.target = default_target(self.method)
         kind, share = parse_target(self.target)
         if share is not None and self.ratio is not None:
             raise UserError(f"give either a ratio or a target share ({self.target}), not both")
@@ -343,7 +346,7 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
           input_range: tuple[float, float] | None = None, step: float | None = None,
-          method_options: dict | None = None, target: str = "channels", reconstruction: str | None = None,
+          method_options: dict | None = None, target: str | None = None, reconstruction: str | None = None,
           calibration: dict | None = None) -> tuple[Model, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
@@ -357,7 +360,8 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
 
     ``target``: "channels" (a uniform ratio's channels), "macs" or "params" (as many as the
     uniform ratio removes, allocated by the method), or "macs=S" / "params=S": keep the share S
-    of the model's MACs or parameters (instead of a ratio: giving both is a UserError).
+    of the model's MACs or parameters (instead of a ratio: giving both is a UserError). The
+    default is "macs" for methods that allocate (paoding, srdfp), "channels" for the others.
     """
     settings = PruneSettings(ratio=ratio, method=method, input_shapes=input_shapes, exclude=list(exclude or []),
                              round_to=round_to, seed=seed, check=check, min_cosine=min_cosine, options=options,
