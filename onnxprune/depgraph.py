@@ -31,6 +31,7 @@ from onnxprune.coupling import (
     blocked,
     rule_for,
 )
+from onnxprune.rules.recurrent import state_reason
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,9 @@ class DependencyGraph:
                         g.reasons.append(reason)
             if not producers:
                 g.reasons.append(BlockReason(BlockKind.NO_PRODUCER, "no weight produces these channels"))
+            state = state_reason(g.nodes, g.spaces, {t.name for t in self.graph.inputs}, self.ctx.graph_outputs)
+            if state is not None:  # said first: it is why the others (graph input, output) hold
+                g.reasons.insert(0, state)
             self._balance(g)
         # Graph order of a group's first producing node: stable ids for plans and reports.
         groups.sort(key=lambda g: min((order.get(id(self._producer(s)), -1), s) for s in g.spaces))
