@@ -56,9 +56,10 @@ def _input(node: gs.Node, slot: int) -> gs.Tensor | None:
     return node.inputs[slot] if len(node.inputs) > slot and node.inputs[slot].name else None
 
 
-def hidden_tensors(node: gs.Node) -> list[gs.Tensor]:
-    """The outputs of a recurrent node whose last axis is its hidden units (Y, Y_h, Y_c)."""
-    return [t for t in node.outputs if t.name]
+def hidden_tensors(node: gs.Node, ctx: RuleContext) -> list[gs.Tensor]:
+    """The outputs of a recurrent node whose last axis is its hidden units (Y, Y_h, Y_c), those
+    in use (exporters leave Y_h and Y_c dangling: nothing reads them, nothing needs slicing)."""
+    return [t for t in node.outputs if t.name and (t.outputs or t.name in ctx.graph_outputs)]
 
 
 def state_inputs(node: gs.Node) -> list[gs.Tensor]:
@@ -104,7 +105,7 @@ class RecurrentRule(OpRule):
         x_shape = ctx.shape(node.inputs[0])
         if x_shape:
             keys.append((node.inputs[0].name, len(x_shape) - 1))
-        for t in hidden_tensors(node)[:1]:
+        for t in hidden_tensors(node, ctx)[:1]:
             shape = ctx.shape(t)
             if shape:
                 keys.append((t.name, len(shape) - 1))
@@ -128,7 +129,7 @@ class RecurrentRule(OpRule):
     def _hidden(self, node: gs.Node, tensor: gs.Tensor, ctx: RuleContext) -> Coupling:
         size, gates = hidden_size(node), GATES[node.op]
         links = []
-        for other in hidden_tensors(node) + state_inputs(node):
+        for other in hidden_tensors(node, ctx) + state_inputs(node):
             if other.name == tensor.name or isinstance(other, gs.Constant) or _zeros_maker(other, node):
                 continue
             shape = ctx.shape(other)
@@ -141,7 +142,7 @@ class RecurrentRule(OpRule):
             problem = maker is not None and _zeros_problem(maker, size, ctx)
             if problem:
                 return blocked(BlockKind.RUNTIME_SHAPE, node, f"the initial state of {node.op} '{node.name}': {problem}")
-        if tensor.name not in {t.name for t in hidden_tensors(node)}:
+        if tensor.name not in {t.name for t in hidden_tensors(node, ctx)}:
             return Coupling(PASSIVE, links=links)  # an initial state: the node's outputs carry the weights
         params = [_rows(node.inputs[1], gates, size, "weight"), _rows(node.inputs[2], gates, size, "weight"),
                   slice_all(node.inputs[2], 2, size, "weight")]
@@ -161,7 +162,7 @@ class RecurrentRule(OpRule):
         return Coupling(PRODUCER, links=links, params=params)
 
     def rewrite(self, node, removed, ctx):
-        names = {t.name for t in hidden_tensors(node) + state_inputs(node)}
+        names = {t.name for t in node.outputs + state_inputs(node) if t.name}
         gone = next((idx for (name, _), idx in removed.items() if name in names and len(idx)), None)
         if gone is None:
             return
