@@ -25,19 +25,23 @@ from onnxprune.ir import (
     Model,
     Shape,
     concrete_input_shapes,
+    control_values,
     count_macs,
     import_graph,
     input_dtypes,
     input_specs,
     load_model,
     resolve_shapes,
+    sample_axes,
     skeleton,
+    stack_samples,
     to_model,
 )
 from onnxprune.pass_infra import PassManager
 from onnxprune.passes.lower import lowering_passes
 from onnxprune.plan import Corrections
 from onnxprune.rewrite import corrected
+from onnxprune.rules.control_flow import lower_branches
 
 #: How many synthetic inputs channel statistics are measured on (fewer for large models).
 STATISTICS_INPUTS = (16, 128)
@@ -100,8 +104,12 @@ class Analysis:
             prior = self.prior
             inputs, distilled_any = {}, False
             dtypes = input_dtypes(self.model)
+            controls = control_values(self.model)
             for name, dtype in dtypes.items():
-                shape = (count, *self.input_shapes[name][1:])
+                shape = stack_samples(self.input_shapes[name], self.sample_axes[name], count)
+                if name in controls:  # a sample rate or flag choosing a branch: the value it is compared with
+                    inputs[name] = np.full(shape, controls[name], dtype=dtype)
+                    continue
                 if not np.issubdtype(dtype, np.floating):
                     inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
                     continue
@@ -124,6 +132,12 @@ class Analysis:
         count = int(np.clip(2e10 / self.macs, *STATISTICS_INPUTS))
         return measure_stats(corrected(self.graph, corrections), self.model, self.probe_inputs(count, seed), spaces,
                              ridges=ridges)
+
+    @cached_property
+    def sample_axes(self) -> dict[str, int | None]:
+        """Per input, the axis synthetic samples stack on: the batch, which a recurrent state
+        ``[layers, batch, hidden]`` has second; None for a scalar (fed the same to each sample)."""
+        return sample_axes(self.model, self.input_shapes)
 
     @cached_property
     def macs(self) -> int:
@@ -150,6 +164,7 @@ def analyse(model: Model | str | os.PathLike, input_shapes: dict[str, Shape] | N
         specs = [replace(spec, dims=tuple(shapes_in[spec.name])) for spec in input_specs(model)]
         calibration = check_calibration(calibration, specs, getattr(calibration, "origin", "arrays passed in"))
     graph = PassManager(lowering_passes())(import_graph(model)).value
+    lower_branches(graph)
     graph.cleanup().toposort()
     shapes = resolve_shapes(skeleton(graph, model), shapes_in)
     dep = DependencyGraph(graph, shapes, options)

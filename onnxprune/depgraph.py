@@ -31,6 +31,7 @@ from onnxprune.coupling import (
     blocked,
     rule_for,
 )
+from onnxprune.rules.control_flow import all_tensors, analysed_nodes, branch_owners, inside_loop, loop_bodies
 from onnxprune.rules.recurrent import state_reason
 
 logger = logging.getLogger(__name__)
@@ -138,10 +139,12 @@ class DependencyGraph:
 
     # -- discovery: follow couplings from every weight-owning op -------------------------
     def _discover(self) -> None:
-        tensors = self._tensors = self.graph.tensors()
+        # If branches are analysed with the outer graph; Loop/Scan bodies block (rules.control_flow)
+        tensors = self._tensors = all_tensors(self.graph)
+        owners, self._loops = branch_owners(self.graph), loop_bodies(self.graph)
         graph_inputs = {t.name for t in self.graph.inputs}
         queue: deque[SpaceKey] = deque()
-        for node in self.graph.nodes:
+        for node in analysed_nodes(self.graph):
             rule = rule_for(node)
             if rule is not None:
                 queue.extend(rule.seeds(node, self.ctx))
@@ -164,7 +167,7 @@ class DependencyGraph:
                 self.reasons[key].append(BlockReason(BlockKind.GRAPH_INPUT, f"'{name}' is a graph input"))
             if name in self.ctx.graph_outputs:
                 self.reasons[key].append(BlockReason(BlockKind.GRAPH_OUTPUT, f"'{name}' is a graph output"))
-            for node in list(tensor.inputs) + list(tensor.outputs):
+            for node in list(tensor.inputs) + list(tensor.outputs) + owners.get(name, []):
                 if (id(node), key) in asked:
                     continue
                 asked.add((id(node), key))
@@ -178,6 +181,8 @@ class DependencyGraph:
                     queue.append(link.other)
 
     def _couple(self, node: gs.Node, tensor: gs.Tensor, axis: int) -> Coupling:
+        if id(node) in self._loops:
+            return inside_loop(node, self._loops[id(node)])
         rule = rule_for(node)
         if rule is None:
             return blocked(BlockKind.UNSUPPORTED_OP, node, f"op {node.op} ('{node.name}') is not supported")
@@ -253,7 +258,7 @@ class DependencyGraph:
         return [(sorted(spaces), sorted(units)) for spaces, units in merged.values()]
 
     def _order_and_check(self, groups: list[ChannelGroup]) -> None:
-        order = {id(n): i for i, n in enumerate(self.graph.nodes)}
+        order = {id(n): i for i, n in enumerate(analysed_nodes(self.graph))}
         for g in groups:
             producers = g.producers
             g.name = ",".join(n.name for n in producers[:3]) + ("…" if len(producers) > 3 else "") or g.spaces[0][0]

@@ -229,10 +229,13 @@ class VerifyPass(_Timed):
         shapes = list(analysis.input_shapes.values())
         batch = shapes[0][0] if shapes and shapes[0] else 1
         held_out = analysis.synthetic(max(s.check, 1) * batch, s.seed, held_out=True)
-        rows = len(next(iter(held_out.arrays.values())))  # a calibration set may hold fewer than a batch
-        arrays = {k: v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
+        axes = analysis.sample_axes if held_out.kind == "synthetic" else None  # calibration: samples first
+        arrays = held_out.arrays
+        if axes is None:
+            rows = len(next(iter(held_out.arrays.values())))  # a calibration set may hold fewer than a batch
+            arrays = {k: v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
         try:
-            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch),
+            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch, axes),
                                    f"held-out {held_out.kind} inputs, {held_out.source}")
         except Exception as exc:
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None

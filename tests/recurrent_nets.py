@@ -130,3 +130,70 @@ def hidden_group(dep):
 def feature_group(dep):
     """The group of the recurrent node's input features (the projection's channels)."""
     return next(g for g in dep.groups if ("a_relu", 2) in g.spaces)
+
+
+# -- control flow ------------------------------------------------------------------------------
+def _conv(name: str, x: str, cin: int, cout: int, rng, inits: list | None) -> list[onnx.NodeProto]:
+    """Conv (3x3, same padding) -> Relu writing ``name``; weights as initializers, or as Constant
+    nodes (what exporters put inside branches) when ``inits`` is None."""
+    w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
+    b = (0.1 * rng.standard_normal(cout)).astype(np.float32)
+    nodes = []
+    if inits is None:
+        nodes += [helper.make_node("Constant", [], [f"{name}_w"], value=numpy_helper.from_array(w, f"{name}_w")),
+                  helper.make_node("Constant", [], [f"{name}_b"], value=numpy_helper.from_array(b, f"{name}_b"))]
+    else:
+        inits += [numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")]
+    nodes += [helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_pre"], name=f"{name}_conv", pads=[1] * 4),
+              helper.make_node("Relu", [f"{name}_pre"], [name], name=f"{name}_relu")]
+    return nodes
+
+
+def if_model(seed: int = 0, batch: int | str = 1) -> onnx.ModelProto:
+    """``x -> conv a -> If(mode == 1, then: conv t(a), else: conv e(a)) -> conv y``: both branches
+    read ``a`` from the outer graph, and the If's output is either branch's."""
+    rng = np.random.default_rng(seed)
+    inits: list = []
+    nodes = _conv("a", "x", 3, 8, rng, inits)
+    branches = {}
+    for tag in ("t", "e"):
+        body = _conv(tag, "a", 8, 6, rng, None)
+        out = helper.make_tensor_value_info(tag, TensorProto.FLOAT, None)
+        branches[tag] = helper.make_graph(body, f"branch_{tag}", [], [out])
+    inits.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
+    nodes += [helper.make_node("Equal", ["mode", "one"], ["cond"], name="is_one"),
+              helper.make_node("If", ["cond"], ["b"], name="choose", then_branch=branches["t"], else_branch=branches["e"])]
+    nodes += _conv("y", "b", 6, 4, rng, inits)
+    graph = helper.make_graph(nodes, "if_model",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8]),
+                               helper.make_tensor_value_info("mode", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def loop_model(seed: int = 0) -> onnx.ModelProto:
+    """``x -> conv c -> Loop(3 times: acc += a, from c) -> conv z -> conv y`` with ``a = conv(x)``:
+    the Loop's body reads ``a`` from outside and carries ``acc``; only ``z`` is clear of it."""
+    rng = np.random.default_rng(seed)
+    inits: list = []
+    nodes = _conv("a", "x", 3, 8, rng, inits) + _conv("c", "x", 3, 8, rng, inits)
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "a"], ["acc_out"], name="accumulate"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)])
+    inits += [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go")]
+    nodes += [helper.make_node("Loop", ["trips", "go", "c"], ["summed"], name="repeat", body=body)]
+    nodes += _conv("z", "summed", 8, 6, rng, inits) + _conv("y", "z", 6, 4, rng, inits)
+    graph = helper.make_graph(nodes, "loop_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -3,6 +3,7 @@
 from onnxprune.rules import (  # noqa: F401
     attention,
     contrib,
+    control_flow,
     elementwise,
     layout,
     linear,
