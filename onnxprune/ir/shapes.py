@@ -88,7 +88,7 @@ def concrete_input_shapes(model: onnx.ModelProto, overrides: dict[str, Shape]) -
             shapes[value.name] = tuple(1 if k in dynamic else int(d) for k, d in enumerate(dims))
             continue
         shown = ",".join(str(d) for d in dims)
-        hint = ",".join("1" if k == 0 else ("N" if k in dynamic else str(d)) for k, d in enumerate(dims))
+        hint = ",".join(("1" if k == 0 else "N") if k in dynamic else str(d) for k, d in enumerate(dims))
         raise UserError(f"input '{value.name}' has dynamic dimensions [{shown}]; give a concrete shape with "
                         f"--input-shape {value.name}:{hint}")
     return shapes
