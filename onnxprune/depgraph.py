@@ -31,7 +31,15 @@ from onnxprune.coupling import (
     blocked,
     rule_for,
 )
-from onnxprune.rules.control_flow import all_tensors, analysed_nodes, branch_owners, inside_loop, loop_bodies
+from onnxprune.rules.control_flow import (
+    all_tensors,
+    analysed_nodes,
+    branch_nodes,
+    branch_owners,
+    inside_loop,
+    loop_bodies,
+    untyped_in_branch,
+)
 from onnxprune.rules.recurrent import state_reason
 
 logger = logging.getLogger(__name__)
@@ -141,7 +149,8 @@ class DependencyGraph:
     def _discover(self) -> None:
         # If branches are analysed with the outer graph; Loop/Scan bodies block (rules.control_flow)
         tensors = self._tensors = all_tensors(self.graph)
-        owners, self._loops = branch_owners(self.graph), loop_bodies(self.graph)
+        owners, self._loops, self._branch = branch_owners(self.graph), loop_bodies(self.graph), branch_nodes(self.graph)
+        self._returned = owners
         graph_inputs = {t.name for t in self.graph.inputs}
         queue: deque[SpaceKey] = deque()
         for node in analysed_nodes(self.graph):
@@ -183,6 +192,9 @@ class DependencyGraph:
     def _couple(self, node: gs.Node, tensor: gs.Tensor, axis: int) -> Coupling:
         if id(node) in self._loops:
             return inside_loop(node, self._loops[id(node)])
+        untyped = untyped_in_branch(node, self.ctx.shapes, self._returned) if id(node) in self._branch else None
+        if untyped is not None:
+            return untyped
         rule = rule_for(node)
         if rule is None:
             return blocked(BlockKind.UNSUPPORTED_OP, node, f"op {node.op} ('{node.name}') is not supported")

@@ -184,7 +184,8 @@ def loop_model(seed: int = 0) -> onnx.ModelProto:
         [helper.make_node("Add", ["acc_in", "a"], ["acc_out"], name="accumulate"),
          helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)])

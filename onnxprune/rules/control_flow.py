@@ -70,6 +70,11 @@ def holders(graph: gs.Graph) -> dict[int, gs.Graph]:
     return {id(node): owner for node, owner, _ in walk(graph, into_loops=True)}
 
 
+def branch_nodes(graph: gs.Graph) -> set[int]:
+    """The nodes (by ``id``) inside If branches."""
+    return {id(node) for node, owner, loop in walk(graph) if owner is not graph and loop is None}
+
+
 def loop_bodies(graph: gs.Graph) -> dict[int, gs.Node]:
     """For each node inside a Loop or Scan body (by ``id``), that Loop or Scan."""
     return {id(node): loop for node, _, loop in walk(graph, into_loops=True) if loop is not None}
@@ -222,6 +227,18 @@ class LoopRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         return blocked(BlockKind.CONTROL_FLOW, node,
                        f"{node.op} '{node.name}' runs a body that is not analysed: channels it reads or returns are kept")
+
+
+def untyped_in_branch(node: gs.Node, shapes: dict, returned: set[str] | dict) -> Coupling | None:
+    """The answer for a node in an If branch whose outputs (those read, or ``returned`` by the
+    branch) inference left without a shape (the branch a concrete input does not take, ranks
+    chosen at run time): blocked, saying so."""
+    missing = [t.name for t in node.outputs
+               if t.name and (t.outputs or t.name in returned) and t.name not in shapes]
+    if not missing:
+        return None
+    return blocked(BlockKind.UNKNOWN_SHAPE, node,
+                   f"'{missing[0]}' inside an If branch has no shape inference could give at the analysis shapes")
 
 
 def inside_loop(node: gs.Node, loop: gs.Node) -> Coupling:
