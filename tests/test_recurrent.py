@@ -1,6 +1,8 @@
 """Recurrent layers (LSTM, GRU, RNN): hidden units as a group, input features as a consumer,
 exactness where the maths allows it, and states that cross the signature kept with a reason."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -173,3 +175,16 @@ def test_zeros_state_follows_the_pruned_width_and_the_batch_stays_dynamic():
     assert pruned.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "N"
     feeds = {"x": np.random.default_rng(0).standard_normal((R.SEQ, 3, R.FEATURES)).astype(np.float32)}
     assert session(pruned).run(None, feeds)[0].shape == (R.SEQ, 3, R.OUT)  # another batch size
+
+
+def test_inspect_says_the_state_is_kept_because_the_caller_carries_it(capsys, tmp_path):
+    from onnxprune.cli import main
+
+    path = tmp_path / "stateful.onnx"
+    onnx.save(R.recurrent(R.Form(initial="input", state_output=True)), str(path))
+    assert main(["inspect", str(path), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)
+    kept = next(g for g in groups if any(r["kind"] == "recurrent_state" for r in g["reasons"]))
+    assert kept["why"][0].startswith("recurrent state 'c0', 'h0' of LSTM 'rnn' is both graph input and output")
+    assert main(["inspect", str(path)]) == 0
+    assert "recurrent_state" in capsys.readouterr().out
