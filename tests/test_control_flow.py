@@ -71,3 +71,11 @@ def test_loop_body_reads_keep_their_channels_and_say_why():
     assert report.groups_pruned == 1 and signature(pruned) == signature(model)
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     assert session(pruned).run(None, {"x": x})[0].shape == (1, 4, 8, 8)
+
+
+def test_the_report_counts_the_weights_inside_branches():
+    model = R.if_model()
+    _, report = prune(model, 0.4, check=1)
+    branch_weights = 2 * (6 * 8 * 9 + 6)  # conv t and conv e
+    assert report.before.params == (8 * 3 * 9 + 8) + branch_weights + (4 * 6 * 9 + 4)
+    assert report.after.params < report.before.params and report.after.macs < report.before.macs

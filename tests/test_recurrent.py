@@ -188,3 +188,12 @@ def test_inspect_says_the_state_is_kept_because_the_caller_carries_it(capsys, tm
     assert kept["why"][0].startswith("recurrent state 'c0', 'h0' of LSTM 'rnn' is both graph input and output")
     assert main(["inspect", str(path)]) == 0
     assert "recurrent_state" in capsys.readouterr().out
+
+
+def test_a_state_input_of_its_own_shape_is_fed_whole_to_every_probe():
+    """h0 [dirs, batch, H] is fully static here and has no axis of the first input's leading
+    size: the fidelity check feeds it unchanged with every sample instead of stacking it."""
+    model = R.recurrent(R.Form(initial="input"))
+    pruned, report = prune(model, 0.4, check=3)
+    assert report.groups_pruned == 1 and report.fidelity.probes == 3
+    assert signature(pruned) == signature(model)

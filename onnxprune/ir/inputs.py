@@ -29,7 +29,9 @@ def sample_axes(model: onnx.ModelProto, shapes: dict[str, Shape]) -> dict[str, i
         if dynamic:
             axes[spec.name] = dynamic[0]
         else:
-            axes[spec.name] = next((k for k, d in enumerate(shape) if d == batch), 0 if shape else None)
+            # a fully static input: the axis of the batch's size; none (a state of its own size, fed
+            # the same to every sample) when no axis has it
+            axes[spec.name] = next((k for k, d in enumerate(shape) if d == batch), None)
     return axes
 
 

@@ -263,7 +263,8 @@ def _branch_values(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     except Exception as exc:
         logger.debug("shape inference of the flattened branches failed: %s", exc)
         return []
-    return list(inferred.graph.value_info)
+    typed = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    return typed + list(inferred.graph.value_info)
 
 
 def _run_for_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape], names: list[str],
