@@ -18,7 +18,18 @@ import onnx_graphsurgeon as gs
 from onnxprune.analysis import Analysis, analyse
 from onnxprune.errors import FidelityError, InternalError, UserError
 from onnxprune.fidelity import Fidelity, fidelity_on, split_feeds
-from onnxprune.ir import Model, ModelStats, Shape, check_model, model_stats, resolve_shapes, signature, skeleton, to_model
+from onnxprune.ir import (
+    Model,
+    ModelStats,
+    Shape,
+    check_model,
+    model_stats,
+    resolve_shapes,
+    session,
+    signature,
+    skeleton,
+    to_model,
+)
 from onnxprune.pass_infra import Pass, PassManager, PassResult
 from onnxprune.passes.lower import DedupeConstants
 from onnxprune.passes.methods import Budget, Progress
@@ -234,10 +245,11 @@ class VerifyPass(_Timed):
         if axes is None:
             rows = len(next(iter(held_out.arrays.values())))  # a calibration set may hold fewer than a batch
             arrays = {k: v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
+        feeds = split_feeds(arrays, batch, axes)
         try:
-            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch, axes),
-                                   f"held-out {held_out.kind} inputs, {held_out.source}")
+            fidelity = fidelity_on(analysis.model, job.pruned, feeds, f"held-out {held_out.kind} inputs, {held_out.source}")
         except Exception as exc:
+            _original_runs(analysis.model, feeds[0])
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
         after_shapes = resolve_shapes(skeleton(job.pruned_graph, job.pruned), analysis.input_shapes)
         job.report = _report(job, fidelity if s.check > 0 else None, after_shapes)
@@ -250,6 +262,17 @@ class VerifyPass(_Timed):
             error = FidelityError(f"output cosine {fidelity.cosine:.4f} is below --min-cosine {s.min_cosine}")
             error.model, error.report = job.pruned, job.report  # type: ignore[attr-defined]
             raise error
+
+
+def _original_runs(model: Model, feed: dict) -> None:
+    """A UserError when onnxruntime cannot run the model as given either (batch-first recurrent
+    layers, layout=1, have no CPU kernel): then the pruned model cannot be checked, which is
+    not a bug of the pruning."""
+    try:
+        session(model).run(None, feed)
+    except Exception as exc:
+        raise UserError(f"onnxruntime cannot run the model itself, so the pruned one cannot be checked: "
+                        f"{str(exc).splitlines()[0]}") from None
 
 
 def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> PruneReport:

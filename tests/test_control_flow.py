@@ -79,3 +79,12 @@ def test_the_report_counts_the_weights_inside_branches():
     branch_weights = 2 * (6 * 8 * 9 + 6)  # conv t and conv e
     assert report.before.params == (8 * 3 * 9 + 8) + branch_weights + (4 * 6 * 9 + 4)
     assert report.after.params < report.before.params and report.after.macs < report.before.macs
+
+
+@pytest.mark.parametrize("make", [R.if_model, lambda: R.recurrent(R.Form(direction="bidirectional", initial="zeros"))],
+                         ids=["if", "bilstm"])
+def test_the_same_seed_gives_the_same_bytes(make):
+    model = make()
+    first, _ = prune(model, 0.4, check=1)
+    second, _ = prune(model, 0.4, check=1)
+    assert first.SerializeToString() == second.SerializeToString()

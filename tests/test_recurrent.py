@@ -197,3 +197,12 @@ def test_a_state_input_of_its_own_shape_is_fed_whole_to_every_probe():
     pruned, report = prune(model, 0.4, check=3)
     assert report.groups_pruned == 1 and report.fidelity.probes == 3
     assert signature(pruned) == signature(model)
+
+
+def test_a_model_onnxruntime_cannot_run_itself_is_a_clear_user_error():
+    """onnxruntime has no CPU kernel for batch-first (layout=1) recurrent layers: the pruned
+    model cannot be checked, and the message says the original does not run either."""
+    from onnxprune.errors import UserError
+
+    with pytest.raises(UserError, match="cannot run the model itself"):
+        prune(R.recurrent(R.Form(layout=1)), 0.4, check=1)
