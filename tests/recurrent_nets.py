@@ -198,3 +198,38 @@ def loop_model(seed: int = 0) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def if_recurrent_model(seed: int = 0) -> onnx.ModelProto:
+    """``x -> MatMul a -> If(mode == 1, then: LSTM(a) -> Y_h, else: GRU(a) -> Y_h) -> Squeeze ->
+    MatMul y``: each branch returns its cell's last state directly (nothing in the branch reads
+    it), so the two cells' hidden units are one group through the If."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("w0", rng.standard_normal((FEATURES, CHANNELS)) / np.sqrt(FEATURES)),
+             _init("w1", rng.standard_normal((HIDDEN, OUT)) / np.sqrt(HIDDEN)),
+             numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    branches = {}
+    for tag, op in (("t", "LSTM"), ("e", "GRU")):
+        gates = GATES[op]
+        weights = {"W": rng.standard_normal((1, gates * HIDDEN, CHANNELS)) / np.sqrt(CHANNELS),
+                   "R": rng.standard_normal((1, gates * HIDDEN, HIDDEN)) / np.sqrt(HIDDEN),
+                   "B": 0.1 * rng.standard_normal((1, 2 * gates * HIDDEN))}
+        body = [helper.make_node("Constant", [], [f"{k}_{tag}"], value=_init(f"{k}_{tag}", v)) for k, v in weights.items()]
+        body.append(helper.make_node(op, ["a", f"W_{tag}", f"R_{tag}", f"B_{tag}"], ["", f"h_{tag}"],
+                                     name=f"cell_{tag}", hidden_size=HIDDEN))
+        out = helper.make_tensor_value_info(f"h_{tag}", TensorProto.FLOAT, None)
+        branches[tag] = helper.make_graph(body, f"branch_{tag}", [], [out])
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"], name="proj"),
+             helper.make_node("Equal", ["mode", "one"], ["cond"], name="is_one"),
+             helper.make_node("If", ["cond"], ["h"], name="choose", then_branch=branches["t"], else_branch=branches["e"]),
+             helper.make_node("Squeeze", ["h", "axis0"], ["h2"], name="drop_dirs"),
+             helper.make_node("MatMul", ["h2", "w1"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "if_recurrent",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQ, BATCH, FEATURES]),
+                               helper.make_tensor_value_info("mode", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, OUT])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

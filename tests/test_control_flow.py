@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import recurrent_nets as R
 from exactness import prune_units, zero_consumers
+from onnx import numpy_helper
 
 from onnxprune.coupling import BlockKind
 from onnxprune.ir import control_values, session, signature
@@ -88,3 +89,29 @@ def test_the_same_seed_gives_the_same_bytes(make):
     first, _ = prune(model, 0.4, check=1)
     second, _ = prune(model, 0.4, check=1)
     assert first.SerializeToString() == second.SerializeToString()
+
+
+def test_cells_in_both_branches_returning_their_state_prune_together_exactly():
+    """An LSTM in one branch and a GRU in the other return Y_h as the If's output: their hidden
+    units are one group (through the If), and units whose head rows and recurrent columns are
+    zero in both cells go exactly, whichever branch runs."""
+    model = R.if_recurrent_model()
+    analysis = analyse(model)
+    group = _group(analysis.dep, ("h", 2))
+    assert group.prunable and sorted(n.name for n in group.producers) == ["cell_e", "cell_t"]
+    units = [1, 4, 6]
+    reference = zero_consumers(model, group.id, units)  # the head's rows
+    for tag in ("t", "e"):  # ... and each cell's recurrent columns for them
+        cell = next(n for n in reference.graph.node if n.op_type == "If")
+        branch = next(a.g for a in cell.attribute if a.name == ("then_branch" if tag == "t" else "else_branch"))
+        recurrent = next(t for t in branch.initializer if t.name == f"R_{tag}")
+        values = numpy_helper.to_array(recurrent).copy()
+        values[:, :, units] = 0
+        recurrent.CopyFrom(numpy_helper.from_array(values, recurrent.name))
+    pruned = prune_units(reference, group.id, units)
+    assert signature(pruned) == signature(model)
+    for mode in (0, 1):
+        x = np.random.default_rng(mode).standard_normal((R.SEQ, R.BATCH, R.FEATURES)).astype(np.float32)
+        feeds = {"x": x, "mode": np.array(mode, np.int64)}
+        a, b = session(reference).run(None, feeds)[0], session(pruned).run(None, feeds)[0]
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)

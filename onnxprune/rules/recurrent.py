@@ -43,6 +43,7 @@ from onnxprune.coupling import (
     register,
     slice_all,
 )
+from onnxprune.rules.control_flow import branch_owners
 from onnxprune.rules.shape_expr import input_elements, scale_input
 
 #: Gates per op: rows of W and R per hidden unit (B has twice as many blocks).
@@ -58,8 +59,12 @@ def _input(node: gs.Node, slot: int) -> gs.Tensor | None:
 
 def hidden_tensors(node: gs.Node, ctx: RuleContext) -> list[gs.Tensor]:
     """The outputs of a recurrent node whose last axis is its hidden units (Y, Y_h, Y_c), those
-    in use (exporters leave Y_h and Y_c dangling: nothing reads them, nothing needs slicing)."""
-    return [t for t in node.outputs if t.name and (t.outputs or t.name in ctx.graph_outputs)]
+    in use (exporters leave Y_h and Y_c dangling: nothing reads them, nothing needs slicing):
+    read by a node, a graph output, or returned by the If branch holding the node."""
+    if "returned" not in ctx.memo:
+        ctx.memo["returned"] = set(branch_owners(ctx.graph))
+    used = ctx.graph_outputs | ctx.memo["returned"]
+    return [t for t in node.outputs if t.name and (t.outputs or t.name in used)]
 
 
 def state_inputs(node: gs.Node) -> list[gs.Tensor]:
