@@ -25,6 +25,7 @@ from onnxprune.ir import (
     Model,
     Shape,
     concrete_input_shapes,
+    control_values,
     count_macs,
     import_graph,
     input_dtypes,
@@ -32,7 +33,9 @@ from onnxprune.ir import (
     load_model,
     model_stats,
     resolve_shapes,
+    sample_axes,
     skeleton,
+    stack_samples,
     to_model,
 )
 from onnxprune.pass_infra import PassManager
@@ -40,6 +43,7 @@ from onnxprune.passes.lower import lowering_passes
 from onnxprune.plan import Corrections
 from onnxprune.profiling import stage
 from onnxprune.rewrite import corrected
+from onnxprune.rules.control_flow import lower_branches
 
 #: How many synthetic inputs channel statistics are measured on (fewer for large models).
 STATISTICS_INPUTS = (16, 128)
@@ -112,34 +116,46 @@ class Analysis:
             return self._probe_inputs[key]
         key = (seed, held_out)
         pool = self._probe_inputs.get(key)
-        if pool is None or (len(next(iter(pool.arrays.values()))) < count and not pool.capped):
+        if pool is None or (self._samples(pool.arrays) < count and not pool.capped):
             pool = self._pool(count if held_out else max(count, self.statistics_count), seed, held_out)
             self._probe_inputs[key] = pool
-        return SyntheticInputs({k: v[:count] for k, v in pool.arrays.items()}, pool.source, pool.kind, pool.capped)
+        axes = self.sample_axes
+        first = {k: v if axes.get(k, 0) is None else np.take(v, np.arange(min(count, v.shape[axes.get(k, 0)])),
+                                                             axis=axes.get(k, 0)) for k, v in pool.arrays.items()}
+        return SyntheticInputs(first, pool.source, pool.kind, pool.capped)
+
+    def _samples(self, arrays: dict[str, np.ndarray]) -> int:
+        """How many samples ``arrays`` stack (on each input's sample axis)."""
+        stacked = [(v, self.sample_axes.get(k, 0)) for k, v in arrays.items() if self.sample_axes.get(k, 0) is not None]
+        return stacked[0][0].shape[stacked[0][1]] if stacked else 1
 
     def _pool(self, count: int, seed: int, held_out: bool) -> SyntheticInputs:
         rng = np.random.default_rng([seed, 1] if held_out else seed)
         prior, dtypes = self.prior, input_dtypes(self.model)
         distiller = self.distiller if len(dtypes) == 1 else None
         inputs, capped, source = {}, False, f"input prior ({prior.source})"
+        controls = control_values(self.model)
         for name, dtype in dtypes.items():
-            shape = (count, *self.input_shapes[name][1:])
+            shape = stack_samples(self.input_shapes[name], self.sample_axes[name], count)
+            if name in controls:  # a sample rate or flag choosing a branch: the value it is compared with
+                inputs[name] = np.full(shape, controls[name], dtype=dtype)
+                continue
             if not np.issubdtype(dtype, np.floating):
                 inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
                 continue
-            if distiller is not None and distiller.usable:
+            if distiller is not None and distiller.usable and self.sample_axes[name] == 0:
                 per_sample = 3 * self.macs / max(self.input_shapes[name][0], 1)  # forward and backward
                 most = max(MIN_POOL, int(EVIDENCE_MACS / (per_sample * DISTILL_STEPS[0])))
-                capped, shape = count > most, (min(count, most), *shape[1:])
-                steps = int(np.clip(EVIDENCE_MACS / (per_sample * shape[0]), *DISTILL_STEPS))
+                few = (min(count, most), *shape[1:])
+                steps = int(np.clip(EVIDENCE_MACS / (per_sample * few[0]), *DISTILL_STEPS))
                 with stage("distill"):
-                    distilled = distiller.distill(shape, prior, rng, steps=steps, label=f"distilling {shape[0]} "
+                    distilled = distiller.distill(few, prior, rng, steps=steps, label=f"distilling {few[0]} "
                                                   + ("held-out inputs" if held_out else "inputs"))
                 if distilled is not None:
-                    inputs[name] = distilled.astype(dtype)
+                    inputs[name], capped = distilled.astype(dtype), count > most
                     source = f"distilled from {distiller.objective.source}"
                     continue
-            inputs[name] = prior.sample((count, *shape[1:]), rng).astype(dtype)
+            inputs[name] = prior.sample(shape, rng).astype(dtype)
         return SyntheticInputs(inputs, source, capped=capped)
 
     @cached_property
@@ -171,6 +187,12 @@ class Analysis:
         return max(model_stats(self.model, self.shapes).params, 1)
 
     @cached_property
+    def sample_axes(self) -> dict[str, int | None]:
+        """Per input, the axis synthetic samples stack on: the batch, which a recurrent state
+        ``[layers, batch, hidden]`` has second; None for a scalar (fed the same to each sample)."""
+        return sample_axes(self.model, self.input_shapes)
+
+    @cached_property
     def macs(self) -> int:
         """The model's multiply-accumulates as analysed (at least 1)."""
         return max(count_macs(self.model, self.shapes), 1)
@@ -195,6 +217,7 @@ def analyse(model: Model | str | os.PathLike, input_shapes: dict[str, Shape] | N
         specs = [replace(spec, dims=tuple(shapes_in[spec.name])) for spec in input_specs(model)]
         calibration = check_calibration(calibration, specs, getattr(calibration, "origin", "arrays passed in"))
     graph = PassManager(lowering_passes())(import_graph(model)).value
+    lower_branches(graph)
     graph.cleanup().toposort()
     shapes = resolve_shapes(skeleton(graph, model), shapes_in)
     dep = DependencyGraph(graph, shapes, options)

@@ -44,6 +44,8 @@ class BlockKind(Enum):
     BROADCAST = "broadcast"  # one index is broadcast over many
     AXIS_LAYOUT = "axis_layout"  # the op moves, splits or resizes this axis in a way indices cannot follow
     OPT_IN = "opt_in"  # prunable only with an option (prune_hidden, prune_head_dim)
+    RECURRENT_STATE = "recurrent_state"  # a recurrent state carried between calls (graph input/output)
+    CONTROL_FLOW = "control_flow"  # read or made inside an If/Loop/Scan body the rules cannot follow
 
 
 @dataclass(frozen=True)

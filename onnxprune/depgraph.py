@@ -31,6 +31,16 @@ from onnxprune.coupling import (
     blocked,
     rule_for,
 )
+from onnxprune.rules.control_flow import (
+    all_tensors,
+    analysed_nodes,
+    branch_nodes,
+    branch_owners,
+    inside_loop,
+    loop_bodies,
+    untyped_in_branch,
+)
+from onnxprune.rules.recurrent import state_reason
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +147,13 @@ class DependencyGraph:
 
     # -- discovery: follow couplings from every weight-owning op -------------------------
     def _discover(self) -> None:
-        tensors = self._tensors = self.graph.tensors()
+        # If branches are analysed with the outer graph; Loop/Scan bodies block (rules.control_flow)
+        tensors = self._tensors = all_tensors(self.graph)
+        owners, self._loops, self._branch = branch_owners(self.graph), loop_bodies(self.graph), branch_nodes(self.graph)
+        self._returned = owners
         graph_inputs = {t.name for t in self.graph.inputs}
         queue: deque[SpaceKey] = deque()
-        for node in self.graph.nodes:
+        for node in analysed_nodes(self.graph):
             rule = rule_for(node)
             if rule is not None:
                 queue.extend(rule.seeds(node, self.ctx))
@@ -163,7 +176,7 @@ class DependencyGraph:
                 self.reasons[key].append(BlockReason(BlockKind.GRAPH_INPUT, f"'{name}' is a graph input"))
             if name in self.ctx.graph_outputs:
                 self.reasons[key].append(BlockReason(BlockKind.GRAPH_OUTPUT, f"'{name}' is a graph output"))
-            for node in list(tensor.inputs) + list(tensor.outputs):
+            for node in list(tensor.inputs) + list(tensor.outputs) + owners.get(name, []):
                 if (id(node), key) in asked:
                     continue
                 asked.add((id(node), key))
@@ -177,6 +190,11 @@ class DependencyGraph:
                     queue.append(link.other)
 
     def _couple(self, node: gs.Node, tensor: gs.Tensor, axis: int) -> Coupling:
+        if id(node) in self._loops:
+            return inside_loop(node, self._loops[id(node)])
+        untyped = untyped_in_branch(node, self.ctx.shapes, self._returned) if id(node) in self._branch else None
+        if untyped is not None:
+            return untyped
         rule = rule_for(node)
         if rule is None:
             return blocked(BlockKind.UNSUPPORTED_OP, node, f"op {node.op} ('{node.name}') is not supported")
@@ -252,7 +270,7 @@ class DependencyGraph:
         return [(sorted(spaces), sorted(units)) for spaces, units in merged.values()]
 
     def _order_and_check(self, groups: list[ChannelGroup]) -> None:
-        order = {id(n): i for i, n in enumerate(self.graph.nodes)}
+        order = {id(n): i for i, n in enumerate(analysed_nodes(self.graph))}
         for g in groups:
             producers = g.producers
             g.name = ",".join(n.name for n in producers[:3]) + ("…" if len(producers) > 3 else "") or g.spaces[0][0]
@@ -262,6 +280,9 @@ class DependencyGraph:
                         g.reasons.append(reason)
             if not producers:
                 g.reasons.append(BlockReason(BlockKind.NO_PRODUCER, "no weight produces these channels"))
+            state = state_reason(g.nodes, g.spaces, {t.name for t in self.graph.inputs}, self.ctx.graph_outputs)
+            if state is not None:  # said first: it is why the others (graph input, output) hold
+                g.reasons.insert(0, state)
             self._balance(g)
         # Graph order of a group's first producing node: stable ids for plans and reports.
         groups.sort(key=lambda g: min((order.get(id(self._producer(s)), -1), s) for s in g.spaces))

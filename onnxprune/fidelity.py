@@ -54,10 +54,15 @@ def _run_batched(sess: Session, feeds: list[dict[str, np.ndarray]]) -> list[np.n
             for i in range(len(runs[0]))]
 
 
-def split_feeds(inputs: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
-    """Inputs stacked on the batch axis as feeds of ``batch`` rows (models may fix their batch)."""
-    count = len(next(iter(inputs.values())))
-    return [{k: v[i:i + batch] for k, v in inputs.items()} for i in range(0, count - batch + 1, batch)]
+def split_feeds(inputs: dict[str, np.ndarray], batch: int,
+                axes: dict[str, int | None] | None = None) -> list[dict[str, np.ndarray]]:
+    """Inputs stacked on the batch axis as feeds of ``batch`` rows (models may fix their batch).
+    ``axes``: each input's sample axis when it is not the first (None: the same to every feed)."""
+    axes = axes or {}
+    stacked = [(v, axes.get(k, 0)) for k, v in inputs.items() if axes.get(k, 0) is not None]
+    count = np.shape(stacked[0][0])[stacked[0][1]] if stacked else batch
+    return [{k: v if axes.get(k, 0) is None else np.take(v, np.arange(i, i + batch), axis=axes.get(k, 0))
+             for k, v in inputs.items()} for i in range(0, count - batch + 1, batch)]
 
 
 def fidelity_on(original: Model, pruned: Model, feeds: list[dict[str, np.ndarray]], inputs: str) -> Fidelity:

@@ -18,7 +18,18 @@ import onnx_graphsurgeon as gs
 from onnxprune.analysis import Analysis, SyntheticInputs, analyse
 from onnxprune.errors import FidelityError, InternalError, UserError
 from onnxprune.fidelity import Fidelity, fidelity_on, split_feeds
-from onnxprune.ir import Model, ModelStats, Shape, check_model, model_stats, resolve_shapes, signature, skeleton, to_model
+from onnxprune.ir import (
+    Model,
+    ModelStats,
+    Shape,
+    check_model,
+    model_stats,
+    resolve_shapes,
+    session,
+    signature,
+    skeleton,
+    to_model,
+)
 from onnxprune.pass_infra import Pass, PassManager, PassResult
 from onnxprune.passes.lower import DedupeConstants
 from onnxprune.passes.methods import Budget, Progress
@@ -163,6 +174,8 @@ class PruneJob:
     pruned_graph: gs.Graph | None = None
     report: PruneReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: What passes had to do differently from what was asked, for the report's warnings.
+    notes: list[str] = field(default_factory=list)
 
 
 class _Timed(Pass[PruneJob]):
@@ -215,7 +228,12 @@ class PlanPass(_Timed):
 
     def run(self, job):
         s = job.settings
-        job.plan = METHODS[s.method](**s.method_options).plan(job.analysis, s.budget(), s.progress)
+        method = METHODS[s.method](**s.method_options)
+        reason = method.cannot_plan(job.analysis)
+        if reason:  # the default method must not fail where a simpler one works
+            job.notes.append(f"{s.method} cannot plan this model ({reason}): it was planned with magnitude instead")
+            method = METHODS["magnitude"]()
+        job.plan = method.plan(job.analysis, s.budget(), s.progress)
 
 
 class ReconstructPass(_Timed):
@@ -278,13 +296,18 @@ class VerifyPass(_Timed):
         shapes = list(analysis.input_shapes.values())
         batch = shapes[0][0] if shapes and shapes[0] else 1
         held_out = analysis.synthetic(s.check * batch, s.seed, held_out=True)
-        rows = len(next(iter(held_out.arrays.values())))  # a calibration set may hold fewer than a batch
-        arrays = {k: v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
+        axes = analysis.sample_axes if held_out.kind == "synthetic" else None  # calibration: samples first
+        arrays = held_out.arrays
+        if axes is None:
+            rows = len(next(iter(held_out.arrays.values())))  # a calibration set may hold fewer than a batch
+            arrays = {k: v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
+        feeds = split_feeds(arrays, batch, axes)
         try:
             with stage("fidelity"):
-                fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch),
+                fidelity = fidelity_on(analysis.model, job.pruned, feeds,
                                        f"held-out {held_out.kind} inputs, {held_out.source}")
         except Exception as exc:
+            _original_runs(analysis.model, feeds[0])
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
         job.report = _report(job, fidelity, after_shapes)
         job.report.warnings.extend(_evidence_warnings(held_out))
@@ -312,6 +335,17 @@ def _evidence_warnings(held_out: SyntheticInputs) -> list[str]:
     return warnings
 
 
+def _original_runs(model: Model, feed: dict) -> None:
+    """A UserError when onnxruntime cannot run the model as given either (batch-first recurrent
+    layers, layout=1, have no CPU kernel): then the pruned model cannot be checked, which is
+    not a bug of the pruning."""
+    try:
+        session(model).run(None, feed)
+    except Exception as exc:
+        raise UserError(f"onnxruntime cannot run the model itself, so the pruned one cannot be checked: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
 def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> PruneReport:
     analysis, dep, s = job.analysis, job.analysis.dep, job.settings
     prunable = dep.prunable_groups(s.exclude)
@@ -325,7 +359,7 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> Pru
         groups_total=len(dep.groups), groups_prunable=len(prunable), groups_pruned=len(job.plan.groups),
         blocked=blocked, channels_removed=job.plan.removed_units, channels_prunable=sum(g.size for g in prunable),
         fidelity=fidelity, input_shapes=analysis.input_shapes, plan=job.plan, seconds=job.seconds,
-        input_prior=analysis.prior.source, calibration=_calibration_note(analysis))
+        input_prior=analysis.prior.source, calibration=_calibration_note(analysis), warnings=list(job.notes))
 
 
 def _calibration_note(analysis: Analysis) -> str:

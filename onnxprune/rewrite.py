@@ -23,6 +23,7 @@ from onnxprune.coupling import ParamSlice, SpaceKey, rule_for
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import InternalError, UserError
 from onnxprune.plan import Corrections, PruningPlan
+from onnxprune.rules.control_flow import all_tensors, dedupe_across_graphs, holders, walk
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ def bias_name(node: gs.Node) -> str:
 def apply_corrections(graph: gs.Graph, corrections: Corrections) -> gs.Graph:
     """Put reconstruction's values into ``graph`` (in place) and give the nodes it names their
     new biases, as the bias input (Conv, ConvTranspose and Gemm take it third)."""
-    tensors = graph.tensors()
+    tensors = all_tensors(graph)
     for name, values in corrections.values.items():
         tensors[name].values = values
     if corrections.biases:
-        nodes = {n.name: n for n in graph.nodes}
+        nodes = {n.name: n for n, _, _ in walk(graph)}
         for node_name, values in corrections.biases.items():
             node = nodes[node_name]
             bias = gs.Constant(bias_name(node), values)
@@ -81,10 +82,10 @@ def fork(graph: gs.Graph, dep: DependencyGraph) -> tuple[gs.Graph, DependencyGra
     replaces arrays and never writes into one."""
     copied = graph.copy()
     memo: dict[int, object] = {id(graph): copied}
-    for old, new in zip(graph.nodes, copied.nodes):
-        memo[id(old)] = new
-    new_tensors = copied.tensors()
-    for name, tensor in graph.tensors().items():
+    for (old, _, _), (new, _, _) in zip(walk(graph, into_loops=True), walk(copied, into_loops=True)):
+        memo[id(old)] = new  # If branches' nodes too: the dependency graph points into them
+    new_tensors = all_tensors(copied)
+    for name, tensor in all_tensors(graph).items():
         memo[id(tensor)] = new_tensors[name]
         if isinstance(tensor, gs.Constant):
             memo[id(tensor._values)] = tensor._values
@@ -96,7 +97,7 @@ def _slice_new_biases(graph: gs.Graph, corrections: Corrections | None,
     """A bias reconstruction added follows its node's output channels."""
     if not corrections or not corrections.biases:
         return
-    nodes = {n.name: n for n in graph.nodes}
+    nodes = {n.name: n for n, _, _ in walk(graph)}
     for node_name in corrections.biases:
         node = nodes[node_name]
         gone = removed.get((node.outputs[0].name, 1))
@@ -126,17 +127,23 @@ def apply_plan(graph: gs.Graph, dep: DependencyGraph, plan: PruningPlan,
             values = np.asarray(param.tensor.values)
             param.tensor.values = np.array(param.deleted(values, np.array(sorted(idx))), order="C")
     _slice_new_biases(graph, corrections, removed)
+    holder = holders(graph)
     for node in touched.values():
         names = {t.name for t in list(node.inputs) + list(node.outputs)}
         mine = {s: g for s, g in removed.items() if s[0] in names}
         rule = rule_for(node)
         if rule is None:
             raise InternalError(f"node '{node.name}' ({node.op}) was pruned without a rule")
-        rule.rewrite(node, mine, dep.ctx)
+        ctx = dep.ctx
+        if holder.get(id(node), graph) is not graph:  # in an If branch: what it adds goes beside it
+            ctx = copy.copy(dep.ctx)
+            ctx.graph = holder[id(node)]
+        rule.rewrite(node, mine, ctx)
     outputs = {t.name for t in graph.outputs} | {t.name for t in graph.inputs}
-    for tensor in graph.tensors().values():
+    for tensor in all_tensors(graph, into_loops=False).values():  # a Loop body keeps its types
         if isinstance(tensor, gs.Variable) and tensor.name not in outputs:
             tensor.shape = None
+    dedupe_across_graphs(graph)
     graph.cleanup().toposort()
     logger.debug("rewrote %d nodes, %d constants", len(touched), len(deletions))
     return graph

@@ -81,6 +81,10 @@ class Method:
     def plan(self, analysis, budget: Budget, progress: Progress | None = None) -> PruningPlan:
         raise NotImplementedError
 
+    def cannot_plan(self, analysis) -> str | None:
+        """Why this method cannot plan ``analysis`` at all (None: it can)."""
+        return None
+
 
 class ScoredMethod(Method):
     """Score every prunable group once, remove its lowest units at a uniform ratio."""

@@ -44,7 +44,7 @@ from onnxprune.passes.reconstruct import Reconstructor, consumer_spaces, removed
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
-from onnxprune.evidence.probes import Impact, ProbeModel, probeable
+from onnxprune.evidence.probes import Impact, ProbeModel, probeable, stacks_samples
 from onnxprune.intervals import DeviationIntervals, Unsupported, width_and_entropy
 from onnxprune.plan import GroupPlan, PruningPlan
 from onnxprune.profiling import stage
@@ -129,12 +129,24 @@ class Progressive(Method):
         run.plan.corrections = run.reconstructor.corrections
         return run.plan
 
+    def cannot_plan(self, analysis) -> str | None:
+        """Probes stack their rows on the first axis of every input: inputs that stack samples
+        elsewhere (a recurrent state [layers, batch, hidden], a scalar) cannot carry them."""
+        odd = [name for name, axis in analysis.sample_axes.items() if axis != 0]
+        if odd:
+            return f"probes need every input batch-first, and {', '.join(map(repr, odd))} is not"
+        if not stacks_samples(analysis.model, analysis.input_shapes, analysis.prior):
+            return "probes stack samples on the first axis, and this model does not run them apart there"
+        return None
+
     def _start(self, analysis, budget: Budget) -> _Run:
         dep = analysis.dep
         candidates = dep.prunable_groups(budget.exclude)
         # Groups whose consumers do not read batch-major tensors cannot carry probe masks.
         batch = next(iter(analysis.input_shapes.values()))[0] if analysis.input_shapes else 1
-        groups = [g for g in candidates if probeable(g, dep.ctx.shapes, batch)]
+        top = set(analysis.graph.tensors())  # masks go into the main graph, not into If branches
+        groups = [g for g in candidates if probeable(g, dep.ctx.shapes, batch)
+                  and all(m.space[0] in top for m in g.members)]
         if len(groups) < len(candidates):
             logger.warning("%d group(s) cannot be probed and are left alone", len(candidates) - len(groups))
         ratio, cost, _ = budget.resolved(analysis, groups)

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
 from onnxprune.evidence.priors import InputPrior, MomentPropagation
-from onnxprune.ir import Model, ModelEditor, NodeEmitter, input_dtypes, make_batch_dynamic, session
+from onnxprune.ir import Model, ModelEditor, NodeEmitter, copy_model, input_dtypes, make_batch_dynamic, session
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +400,31 @@ def probeable(group: ChannelGroup, shapes: dict, batch: int = 1) -> bool:
     reshaped to [batch*heads, ...] or [tokens, features] are not."""
     spaces = consumer_nodes(group)
     return bool(spaces) and all(shapes.get(t, (0,))[0] == batch for t, _ in spaces)
+
+
+def stacks_samples(model: Model, input_shapes: dict, prior: InputPrior) -> bool:
+    """Whether the model, its first axes made dynamic, runs two samples stacked on them as it
+    runs each alone: what probe rows need. A sequence-first recurrent model (or one that mixes
+    its batch) does not."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(2):
+        feed = {}
+        for name, dtype in input_dtypes(model).items():
+            shape = tuple(input_shapes[name])
+            feed[name] = (prior.sample(shape, rng) if np.issubdtype(dtype, np.floating)
+                          else np.zeros(shape)).astype(dtype)
+        samples.append(feed)
+    batched = copy_model(model)
+    make_batch_dynamic(batched)
+    try:
+        sess = session(batched)
+        alone = [sess.run(None, feed)[0] for feed in samples]
+        joint = sess.run(None, {k: np.concatenate([f[k] for f in samples]) for k in samples[0]})[0]
+    except Exception:  # noqa: BLE001 - a model that cannot batch cannot carry probe rows
+        return False
+    together = np.concatenate(alone)
+    return joint.shape == together.shape and bool(np.allclose(joint, together, rtol=1e-3, atol=1e-4))
 
 
 def consumer_nodes(group: ChannelGroup) -> dict[tuple, set[str]]:

@@ -18,6 +18,7 @@ from onnxprune.ir.export import (
     to_model,
     toposort_nodes,
 )
+from onnxprune.ir.inputs import sample_axes, stack_samples
 from onnxprune.ir.io import load_model, load_model_info, save_model
 from onnxprune.ir.opsets import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE, Opset
 from onnxprune.ir.reference import evaluate_node, np_dtype, template_for
@@ -26,6 +27,7 @@ from onnxprune.ir.shapes import (
     InputSpec,
     Shape,
     concrete_input_shapes,
+    control_values,
     graph_inputs,
     input_dtypes,
     input_specs,
@@ -42,9 +44,9 @@ Model = onnx.ModelProto
 
 __all__ = [
     "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
-    "NodeView", "Opset", "Session", "Shape", "check_model", "concrete_input_shapes", "copy_model", "count_macs",
-    "evaluate_node", "graph_inputs", "import_graph", "input_dtypes", "input_specs", "load_model", "load_model_info",
-    "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
-    "random_inputs", "resolve_shapes", "save_model", "session", "signature", "skeleton", "template_for", "to_model",
-    "toposort_nodes",
+    "NodeView", "Opset", "Session", "Shape", "check_model", "concrete_input_shapes", "control_values", "copy_model",
+    "count_macs", "evaluate_node", "graph_inputs", "import_graph", "input_dtypes", "input_specs", "load_model",
+    "load_model_info", "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names",
+    "parse_input_shapes", "random_inputs", "resolve_shapes", "sample_axes", "save_model", "session", "signature",
+    "skeleton", "stack_samples", "template_for", "to_model", "toposort_nodes",
 ]

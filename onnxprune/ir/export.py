@@ -17,6 +17,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` with the template's opsets, functions and metadata (not its weights)."""
     model = onnx.ModelProto()
     model.graph.CopyFrom(OnnxExporter.export_graph(graph, do_type_check=False))
+    _hoist_shared_initializers(model.graph)
     for name in _MODEL_FIELDS:
         setattr(model, name, getattr(template, name))
     model.opset_import.extend(template.opset_import)
@@ -24,6 +25,40 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.functions.extend(template.functions)
     model.ir_version = max(template.ir_version, 4)  # initializers no longer listed as inputs
     return model
+
+
+def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    return [sub for node in graph.node for attr in node.attribute
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
+
+
+def _hoist_shared_initializers(graph: onnx.GraphProto) -> dict[str, list[onnx.GraphProto]]:
+    """graphsurgeon exports a constant that subgraphs read from an enclosing graph as each
+    reader's own initializer (a copy per branch and per nesting level). Keep one copy, in the
+    innermost graph enclosing every reader. Returns, per name, the subgraphs below ``graph``
+    still holding it."""
+    below: dict[str, list[onnx.GraphProto]] = {}
+    children = [_hoist_shared_initializers(sub) | {t.name: [sub] for t in sub.initializer} for sub in _subgraphs(graph)]
+    owners: dict[str, int] = {}
+    for found in children:
+        for name, graphs in found.items():
+            owners[name] = owners.get(name, 0) + 1
+            below.setdefault(name, []).extend(graphs)
+    own = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    for name, graphs in list(below.items()):
+        if owners[name] < 2 and name not in own:
+            continue
+        for sub in dict.fromkeys(map(id, graphs)):
+            holder = next(g for g in graphs if id(g) == sub)
+            kept = [t for t in holder.initializer if t.name != name]
+            if len(kept) != len(holder.initializer):
+                if name not in own:
+                    graph.initializer.append(next(t for t in holder.initializer if t.name == name))
+                    own.add(name)
+                del holder.initializer[:]
+                holder.initializer.extend(kept)
+        del below[name]
+    return below
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
+from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -88,7 +88,7 @@ def concrete_input_shapes(model: onnx.ModelProto, overrides: dict[str, Shape]) -
             shapes[value.name] = tuple(1 if k in dynamic else int(d) for k, d in enumerate(dims))
             continue
         shown = ",".join(str(d) for d in dims)
-        hint = ",".join("1" if k == 0 else ("N" if k in dynamic else str(d)) for k, d in enumerate(dims))
+        hint = ",".join(("1" if k == 0 else "N") if k in dynamic else str(d) for k, d in enumerate(dims))
         raise UserError(f"input '{value.name}' has dynamic dimensions [{shown}]; give a concrete shape with "
                         f"--input-shape {value.name}:{hint}")
     return shapes
@@ -115,16 +115,46 @@ def graph_inputs_of(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in graph_inputs(model) if i.doc_string != _WEIGHT_INPUT]
 
 
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def control_values(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer scalar inputs the model compares with a constant (``Equal(sr, 16000)`` choosing
+    an If branch), and the first value each is compared with."""
+    scalars = {s.name for s in input_specs(model)
+               if s.dtype.kind in "iu" and s.dims is not None and int(np.prod([d or 0 for d in s.dims])) <= 1}
+    constants, found = _constants(model), {}
+    for node in model.graph.node:
+        if node.op_type != "Equal":
+            continue
+        for here, there in ((0, 1), (1, 0)):
+            name = node.input[here]
+            if name in scalars and name not in found and node.input[there] in constants:
+                value = np.asarray(constants[node.input[there]]).ravel()
+                if value.size == 1:
+                    found[name] = int(value[0])
+    return found
+
+
 def random_inputs(model: onnx.ModelProto, shapes: dict[str, Shape], rng: np.random.Generator,
                   batch: int | None = None) -> dict[str, np.ndarray]:
-    """Seeded synthetic inputs: standard normal floats, small non-negative integers."""
+    """Seeded synthetic inputs: standard normal floats, small non-negative integers (a scalar
+    the model compares with a constant, such as a sample rate, gets that constant)."""
     feeds = {}
+    controls = control_values(model)
     for value in graph_inputs_of(model):
         shape = list(shapes[value.name])
         if batch is not None and shape:
             shape[0] = batch
         dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        if np.issubdtype(dtype, np.floating):
+        if value.name in controls:
+            feeds[value.name] = np.full(shape, controls[value.name], dtype=dtype)
+        elif np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[value.name] = np.ones(shape, dtype=dtype)
@@ -182,7 +212,8 @@ def resolve_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape],
         logger.debug("shape inference failed: %s", exc)
         inferred = fixed
     shapes: dict[str, Shape] = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+    values = _branch_values(fixed)  # If branches' tensors: inference only, no run
+    for value in values + list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         dims = _dims(value)
         if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
                 and all(isinstance(d, int) for d in dims):
@@ -194,22 +225,71 @@ def resolve_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape],
         wanted = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     missing = sorted((wanted & produced) - shapes.keys())
     if missing:
-        shapes.update(_run_for_shapes(fixed, input_shapes, missing))
+        shapes.update(_run_for_shapes(fixed, input_shapes, missing, model))
     return shapes
 
 
-def _run_for_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape], names: list[str]) -> dict[str, Shape]:
-    logger.debug("reading %d shapes from an onnxruntime run", len(names))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in present:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+def _inline_branches(graph: onnx.GraphProto, nodes: list, inits: list) -> None:
+    """Every node of ``graph`` into ``nodes``, with each If replaced by both branches' nodes and
+    Identities from its then-branch outputs: one flat graph in which inference types the
+    branches' tensors (it does not type them inside subgraphs)."""
+    for node in graph.node:
+        branches = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        if node.op_type != "If" or set(branches) != {"then_branch", "else_branch"}:
+            nodes.append(node)
+            continue
+        for branch in (branches["then_branch"], branches["else_branch"]):
+            inits.extend(branch.initializer)
+            _inline_branches(branch, nodes, inits)
+        for k, out in enumerate(node.output):
+            if out:
+                nodes.append(helper.make_node("Identity", [branches["then_branch"].output[k].name], [out]))
+
+
+def _branch_values(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Inferred types of the tensors inside If branches (empty when there are none, or when
+    inference fails on the flattened graph)."""
+    if not any(n.op_type == "If" for n in model.graph.node):
+        return []
+    flat = onnx.ModelProto()
+    flat.CopyFrom(model)
+    nodes, inits = [], []
+    _inline_branches(model.graph, nodes, inits)
+    del flat.graph.node[:]
+    flat.graph.node.extend(nodes)
+    flat.graph.initializer.extend(inits)
     try:
-        sess = session(probe)
+        inferred = onnx.shape_inference.infer_shapes(flat, data_prop=True)
     except Exception as exc:
-        raise UserError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        logger.debug("shape inference of the flattened branches failed: %s", exc)
+        return []
+    typed = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    return typed + list(inferred.graph.value_info)
+
+
+def _run_for_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape], names: list[str],
+                    declared: onnx.ModelProto | None = None) -> dict[str, Shape]:
+    """Shapes of ``names`` from one onnxruntime run of ``model`` (inputs fixed at
+    ``input_shapes``), or of ``declared`` (the model with its own, dynamic, input dimensions)
+    when onnxruntime cannot load the fixed one: fixing a dimension the model leaves open can
+    make a branch that this input never takes fail its type checks (an If with one branch per
+    sample rate)."""
+    logger.debug("reading %d shapes from an onnxruntime run", len(names))
+    sess, error = None, None
+    for candidate in (model, declared) if declared is not None else (model,):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(candidate)
+        present = {o.name for o in probe.graph.output}
+        for name in names:
+            if name not in present:
+                probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+        try:
+            sess = session(probe)
+            break
+        except Exception as exc:
+            error = error or exc
+    if sess is None:
+        raise UserError(f"onnxruntime cannot load the model: {str(error).splitlines()[0]}") from None
     feeds = random_inputs(model, input_shapes, np.random.default_rng(0))
     for value in model.graph.input:
         if value.doc_string == _WEIGHT_INPUT:  # a skeleton's weight: any values give the shapes

@@ -18,15 +18,27 @@ class ModelStats:
     ops: dict[str, int] = field(default_factory=dict)
 
 
+def _graphs(graph: onnx.GraphProto):
+    """The graph and its subgraphs (If branches, Loop and Scan bodies), at any depth."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _graphs(sub)
+
+
 def _float_params(model: onnx.ModelProto) -> int:
-    """Float weights in initializers and Constant nodes (shape tensors are not parameters)."""
+    """Float weights in initializers and Constant nodes (shape tensors are not parameters), in
+    every graph: a model with a network per If branch holds its weights there."""
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                    onnx.TensorProto.BFLOAT16}
-    count = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in float_types)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            count += sum(math.prod(a.t.dims) for a in node.attribute
-                         if a.name == "value" and a.t.data_type in float_types)
+    count = 0
+    for graph in _graphs(model.graph):
+        count += sum(math.prod(t.dims) for t in graph.initializer if t.data_type in float_types)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                count += sum(math.prod(a.t.dims) for a in node.attribute
+                             if a.name == "value" and a.t.data_type in float_types)
     return count
 
 
@@ -47,9 +59,10 @@ def node_macs(op: str, inputs: list[tuple[int, ...] | None], output: tuple[int, 
 
 
 def count_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int:
-    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at the given shapes."""
+    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at the given shapes (every
+    If branch counted, where its shapes are known)."""
     total = 0
-    for node in model.graph.node:
+    for node in (n for graph in _graphs(model.graph) for n in graph.node):
         trans_a = any(at.name == "transA" and at.i for at in node.attribute)
         macs = node_macs(node.op_type, [shapes.get(i) for i in node.input],
                          shapes.get(node.output[0]) if node.output else None, trans_a)

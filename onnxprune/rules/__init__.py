@@ -3,10 +3,12 @@
 from onnxprune.rules import (  # noqa: F401
     attention,
     contrib,
+    control_flow,
     elementwise,
     layout,
     linear,
     norms,
+    recurrent,
     reshape,
     shape_expr,
 )

@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, BlockKind, Coupling, Link, OpRule, RuleContext, blocked, identity, register
 from onnxprune.rules.layout import attribute_axis, slice_params, split_link
+from onnxprune.rules.recurrent import direction_axes
 from onnxprune.rules.shape_expr import Element, input_elements, scale_input
 
 
@@ -162,10 +163,11 @@ class ReshapeRule(OpRule):
         from_input = tensor.name == x.name
         stacked = frozenset(a for a, d in enumerate(ctx.shape(y)) if d > 1 and _selected_along(y, a, ctx))
         last = bool(ctx.options.get("prune_head_dim")) and _next_to_attention(node, ctx)
+        directions = direction_axes(x, ctx)  # a bidirectional RNN's dirs merged with its hidden units
         if from_input:
-            result = split_link(ctx.shape(x), ctx.shape(y), axis, stacked_dst=stacked, last=last)
+            result = split_link(ctx.shape(x), ctx.shape(y), axis, stacked_src=directions, stacked_dst=stacked, last=last)
         else:
-            result = split_link(ctx.shape(y), ctx.shape(x), axis, stacked_src=stacked, last=last)
+            result = split_link(ctx.shape(y), ctx.shape(x), axis, stacked_src=stacked, stacked_dst=directions, last=last)
         if isinstance(result, str):
             return blocked(BlockKind.AXIS_LAYOUT, node, f"Reshape '{node.name}': {result}")
         other_axis, here, there = result
