@@ -112,9 +112,10 @@ class Progressive(Method):
     LARGE_MACS = 1e9
     reconstruction = "least-squares"
 
-    def __init__(self, probes: int = 16, nominate: float = 3.0):
+    def __init__(self, probes: int = 16, nominate: float = 3.0, allocate: bool = True):
         self.probes = probes
         self.nominate = nominate
+        self.allocate = allocate  # False: every group loses the uniform count (only which units is measured)
 
     def plan(self, analysis, budget: Budget, progress: Progress | None = None) -> PruningPlan:
         """Plan on the analysed model, which stays as it was: every step's compensation goes
@@ -169,7 +170,7 @@ class Progressive(Method):
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
         # Grouped convolutions need equal removals per block: those groups follow a per-group
         # schedule; the rest compete globally.
-        scheduled = {g.id for g in groups if g.balance is not None}
+        scheduled = {g.id for g in groups if g.balance is not None or not self.allocate}
         return _Run(analysis, budget, groups, targets,
                     caps={g.id: allocation.cap(g, ratio, targets[g.id]) for g in groups},
                     cost=cost, goal=goal, steps=steps, plans=plans, plan=plan,
