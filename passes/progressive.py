@@ -250,7 +250,7 @@ class Progressive(Method):
             done = (cost.base - cost.total()) / max(cost.base - run.goal, 1e-9) if run.by_macs \
                 else run.removed / max(sum(run.targets.values()), 1)
             chosen.update(self._select_global(competing, pools, impact, step_goal, want, run.plans, run.caps,
-                                              run.rng, done, cost))
+                                              run.rng, done, cost, exact=run.budget.share is not None))
         return chosen
 
     def _pool(self, group, gp, quota, norms, analysis, corrections, residual=None) -> list[Candidate]:
@@ -260,7 +260,8 @@ class Progressive(Method):
             candidates = pair_candidates(group, gp, norms, unit_variance(group, analysis.moments), corrections)
         return candidates[: max(quota, int(math.ceil(self.nominate * quota)), 4)]
 
-    def _select_global(self, groups, pools, impact, goal, want, plans, caps, rng, progress, cost: MacModel):
+    def _select_global(self, groups, pools, impact, goal, want, plans, caps, rng, progress, cost: MacModel,
+                       exact: bool = False):
         """Rank every measured candidate of every group together and take them until the step's
         budget is spent: ``want`` units, or (``goal`` given) down to ``goal`` MACs, ranking
         by impact per MAC saved."""
@@ -282,6 +283,10 @@ class Progressive(Method):
             # a unit another candidate merges into stays; a merge needs its target kept
             if any(c.unit == t.into for t in taken[gid]) or any(c.into == t.unit for t in taken[gid] if c.into >= 0):
                 continue
+            if goal is not None and exact:  # a target share: no unit that lands further past the goal than short of it
+                left = cost.total() - goal
+                if cost.marginal(by_id[gid])[c.unit] - left > left:
+                    continue
             taken[gid].append(c)
             cost.remove(by_id[gid], c.unit)
             count += 1
