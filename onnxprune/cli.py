@@ -181,7 +181,7 @@ def run_prune(argv: list[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     src = Path(args.input)
     _targets(args, [src])
-    from onnxprune.ir import check_runs, input_specs, load_model_info, parse_input_shapes
+    from onnxprune.ir import check_runs, input_specs, keep_ir_version, load_model_info, parse_input_shapes
 
     model, external = load_model_info(src)
     _targets(args, [src, *external])
@@ -215,6 +215,7 @@ def run_prune(argv: list[str]) -> int:
         from onnxprune.fidelity import latency_ratio
         latency = latency_ratio(model, pruned, report.input_shapes)
     _print_report(report, latency)
+    keep_ir_version(pruned, model.ir_version)
     del model  # the input's weights are no longer needed: only the pruned model is written
     return _write(args, pruned, report, latency, failure, external)
 

@@ -76,7 +76,9 @@ def _name_max(folder: Path) -> int:
 def same_file(a: Path, b: Path) -> bool:
     """Whether ``a`` and ``b`` name the same file (through links, relative paths, case-folding)."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return Path(os.path.realpath(a)) == Path(os.path.realpath(b))
     except OSError:
         return False
 

@@ -71,6 +71,9 @@ def _load_external_data(model: onnx.ModelProto, base: Path) -> list[Path]:
         if target not in files:
             files[target] = target.stat().st_size
         size = files[target]
+        if offset > size:
+            raise UserError(f"tensor '{tensor.name}': external data offset {offset} is past the end of "
+                            f"'{target.name}' ({size} bytes)")
         if length is None:
             length = size - offset
             need = expected_bytes(tensor)
@@ -126,6 +129,17 @@ def _check_opset(model: onnx.ModelProto, path: Path) -> None:
         raise UserError(
             f"{path}: opset {default[0]} is newer than this onnx package supports ({newest}); upgrade onnx"
         )
+
+
+def keep_ir_version(model: onnx.ModelProto, version: int) -> None:
+    """In place: give a written model the input's IR version. IR 3 lists every initializer as a
+    graph input too (graph_inputs() still sees only the real ones)."""
+    if version >= model.ir_version or version < 3:
+        return
+    listed = {v.name for v in model.graph.input}
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in model.graph.initializer if t.name not in listed)
+    model.ir_version = version
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:

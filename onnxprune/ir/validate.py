@@ -290,6 +290,10 @@ def check_runs(model: onnx.ModelProto, overrides: dict[str, Shape]) -> dict[str,
     """onnxruntime loads the model and runs it once at the concrete input shapes (``--input-shape``
     over the model's own); a failure is the input's problem (UserError). Returns the shapes."""
     _check_overrides(model, overrides)
+    for value in graph_inputs(model):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if 0 in dims and value.name not in overrides:
+            raise UserError(f"input '{value.name}' has a dimension fixed at 0 (shape {dims}): the model takes no data")
     shapes = concrete_input_shapes(model, overrides)
     for value in graph_inputs(model):
         dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type) \
