@@ -18,7 +18,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import UserError
-from onnxprune.ir.validate import all_graphs, all_tensors, check_structure, expected_bytes
+from onnxprune.ir.runtime import copy_without, without_initializers
+from onnxprune.ir.validate import all_tensors, check_structure, expected_bytes
 from onnxprune.writer import Transaction
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
     ``external_data=None`` picks external data only when the model is too large for one
     protobuf. Returns the paths written (the model, and its ``.data`` file if any). The model
-    is left as it came (external data is written from its tensors and put back).
+    is left as it came.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -171,34 +172,27 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
 
 def _save_with_external_data(model: onnx.ModelProto, model_file: Path, data_file: Path, location: str) -> int:
-    """Write the initializers of at least ``_EXTERNAL_THRESHOLD`` bytes to ``data_file`` and the
-    rest of the model to ``model_file``, pointing at ``location``. Each tensor's bytes move out
-    of the model while it is written and back afterwards: no copy of the model is made.
-    Returns how many tensors went to the data file."""
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        with open(data_file, "wb") as f:
-            for graph in all_graphs(model):
-                for tensor in graph.initializer:
-                    if not tensor.HasField("raw_data") or len(tensor.raw_data) < _EXTERNAL_THRESHOLD:
-                        continue
-                    raw = tensor.raw_data
-                    tensor.ClearField("raw_data")
-                    moved.append((tensor, raw))
-                    offset = -f.tell() % _ALIGN + f.tell()
-                    f.seek(offset)
-                    f.write(raw)
-                    tensor.data_location = onnx.TensorProto.EXTERNAL
-                    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                        entry = tensor.external_data.add()
-                        entry.key, entry.value = key, value
-        with open(model_file, "wb") as f:
-            f.write(model.SerializeToString())
-        return len(moved)
-    finally:
-        while moved:
-            tensor, raw = moved.pop()
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
-            del raw
+    """Write the main graph's initializers of at least ``_EXTERNAL_THRESHOLD`` bytes to
+    ``data_file`` and the rest of the model to ``model_file``, pointing at ``location``; the
+    model is not changed and not copied (one tensor's bytes at a time). Returns how many
+    tensors went to the data file."""
+    skeleton = without_initializers(model, {t.name for t in model.graph.initializer})
+    moved = 0
+    with open(data_file, "wb") as f:
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data") or tensor.ByteSize() < _EXTERNAL_THRESHOLD:
+                skeleton.graph.initializer.add().CopyFrom(tensor)
+                continue
+            placeholder = skeleton.graph.initializer.add()
+            placeholder.CopyFrom(copy_without(tensor, "raw_data"))
+            offset = -f.tell() % _ALIGN + f.tell()
+            f.seek(offset)
+            length = f.write(tensor.raw_data)
+            placeholder.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = placeholder.external_data.add()
+                entry.key, entry.value = key, value
+            moved += 1
+    with open(model_file, "wb") as f:
+        f.write(skeleton.SerializeToString())
+    return moved

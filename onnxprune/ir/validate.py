@@ -21,7 +21,7 @@ import onnx.inliner
 from onnx import helper, numpy_helper
 
 from onnxprune.errors import UserError
-from onnxprune.ir.runtime import session
+from onnxprune.ir.runtime import ORT_ERRORS, large_initializers, session, weights_as_inputs
 from onnxprune.ir.shapes import Shape, concrete_input_shapes, graph_inputs, random_inputs
 
 logger = logging.getLogger(__name__)
@@ -271,10 +271,13 @@ def check_structure(model: onnx.ModelProto, where: str) -> None:
 
 def _checker(model: onnx.ModelProto, where: str) -> None:
     """onnx.checker, with full shape inference unless the model uses ops of other domains
-    (whose schemas onnx does not know) or is too large to serialise for the full check."""
-    full = all(o.domain in ("", "ai.onnx") for o in model.opset_import) and model.ByteSize() < 2**31 - 2**20
+    (whose schemas onnx does not know); large weights are checked as typed inputs (their
+    data was checked against their shapes already), so the check costs no copy of them."""
+    big = large_initializers(model)
+    subject = weights_as_inputs(model, big) if big else model  # weights are checked by check_tensor
+    full = all(o.domain in ("", "ai.onnx") for o in model.opset_import) and subject.ByteSize() < 2**31 - 2**20
     try:
-        onnx.checker.check_model(model, full_check=full)
+        onnx.checker.check_model(subject, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise UserError(f"{where}: onnx.checker refuses it: {_first_line(exc)}") from None
     except ValueError as exc:  # a model too large for one protobuf, or an unknown type
@@ -306,11 +309,12 @@ def check_runs(model: onnx.ModelProto, overrides: dict[str, Shape]) -> dict[str,
                             f"give a smaller one with --input-shape {value.name}:...")
     try:
         sess = session(model)
-    except Exception as exc:
+    except ORT_ERRORS as exc:
         raise UserError(f"onnxruntime cannot load the input model: {_first_line(exc)}") from None
+    feeds = random_inputs(model, shapes, np.random.default_rng(0))
     try:
-        sess.run(None, random_inputs(model, shapes, np.random.default_rng(0)))
-    except Exception as exc:
+        sess.run(None, feeds)
+    except ORT_ERRORS as exc:
         shown = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())
         raise UserError(f"onnxruntime cannot run the input model at {shown}: {_first_line(exc)}") from None
     return shapes
