@@ -242,7 +242,6 @@ def _write(args, pruned, report, latency, failure, external) -> int:
     still writes the report and the plan that explain it, not the model)."""
     from onnxprune.ir import save_model
 
-    written = []
     with Transaction() as tx:
         if args.report:
             data = report.to_dict()
@@ -251,15 +250,19 @@ def _write(args, pruned, report, latency, failure, external) -> int:
             tx.temporary(args.report).write_text(json.dumps(data, indent=1))
         if args.save_plan:
             tx.temporary(args.save_plan).write_text(report.plan.to_json())
-        written += tx.commit()
-    if failure is not None and not args.keep_failed:
-        _say(f"onnxprune: {failure}; nothing written (use --keep-failed to write it)", error=True)
+        refused = failure is not None and not args.keep_failed
+        if not refused and not args.dry_run:
+            save_model(pruned, args.output, external_data=bool(external) or None, transaction=tx)
+        written = tx.commit()
+    also = f"; wrote {', '.join(str(p) for p in written)}" if written else ""
+    if refused:
+        _say(f"onnxprune: {failure}; {'the model was not' if written else 'nothing'} written (use --keep-failed "
+             f"to write it){also}", error=True)
         return failure.exit_code
     if args.dry_run:
-        _say("dry run: nothing written")
+        _say(f"dry run: {'the model was not' if written else 'nothing'} written{also}")
     else:
-        written += save_model(pruned, args.output, external_data=bool(external) or None)
-        _say(f"wrote {', '.join(str(p) for p in written)}")
+        _say(also[2:])
     return failure.exit_code if failure is not None else 0
 
 

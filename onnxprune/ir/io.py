@@ -10,6 +10,7 @@ once into the tensors and written straight from them, never through a copy of th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -143,12 +144,14 @@ def keep_ir_version(model: onnx.ModelProto, version: int) -> None:
     model.ir_version = version
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+               transaction: Transaction | None = None) -> list[Path]:
     """Write ``model`` atomically: to temporary files beside the target, then rename.
 
     ``external_data=None`` picks external data only when the model is too large for one
     protobuf. Returns the paths written (the model, and its ``.data`` file if any). The model
-    is left as it came.
+    is left as it came. Given a ``transaction``, the files join it and are renamed into place
+    when the caller commits it (with the run's other files); the paths are returned anyway.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -156,19 +159,23 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise UserError(f"{path}: the folder {folder} does not exist")
     if external_data is None:
         external_data = model.ByteSize() > _PROTO_LIMIT
-    with Transaction() as tx:
+    with Transaction() if transaction is None else contextlib.nullcontext(transaction) as tx:
+        written = [path]
         if external_data:
             data_name = path.name + ".data"
             data_tmp = tx.temporary(folder / data_name)
             model_tmp = tx.temporary(path)
-            if not _save_with_external_data(model, model_tmp, data_tmp, data_name):
+            if _save_with_external_data(model, model_tmp, data_tmp, data_name):
+                written.append(folder / data_name)
+            else:
                 tx.discard(data_tmp)
         else:
             model_tmp = tx.temporary(path)
             with open(model_tmp, "wb") as f:
                 f.write(model.SerializeToString())
-        written = tx.commit()  # the data file first: the model never points at a missing one
-    return sorted(written, key=lambda p: p != path)
+        if transaction is None:
+            tx.commit()  # the data file first: the model never points at a missing one
+    return written
 
 
 def _save_with_external_data(model: onnx.ModelProto, model_file: Path, data_file: Path, location: str) -> int:
