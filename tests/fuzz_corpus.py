@@ -328,6 +328,10 @@ CASES: dict[str, Callable[[Path], list]] = {
     "--check 0": _output_case(lambda tmp, src: [src, tmp / "o.onnx", "--ratio", "0.4", "--check", "0"]),
     "--min-cosine nan": _output_case(lambda tmp, src: [src, tmp / "o.onnx", *RATIO, "--min-cosine", "nan"]),
     "--min-cosine 1 (refused)": _output_case(lambda tmp, src: [src, tmp / "o.onnx", *RATIO, "--min-cosine", "1"]),
+    "--min-cosine 1 with --report": _output_case(
+        lambda tmp, src: [src, tmp / "o.onnx", *RATIO, "--min-cosine", "1", "--report", tmp / "r.json"]),
+    "--dry-run with --save-plan": _output_case(
+        lambda tmp, src: [src, tmp / "o.onnx", *RATIO, "--dry-run", "--save-plan", tmp / "p.json"]),
     "--ratio nan": _output_case(lambda tmp, src: [src, tmp / "o.onnx", "--ratio", "nan"]),
     "--round-to 0": _output_case(lambda tmp, src: [src, tmp / "o.onnx", *RATIO, "--round-to", "0"]),
     "--round-to huge": _output_case(lambda tmp, src: [src, tmp / "o.onnx", *RATIO, "--round-to", "1000"]),
@@ -392,8 +396,8 @@ def check_promise(argv: list[str], code: int, stdout: str, stderr: str, before: 
     if code not in (0, 3) and new:
         breaks.append(f"wrote {[p.name for p in new]} on exit {code}")
     outcome = OUTCOMES.get(code, "promise break")
-    models = [p for p in new if p.suffix == ".onnx" or p.name.startswith("x")]
-    if code == 3 and models and "--keep-failed" not in argv:
+    target = Path(argv[1]).resolve() if len(argv) > 1 and argv[0] != "inspect" else None
+    if code == 3 and target in {p.resolve() for p in new} and "--keep-failed" not in argv:
         breaks.append("wrote the model despite the fidelity refusal")
     if code == 0 and argv and argv[0] != "inspect":
         if _groups_pruned(stdout) == 0:

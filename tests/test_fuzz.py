@@ -3,7 +3,8 @@ arguments and damaged protos (hypothesis), and signals mid-run. Every run must k
 promise: exit 0/2/3/128+N (never 1), one line on error, no traceback, nothing written on
 error, the input never changed, a written model valid. Small models: well under a minute.
 
-``ONNXPRUNE_FUZZ_SUMMARY=counts.json pytest tests/test_fuzz.py`` writes the outcome counts.
+``ONNXPRUNE_FUZZ_SUMMARY=counts.json pytest tests/test_fuzz.py`` writes the outcome counts;
+``ONNXPRUNE_FUZZ_EXAMPLES=500`` draws more generated cases than CI's 40 per test.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from onnxprune import writer
 from onnxprune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Examples per hypothesis test (CI: 40 each, well under a minute; raise it to hunt).
+EXAMPLES = int(os.environ.get("ONNXPRUNE_FUZZ_EXAMPLES", "40"))
 OUTCOMES: Counter = Counter()
 BREAKS: list = []
 
@@ -73,7 +76,7 @@ def test_valid_oddities_are_normalised_not_refused(tmp_path):
 _MODEL_BYTES = nets.mlp().SerializeToString()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, len(_MODEL_BYTES) - 1), st.integers(0, 255),
                           st.sampled_from(["set", "cut", "insert"])), min_size=1, max_size=4))
 def test_damaged_protos_keep_the_promise(tmp_path_factory, edits):
@@ -109,7 +112,7 @@ _OPTIONS = st.sampled_from([
 ])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_OPTIONS, max_size=5), st.sampled_from(["out.onnx", "in.onnx", ".", "no/out.onnx", "o.onnx"]))
 def test_generated_arguments_keep_the_promise(tmp_path_factory, options, out):
     tmp = tmp_path_factory.mktemp("args")
