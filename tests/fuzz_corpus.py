@@ -141,6 +141,19 @@ def _float_data_short(model):
     t.float_data.extend(values[:-1])
 
 
+def _bad_reshape(model):
+    model.graph.initializer.append(numpy_helper.from_array(np.array([7, 5], np.int64), "bad_shape"))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    model.graph.node.append(helper.make_node("Reshape", [relu.output[0], "bad_shape"], ["reshaped"]))
+    model.graph.output.append(helper.make_tensor_value_info("reshaped", onnx.TensorProto.FLOAT, [7, 5]))
+
+
+def _passthrough(model):
+    del model.graph.node[:]
+    del model.graph.initializer[:]
+    model.graph.output[0].CopyFrom(model.graph.input[0])
+
+
 def _cycle(model):
     relu = next(n for n in model.graph.node if n.op_type == "Relu")
     matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
@@ -289,7 +302,22 @@ CASES: dict[str, Callable[[Path], list]] = {
     "empty file": lambda tmp: [(tmp / "in.onnx").write_bytes(b"") and tmp / "in.onnx" or tmp / "in.onnx",
                                tmp / "out.onnx", *RATIO],
     "input is a directory": lambda tmp: [tmp, tmp / "out.onnx", *RATIO],
+    "empty op_type": _mutated(lambda m: setattr(m.graph.node[2], "op_type", "")),
+    "output listed twice": _mutated(lambda m: m.graph.output.append(m.graph.output[0])),
+    "input listed twice": _mutated(lambda m: m.graph.input.append(m.graph.input[0])),
+    "string input": _mutated(lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", onnx.TensorProto.STRING)),
+    "input without a type": _mutated(lambda m: m.graph.input[0].ClearField("type")),
+    "rank-40 input": _mutated(lambda m: m.graph.input[0].type.tensor_type.shape.dim.extend(
+        [onnx.TensorShapeProto.Dimension(dim_value=1)] * 38)),
+    "attribute of the wrong type": _mutated(lambda m: m.graph.node[-1].attribute[0].CopyFrom(
+        helper.make_attribute("transB", "yes"))),
+    "Reshape to an impossible shape": _mutated(_bad_reshape),
+    "no nodes, output is the input": _mutated(_passthrough),
     # valid models, awkward
+    "initializer with zero elements": _mutated(lambda m: m.graph.initializer.append(
+        numpy_helper.from_array(np.zeros((0, 3), np.float32), "empty_unused"))),
+    "initializer as an input's default": _mutated(lambda m: m.graph.input.append(
+        helper.make_tensor_value_info("w1", onnx.TensorProto.FLOAT, [64, 32]))),
     "duplicate node names": _mutated(_duplicate_names),
     "unsorted nodes": _mutated(_unsorted),
     "sparse initializer": _mutated(_sparse),
@@ -355,7 +383,8 @@ CASES: dict[str, Callable[[Path], list]] = {
 #: Valid models: they must prune (or be left alone, blocked), never be refused.
 VALID = {"duplicate node names", "unsorted nodes", "sparse initializer", "model-local function",
          "IR 3, initializers listed as inputs", "plain mlp", "external data, plain", "--input-shape batch 3",
-         "--check 0", "--exclude everything", "inspect a valid model"}
+         "--check 0", "--exclude everything", "inspect a valid model",
+         "initializer with zero elements", "initializer as an input's default"}
 
 
 def _snapshot(folder: Path) -> dict[Path, str]:
