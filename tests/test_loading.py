@@ -169,3 +169,17 @@ def test_unsorted_fp16_model_is_sorted_and_keeps_its_dtypes(tmp_path):
     pruned, report = prune(loaded, 0.4, check=1)
     assert report.groups_pruned > 0
     assert {t.data_type for t in pruned.graph.initializer if t.dims} <= {onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64}
+
+
+@pytest.mark.parametrize("name", sorted(nets.ALL))
+def test_serialized_size_is_byte_size_without_encoding_the_weights(monkeypatch, name):
+    """upb's ByteSize() encodes the whole model (a transient copy of every weight): large
+    models are sized from a skeleton and their weights' dims, to the byte."""
+    from onnxprune.ir import check_model, runtime
+
+    model = nets.ALL[name]()
+    monkeypatch.setattr(runtime, "LEAN_TENSOR_BYTES", 64)
+    monkeypatch.setattr(runtime, "LEAN_SESSION_BYTES", 1)
+    assert runtime.lean_weights(model)
+    assert runtime.serialized_size(model) == model.ByteSize()
+    check_model(model)  # the checker on the skeleton accepts a valid model

@@ -19,7 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import UserError
-from onnxprune.ir.runtime import copy_without, without_initializers
+from onnxprune.ir.runtime import copy_without, serialized_size, tensor_nbytes, without_initializers
 from onnxprune.ir.validate import all_tensors, check_structure, expected_bytes
 from onnxprune.writer import Transaction
 
@@ -158,7 +158,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     if not folder.is_dir():
         raise UserError(f"{path}: the folder {folder} does not exist")
     if external_data is None:
-        external_data = model.ByteSize() > _PROTO_LIMIT
+        external_data = serialized_size(model) > _PROTO_LIMIT
     with Transaction() if transaction is None else contextlib.nullcontext(transaction) as tx:
         written = [path]
         if external_data:
@@ -187,7 +187,7 @@ def _save_with_external_data(model: onnx.ModelProto, model_file: Path, data_file
     moved = 0
     with open(data_file, "wb") as f:
         for tensor in model.graph.initializer:
-            if not tensor.HasField("raw_data") or tensor.ByteSize() < _EXTERNAL_THRESHOLD:
+            if not tensor.HasField("raw_data") or tensor_nbytes(tensor) < _EXTERNAL_THRESHOLD:
                 skeleton.graph.initializer.add().CopyFrom(tensor)
                 continue
             placeholder = skeleton.graph.initializer.add()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -48,8 +50,8 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    big = large_initializers(model)
-    if sum(t.ByteSize() for t in big) < LEAN_SESSION_BYTES:
+    big = lean_weights(model)
+    if not big:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     weights = {t.name: np.frombuffer(t.raw_data, helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
                for t in big}
@@ -58,9 +60,49 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     return LeanSession(sess, weights)
 
 
-def large_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """The main graph's initializers of at least ``LEAN_TENSOR_BYTES`` raw bytes."""
-    return [t for t in model.graph.initializer if t.HasField("raw_data") and t.ByteSize() >= LEAN_TENSOR_BYTES]
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """The bytes a tensor's shape and type call for (0 for strings and unknown types), read
+    off its dims: protobuf's ByteSize() would encode the tensor to count them."""
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return 0 if tensor.data_type == onnx.TensorProto.STRING else math.prod(tensor.dims) * itemsize
+
+
+def large_initializers(model: onnx.ModelProto, least: int | None = None) -> list[onnx.TensorProto]:
+    """The main graph's raw-data initializers of at least ``least`` (``LEAN_TENSOR_BYTES``) bytes."""
+    least = LEAN_TENSOR_BYTES if least is None else least
+    return [t for t in model.graph.initializer if t.HasField("raw_data") and tensor_nbytes(t) >= least]
+
+
+def lean_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The initializers a large model's sessions and checks take as typed inputs instead of
+    data: those of ``LEAN_TENSOR_BYTES`` or more, when they add up to ``LEAN_SESSION_BYTES``
+    (none for a smaller model, whose handling stays exactly as it was)."""
+    big = large_initializers(model)
+    return big if sum(tensor_nbytes(t) for t in big) >= LEAN_SESSION_BYTES else []
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()``, exactly, without its cost: protobuf (upb) encodes the whole model
+    to count its bytes, a transient copy of every weight. Large initializers are counted from
+    their dims (their data was checked against them on load) around a skeleton's size."""
+    big = large_initializers(model)
+    if not big:
+        return model.ByteSize()
+    skeleton = without_initializers(model, {t.name for t in big})
+    graph = skeleton.graph.ByteSize()
+    for tensor in big:
+        data = len(tensor.raw_data) if tensor_nbytes(tensor) == 0 else tensor_nbytes(tensor)
+        size = copy_without(tensor, "raw_data").ByteSize() + 1 + _varint_size(data) + data
+        graph += 1 + _varint_size(size) + size
+    outer = skeleton.ByteSize() - (1 + _varint_size(skeleton.graph.ByteSize()) + skeleton.graph.ByteSize())
+    return outer + 1 + _varint_size(graph) + graph
 
 
 def weights_as_inputs(model: onnx.ModelProto, tensors: list[onnx.TensorProto]) -> onnx.ModelProto:

@@ -21,7 +21,7 @@ import onnx.inliner
 from onnx import helper, numpy_helper
 
 from onnxprune.errors import UserError
-from onnxprune.ir.runtime import ORT_ERRORS, large_initializers, session, weights_as_inputs
+from onnxprune.ir.runtime import ORT_ERRORS, lean_weights, session, weights_as_inputs
 from onnxprune.ir.shapes import Shape, concrete_input_shapes, graph_inputs, random_inputs
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def _checker(model: onnx.ModelProto, where: str) -> None:
     """onnx.checker, with full shape inference unless the model uses ops of other domains
     (whose schemas onnx does not know); large weights are checked as typed inputs (their
     data was checked against their shapes already), so the check costs no copy of them."""
-    big = large_initializers(model)
+    big = lean_weights(model)
     subject = weights_as_inputs(model, big) if big else model  # weights are checked by check_tensor
     full = all(o.domain in ("", "ai.onnx") for o in model.opset_import) and subject.ByteSize() < 2**31 - 2**20
     try:
