@@ -106,7 +106,8 @@ class Analysis:
                     inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
                     continue
                 distilled = None
-                if len(dtypes) == 1:
+                if len(dtypes) == 1 and len(shape) == 4:  # distill matches 2-D BatchNorm only: do not
+                    # export the whole graph (a copy of every weight) to hear it say so
                     steps = int(np.clip(2e11 / (3 * self.macs * count), 20, 150))
                     distilled = distill(to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
                 distilled_any |= distilled is not None

@@ -253,7 +253,7 @@ def _write(args, pruned, report, latency, failure, external) -> int:
         refused = failure is not None and not args.keep_failed
         if not refused and not args.dry_run:
             save_model(pruned, args.output, external_data=bool(external) or None, transaction=tx)
-        written = tx.commit()
+        written = sorted(tx.commit(), key=lambda p: p != Path(args.output))  # the model first
     also = f"; wrote {', '.join(str(p) for p in written)}" if written else ""
     if refused:
         _say(f"onnxprune: {failure}; {'the model was not' if written else 'nothing'} written (use --keep-failed "
