@@ -51,6 +51,8 @@ STATISTICS_INPUTS = (16, 128)
 #: about 3 s on 2 cores for a conv net): large models distil fewer inputs, but at least MIN_POOL.
 EVIDENCE_MACS = 2e11
 MIN_POOL = 4
+#: Models whose weights weigh more are not inverted (memory: see Analysis.distiller).
+INVERSION_BYTES = 2**28
 #: Adam steps of a distillation: as many as the budget buys, within these bounds.
 DISTILL_STEPS = (20, 150)
 
@@ -159,8 +161,13 @@ class Analysis:
         return SyntheticInputs(inputs, source, capped=capped)
 
     @cached_property
-    def distiller(self) -> Distiller:
-        """The inversion of the model as analysed (its gradient session is built once)."""
+    def distiller(self) -> Distiller | None:
+        """The inversion of the model as analysed (its gradient session is built once); None for
+        a model whose weights pass INVERSION_BYTES (an exported copy, a gradient graph and its
+        session would each hold them again: noise within the prior it is, and the report says so)."""
+        weights = sum(t.values.nbytes for t in self.graph.tensors().values() if isinstance(t, gs.Constant))
+        if weights > INVERSION_BYTES:
+            return None
         output = self.shapes.get(self.graph.outputs[0].name) if self.graph.outputs else None
         classes = output[1] if output is not None and len(output) == 2 and output[1] > 1 else 0
         with stage("distill"):

@@ -112,3 +112,5 @@ class PruningPlan:
             return cls.from_json(Path(path).read_text())
         except OSError as exc:
             raise UserError(f"{path}: cannot read the plan: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not an onnxprune plan (not text)") from None

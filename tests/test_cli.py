@@ -30,10 +30,11 @@ def test_prune_writes_a_smaller_model_and_prints_the_table(capsys, model_path, t
     code, stdout, stderr = run(capsys, model_path, out, "--ratio", "0.4", "--report", tmp_path / "r.json",
                                "--save-plan", tmp_path / "plan.json")
     assert code == 0, stderr
+    assert "paoding, ratio 0.4, budget macs" in stdout  # the default method, at the uniform plan's MACs
     assert "parameters" in stdout and "groups pruned" in stdout and "fidelity" in stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["after"]["params"] < report["before"]["params"]
-    assert report["groups_pruned"] == 4
+    assert report["method"] == "paoding" and report["target"] == "macs" and report["groups_pruned"] >= 3
     onnx.checker.check_model(onnx.load(str(out)))
     # Re-applying the saved plan reproduces the same bytes.
     again = tmp_path / "again.onnx"
@@ -182,3 +183,27 @@ def test_input_range_takes_negative_numbers_as_written(capsys, model_path, tmp_p
                          tmp_path / "r.json", *spelling)
     assert code == 0, err
     assert "within [-0.95, 2.15]" in json.loads((tmp_path / "r.json").read_text())["input_prior"]
+
+
+def test_the_cli_tables_agree_with_the_registry():
+    """The CLI names methods without importing the pipeline (start-up): its tables must agree."""
+    from onnxprune.passes.registry import METHODS
+
+    from onnxprune import cli
+    from onnxprune.pipeline import DEFAULT_METHOD
+
+    assert set(cli.METHODS) == set(METHODS) and cli.DEFAULT_METHOD == DEFAULT_METHOD
+    assert set(cli.ALLOCATING) == {name for name, m in METHODS.items() if m.allocates}
+
+
+def test_a_target_replaces_the_ratio_on_the_command_line(capsys, tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(nets.mlp(), str(model))
+    out = tmp_path / "o.onnx"
+    assert run(capsys, model, out, "--ratio", "0.4", "--target", "macs=0.5")[0] == 2
+    assert run(capsys, model, out, "--target", "macs=0.5", "--budget", "macs")[0] == 2
+    assert run(capsys, model, out, "--target", "flops=0.5")[0] == 2
+    assert not out.exists()
+    code, stdout, stderr = run(capsys, model, out, "--target", "macs=0.5", "--method", "magnitude", "--check", "1")
+    assert code == 0, stderr
+    assert "target macs=0.5" in stdout

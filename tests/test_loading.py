@@ -121,3 +121,65 @@ def test_torch_exports_prune_and_keep_a_dynamic_batch(name):
     x = np.random.default_rng(0).random((5, 1, 32, 32), dtype=np.float32)
     (logits,) = session(pruned).run(None, {"input": x})
     assert logits.shape == (5, 10)
+
+
+def test_lean_sessions_run_like_plain_ones(monkeypatch):
+    """Large models get sessions fed their weights in place (no copy of the model): same outputs."""
+    from onnxprune.ir import runtime
+
+    model = nets.resnet()
+    shapes = {"x": (1, 3, 8, 8)}
+    plain = _outputs(model, shapes)
+    monkeypatch.setattr(runtime, "LEAN_SESSION_BYTES", 1)
+    monkeypatch.setattr(runtime, "LEAN_TENSOR_BYTES", 256)
+    before = model.SerializeToString()
+    sess = session(model)
+    assert isinstance(sess, runtime.LeanSession) and [i.name for i in sess.get_inputs()] == ["x"]
+    lean = sess.run(None, random_inputs(model, shapes, np.random.default_rng(0)))
+    for a, b in zip(plain, lean):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert model.SerializeToString() == before
+
+
+def test_saving_with_external_data_leaves_the_model_alone(tmp_path):
+    model = nets.resnet()
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert model.SerializeToString() == before
+    reloaded, files = load_model_info(tmp_path / "m.onnx")
+    assert [f.name for f in files] == ["m.onnx.data"]
+    for a, b in zip(model.graph.initializer, reloaded.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_unsorted_fp16_model_is_sorted_and_keeps_its_dtypes(tmp_path):
+    """Some published fp16 models list nodes out of order: sorted on load, still fp16."""
+    model = nets.resnet()
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    nodes = list(model.graph.node)[::-1]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(tmp_path / "fp16.onnx"))
+    loaded, _ = load_model_info(tmp_path / "fp16.onnx")
+    onnx.checker.check_model(loaded)
+    assert {t.data_type for t in loaded.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    pruned, report = prune(loaded, 0.4, check=1)
+    assert report.groups_pruned > 0
+    assert {t.data_type for t in pruned.graph.initializer if t.dims} <= {onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64}
+
+
+@pytest.mark.parametrize("name", sorted(nets.ALL))
+def test_serialized_size_is_byte_size_without_encoding_the_weights(monkeypatch, name):
+    """upb's ByteSize() encodes the whole model (a transient copy of every weight): large
+    models are sized from a skeleton and their weights' dims, to the byte."""
+    from onnxprune.ir import check_model, runtime
+
+    model = nets.ALL[name]()
+    monkeypatch.setattr(runtime, "LEAN_TENSOR_BYTES", 64)
+    monkeypatch.setattr(runtime, "LEAN_SESSION_BYTES", 1)
+    assert runtime.lean_weights(model)
+    assert runtime.serialized_size(model) == model.ByteSize()
+    check_model(model)  # the checker on the skeleton accepts a valid model

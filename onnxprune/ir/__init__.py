@@ -19,7 +19,7 @@ from onnxprune.ir.export import (
     toposort_nodes,
 )
 from onnxprune.ir.inputs import sample_axes, stack_samples
-from onnxprune.ir.io import load_model, load_model_info, save_model
+from onnxprune.ir.io import keep_ir_version, load_model, load_model_info, save_model
 from onnxprune.ir.opsets import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE, Opset
 from onnxprune.ir.reference import evaluate_node, np_dtype, template_for
 from onnxprune.ir.runtime import Session, session
@@ -38,15 +38,17 @@ from onnxprune.ir.shapes import (
     skeleton,
 )
 from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
+from onnxprune.ir.validate import check_runs, check_structure
 
 #: A model as onnx holds it; modules outside ``ir`` name the type through this alias.
 Model = onnx.ModelProto
 
 __all__ = [
     "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
-    "NodeView", "Opset", "Session", "Shape", "check_model", "concrete_input_shapes", "control_values", "copy_model",
-    "count_macs", "evaluate_node", "graph_inputs", "import_graph", "input_dtypes", "input_specs", "load_model",
-    "load_model_info", "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names",
-    "parse_input_shapes", "random_inputs", "resolve_shapes", "sample_axes", "save_model", "session", "signature",
-    "skeleton", "stack_samples", "template_for", "to_model", "toposort_nodes",
+    "NodeView", "Opset", "Session", "Shape", "check_model", "check_runs", "check_structure",
+    "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "graph_inputs",
+    "import_graph", "input_dtypes", "input_specs", "keep_ir_version", "load_model", "load_model_info",
+    "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
+    "random_inputs", "resolve_shapes", "sample_axes", "save_model", "session", "signature", "skeleton",
+    "stack_samples", "template_for", "to_model", "toposort_nodes",
 ]

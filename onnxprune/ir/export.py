@@ -8,6 +8,7 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxprune.errors import InternalError, UserError
+from onnxprune.ir.runtime import lean_weights, weights_as_inputs
 from onnxprune.ir.shapes import graph_inputs
 
 _MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
@@ -123,8 +124,11 @@ def signature(model: onnx.ModelProto) -> list[tuple]:
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker on a pruned model: a failure is our bug."""
+    """onnx.checker on a pruned model: a failure is our bug. A large model's big weights are
+    checked as typed inputs (numpy made them, from arrays of their shape): the checker would
+    otherwise serialise the model, a copy of every weight, twice."""
+    big = lean_weights(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(weights_as_inputs(model, big) if big else model)
     except onnx.checker.ValidationError as exc:
         raise InternalError(f"the pruned model fails onnx.checker (a bug): {str(exc).splitlines()[0]}") from None

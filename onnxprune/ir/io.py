@@ -1,22 +1,27 @@
 """The load/save boundary: the only place that reads or writes model files.
 
 Loading turns every way a model can be broken on disk into a :class:`UserError` with one
-actionable line; saving is atomic, so an interrupted or failed run never leaves a
-half-written output behind.
+actionable line, and normalises what is valid but awkward (:mod:`onnxprune.ir.validate`:
+model-local functions inlined, sparse initializers made dense, nodes sorted). Saving goes
+through :mod:`onnxprune.writer`: temporary files beside the target, renamed into place, so an
+interrupted or failed run never leaves a half-written output behind. External data is read
+once into the tensors and written straight from them, never through a copy of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import uses_external_data
 
 from onnxprune.errors import UserError
+from onnxprune.ir.runtime import copy_without, serialized_size, tensor_nbytes, without_initializers
+from onnxprune.ir.validate import all_tensors, check_structure, expected_bytes
+from onnxprune.writer import Transaction
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +29,10 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 7
 #: Protobuf cannot serialise a single message above 2 GiB: bigger models go to external data.
 _PROTO_LIMIT = 2**31 - 2**20
+#: Tensors at least this large go to the external data file when a model is saved with one.
+_EXTERNAL_THRESHOLD = 1024
+#: Offsets in the external data file are multiples of this (lets readers map it page-wise).
+_ALIGN = 4096
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -31,8 +40,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return load_model_info(path)[0]
 
 
-def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
-    """:func:`load_model`, and whether the file kept its weights in external data."""
+def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
+    """:func:`load_model`, and the external data files it read (empty when none: falsy)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -40,53 +49,75 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         raise UserError(f"{path}: is a directory, expected an .onnx file")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError):
+    except (DecodeError, RuntimeError, ValueError, TypeError):
         raise UserError(f"{path}: not an ONNX model, or a truncated one (protobuf cannot parse it)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read it: {exc.strerror}") from None
     if not model.graph.node and not model.graph.output:
         raise UserError(f"{path}: not an ONNX model (no graph found; is it truncated or another format?)")
-    external = _check_external_data(model, path.parent.resolve())
-    try:
-        onnx.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read its external data: {exc}") from None
+    files = _load_external_data(model, path.parent.resolve())
     _check_opset(model, path)
-    return model, external
+    check_structure(model, str(path))
+    return model, files
 
 
-def _check_external_data(model: onnx.ModelProto, base: Path) -> bool:
-    """Refuse external-data locations that escape the model's folder (a path traversal)."""
-    found = False
-    for tensor in _all_tensors(model):
-        if not uses_external_data(tensor):
+def _load_external_data(model: onnx.ModelProto, base: Path) -> list[Path]:
+    """Read every tensor's external data into it (each byte once), refusing locations that
+    escape the model's folder (a path traversal, through ``..``, an absolute path or a
+    symlink), missing or short files and malformed entries. Returns the files read."""
+    files: dict[Path, int] = {}
+    for tensor in all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        found = True
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = (base / location).resolve()
-        if os.path.isabs(location) or not target.is_relative_to(base):
-            raise UserError(
-                f"tensor '{tensor.name}' points its external data at '{location}', outside the "
-                f"model's folder {base}: refusing to read it"
-            )
-        if not target.exists():
-            raise UserError(f"tensor '{tensor.name}': external data file '{location}' is missing")
-    return found
+        target, offset, length = _external_entry(tensor, base)
+        if target not in files:
+            files[target] = target.stat().st_size
+        size = files[target]
+        if offset > size:
+            raise UserError(f"tensor '{tensor.name}': external data offset {offset} is past the end of "
+                            f"'{target.name}' ({size} bytes)")
+        if length is None:
+            length = size - offset
+            need = expected_bytes(tensor)
+            if need is not None and need != length:
+                raise UserError(f"tensor '{tensor.name}': its external data in '{target.name}' holds {length} bytes "
+                                f"from offset {offset}, its shape needs {need}")
+        if offset + length > size:
+            raise UserError(f"tensor '{tensor.name}': external data '{target.name}' is {size} bytes, shorter "
+                            f"than offset {offset} + length {length}: truncated?")
+        with open(target, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read(length)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    return list(files)
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
-
-
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+def _external_entry(tensor: onnx.TensorProto, base: Path) -> tuple[Path, int, int | None]:
+    """Where a tensor's external data lives: (file, offset, length or None), checked."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise UserError(f"tensor '{tensor.name}' keeps its data externally but names no file (empty location)")
+    target = (base / location).resolve()
+    if os.path.isabs(location) or not target.is_relative_to(base):
+        raise UserError(
+            f"tensor '{tensor.name}' points its external data at '{location}', outside the "
+            f"model's folder {base}: refusing to read it"
+        )
+    if not target.exists():
+        raise UserError(f"tensor '{tensor.name}': external data file '{location}' is missing")
+    if not target.is_file():
+        raise UserError(f"tensor '{tensor.name}': external data '{location}' is not a regular file")
+    try:
+        offset = int(info.get("offset") or 0)
+        length = int(info["length"]) if info.get("length") else None
+    except ValueError:
+        raise UserError(f"tensor '{tensor.name}': external data offset/length are not integers: "
+                        f"{info.get('offset')!r}, {info.get('length')!r}") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise UserError(f"tensor '{tensor.name}': negative external data offset or length ({offset}, {length})")
+    return target, offset, length
 
 
 def _check_opset(model: onnx.ModelProto, path: Path) -> None:
@@ -102,37 +133,73 @@ def _check_opset(model: onnx.ModelProto, path: Path) -> None:
         )
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
-    """Write ``model`` atomically: to temporary files in the target folder, then rename.
+def keep_ir_version(model: onnx.ModelProto, version: int) -> None:
+    """In place: give a written model the input's IR version. IR 3 lists every initializer as a
+    graph input too (graph_inputs() still sees only the real ones)."""
+    if version >= model.ir_version or version < 3:
+        return
+    listed = {v.name for v in model.graph.input}
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in model.graph.initializer if t.name not in listed)
+    model.ir_version = version
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+               transaction: Transaction | None = None) -> list[Path]:
+    """Write ``model`` atomically: to temporary files beside the target, then rename.
 
     ``external_data=None`` picks external data only when the model is too large for one
-    protobuf. Returns the paths written (the model, and its ``.data`` file if any).
+    protobuf. Returns the paths written (the model, and its ``.data`` file if any). The model
+    is left as it came. Given a ``transaction``, the files join it and are renamed into place
+    when the caller commits it (with the run's other files); the paths are returned anyway.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.exists():
+    if not folder.is_dir():
         raise UserError(f"{path}: the folder {folder} does not exist")
     if external_data is None:
-        external_data = model.ByteSize() > _PROTO_LIMIT
-    data_name = path.name + ".data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=folder))
-    try:
-        tmp_model = tmp_dir / path.name
-        if external_data:
-            # onnx rewrites the tensors it externalises in place: save a copy, not the caller's.
-            onnx.save_model(
-                _copy(model), str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model, str(tmp_model))
+        external_data = serialized_size(model) > _PROTO_LIMIT
+    with Transaction() if transaction is None else contextlib.nullcontext(transaction) as tx:
         written = [path]
-        if (tmp_dir / data_name).exists():
-            os.replace(tmp_dir / data_name, folder / data_name)
-            written.append(folder / data_name)
-        os.replace(tmp_model, path)
-        return written
-    finally:
-        for leftover in tmp_dir.iterdir():
-            leftover.unlink()
-        tmp_dir.rmdir()
+        if external_data:
+            data_name = path.name + ".data"
+            data_tmp = tx.temporary(folder / data_name)
+            model_tmp = tx.temporary(path)
+            if _save_with_external_data(model, model_tmp, data_tmp, data_name):
+                written.append(folder / data_name)
+            else:
+                tx.discard(data_tmp)
+        else:
+            model_tmp = tx.temporary(path)
+            with open(model_tmp, "wb") as f:
+                f.write(model.SerializeToString())
+        if transaction is None:
+            tx.commit()  # the data file first: the model never points at a missing one
+    return written
+
+
+def _save_with_external_data(model: onnx.ModelProto, model_file: Path, data_file: Path, location: str) -> int:
+    """Write the main graph's initializers of at least ``_EXTERNAL_THRESHOLD`` bytes to
+    ``data_file`` and the rest of the model to ``model_file``, pointing at ``location``; the
+    model is not changed and not copied (one tensor's bytes at a time). Returns how many
+    tensors went to the data file."""
+    skeleton = without_initializers(model, {t.name for t in model.graph.initializer})
+    moved = 0
+    with open(data_file, "wb") as f:
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data") or tensor_nbytes(tensor) < _EXTERNAL_THRESHOLD:
+                skeleton.graph.initializer.add().CopyFrom(tensor)
+                continue
+            placeholder = skeleton.graph.initializer.add()
+            placeholder.CopyFrom(copy_without(tensor, "raw_data"))
+            offset = -f.tell() % _ALIGN + f.tell()
+            f.seek(offset)
+            length = f.write(tensor.raw_data)
+            placeholder.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = placeholder.external_data.add()
+                entry.key, entry.value = key, value
+            moved += 1
+    with open(model_file, "wb") as f:
+        f.write(skeleton.SerializeToString())
+    return moved

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from onnxprune.profiling import stage
 
+#: What onnxruntime raises about a model or its inputs (anything else is not its word).
+ORT_ERRORS = (RuntimeError, ValueError, *(c for c in vars(ort.capi.onnxruntime_pybind11_state).values()
+                                           if isinstance(c, type) and issubclass(c, Exception)))
 #: An onnxruntime session; modules outside ``ir`` name the type through this alias.
 Session = ort.InferenceSession
+#: Models whose large initializers weigh more than this get lean sessions (see :func:`session`).
+LEAN_SESSION_BYTES = 2**27
+#: In a lean session, initializers from this size on are fed as inputs.
+LEAN_TENSOR_BYTES = 2**20
+
+
+class LeanSession:
+    """A session over a model whose large weights are graph inputs fed on every run from arrays
+    over the weights' bytes: onnxruntime reads them in place, so the session holds no copy of
+    its own, and making it serialises only the model's skeleton. Behaves like the session
+    for ``run``, ``get_inputs`` (the real inputs only) and everything else."""
+
+    def __init__(self, sess: ort.InferenceSession, weights: dict[str, np.ndarray]):
+        self._sess, self._weights = sess, weights
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self._sess.run(output_names, {**input_feed, **self._weights}, run_options)
+
+    def get_inputs(self):
+        return [i for i in self._sess.get_inputs() if i.name not in self._weights]
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
 
 
 class _ProfiledSession(ort.InferenceSession):
@@ -20,10 +50,102 @@ class _ProfiledSession(ort.InferenceSession):
 
 
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session over ``model``, quiet; ``threads`` intra-op threads (0: onnxruntime's choice)."""
+    """A CPU session over ``model``, quiet; ``threads`` intra-op threads (0: onnxruntime's choice).
+
+    A model whose large initializers weigh more than ``LEAN_SESSION_BYTES`` gets a
+    :class:`LeanSession` (a plain session would cost a serialised copy of the model while it
+    is made, onnxruntime's own copy, and a third for prepacked weights). Smaller models, the
+    tests' and most users', take the plain path, so their numbers do not change."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    big = lean_weights(model)
     with stage("session"):
-        return _ProfiledSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if not big:
+            return _ProfiledSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        weights = {t.name: np.frombuffer(t.raw_data, helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+                   for t in big}
+        lean = weights_as_inputs(model, big)
+        sess = _ProfiledSession(lean.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return LeanSession(sess, weights)
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """The bytes a tensor's shape and type call for (0 for strings and unknown types), read
+    off its dims: protobuf's ByteSize() would encode the tensor to count them."""
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return 0 if tensor.data_type == onnx.TensorProto.STRING else math.prod(tensor.dims) * itemsize
+
+
+def large_initializers(model: onnx.ModelProto, least: int | None = None) -> list[onnx.TensorProto]:
+    """The main graph's raw-data initializers of at least ``least`` (``LEAN_TENSOR_BYTES``) bytes."""
+    least = LEAN_TENSOR_BYTES if least is None else least
+    return [t for t in model.graph.initializer if t.HasField("raw_data") and tensor_nbytes(t) >= least]
+
+
+def lean_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The initializers a large model's sessions and checks take as typed inputs instead of
+    data: those of ``LEAN_TENSOR_BYTES`` or more, when they add up to ``LEAN_SESSION_BYTES``
+    (none for a smaller model, whose handling stays exactly as it was)."""
+    big = large_initializers(model)
+    return big if sum(tensor_nbytes(t) for t in big) >= LEAN_SESSION_BYTES else []
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()``, exactly, without its cost: protobuf (upb) encodes the whole model
+    to count its bytes, a transient copy of every weight. Large initializers are counted from
+    their dims (their data was checked against them on load) around a skeleton's size."""
+    big = large_initializers(model)
+    if not big:
+        return model.ByteSize()
+    skeleton = without_initializers(model, {t.name for t in big})
+    graph = skeleton.graph.ByteSize()
+    for tensor in big:
+        data = len(tensor.raw_data) if tensor_nbytes(tensor) == 0 else tensor_nbytes(tensor)
+        size = copy_without(tensor, "raw_data").ByteSize() + 1 + _varint_size(data) + data
+        graph += 1 + _varint_size(size) + size
+    outer = skeleton.ByteSize() - (1 + _varint_size(skeleton.graph.ByteSize()) + skeleton.graph.ByteSize())
+    return outer + 1 + _varint_size(graph) + graph
+
+
+def weights_as_inputs(model: onnx.ModelProto, tensors: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``tensors`` (main-graph initializers) are typed graph inputs
+    instead: its skeleton, made without copying their bytes."""
+    lean = without_initializers(model, {t.name for t in tensors})
+    listed = {v.name for v in lean.graph.input}
+    lean.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                            for t in tensors if t.name not in listed)
+    return lean
+
+
+def copy_without(message, skip: str):
+    """A new message with every field of ``message`` but ``skip`` (copied field by field)."""
+    new = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(new, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(new, field.name).CopyFrom(value)
+        else:
+            setattr(new, field.name, value)
+    return new
+
+
+def without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` without the main graph's initializers in ``names``, made without
+    copying them (protobuf keeps a cleared field's bytes until the whole message goes, so
+    emptying tensors in place and filling them back would grow the model, not spare it)."""
+    lean = copy_without(model, "graph")
+    lean.graph.CopyFrom(copy_without(model.graph, "initializer"))
+    lean.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
+    return lean

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxprune.ir.runtime import serialized_size
+
 
 @dataclass
 class ModelStats:
@@ -75,7 +77,7 @@ def model_stats(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> M
         params=_float_params(model),
         macs=count_macs(model, shapes),
         nodes=len(model.graph.node),
-        bytes=model.ByteSize(),
+        bytes=serialized_size(model),
         ops=dict(Counter(n.op_type for n in model.graph.node)),
     )
 
