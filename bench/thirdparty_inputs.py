@@ -150,7 +150,7 @@ def yolov8_inputs(size=320):
     out = []
     for k in range(3):
         img = page(size * 2, size * 2, k).copy()
-        img[size // 2: size, size // 3: size] = captcha("ab", size // 2, size * 2 // 3, k)
+        img[size // 2: size, size // 3: size] = captcha("ab", size - size // 2, size - size // 3, k)
         out.append({"images": chw(resized(img, size, size), 0.0, 1.0)})
     return out
 

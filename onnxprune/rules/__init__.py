@@ -7,6 +7,7 @@ from onnxprune.rules import (  # noqa: F401
     layout,
     linear,
     norms,
+    quantized,
     reshape,
     shape_expr,
 )

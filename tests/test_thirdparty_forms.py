@@ -1,0 +1,203 @@
+"""Forms met in real third-party models (bench/thirdparty.py), each reproduced by a small model
+built here: dynamically quantized models (onnxruntime's quantize_dynamic, QOperator form, and
+the older quantizer that quantizes the bias at run time), declarations an exporter repeats
+without their shapes. Where the maths allows, removing a zero-contribution channel must leave
+the outputs equal."""
+
+from __future__ import annotations
+
+import nets
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxprune.ir import session
+from onnxprune.pipeline import analyse, prune
+from onnxprune.plan import GroupPlan, PruningPlan
+
+QUANT_OPS = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+
+
+def _quantize(model: onnx.ModelProto, tmp_path, name: str = "q") -> onnx.ModelProto:
+    from onnxruntime.quantization import quantize_dynamic
+    src, dst = tmp_path / f"{name}.float.onnx", tmp_path / f"{name}.onnx"
+    onnx.save(model, str(src))
+    quantize_dynamic(str(src), str(dst))
+    return onnx.load(str(dst))
+
+
+def _ops(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def _cnn(zero: int | None = None) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv -> Relu -> pool -> MatMul, float; with ``zero`` the first conv's
+    output channel ``zero`` is dead (its filter and bias are zero) and nothing reads it."""
+    model = nets.from_text("""
+        net (float[1,3,16,16] x, float[8,3,3,3] w1, float[8] b1, float[12,8,3,3] w2, float[12] b2,
+             float[12,10] wf, float[10] bf) => (float[1,10] y) {
+          c1 = Conv<pads=[1,1,1,1]>(x, w1, b1)
+          r1 = Relu(c1)
+          c2 = Conv<pads=[1,1,1,1]>(r1, w2, b2)
+          r2 = Relu(c2)
+          p = GlobalAveragePool(r2)
+          f = Flatten(p)
+          m = MatMul(f, wf)
+          y = Add(m, bf)
+        }""")
+    if zero is not None:
+        inits = {t.name: t for t in model.graph.initializer}
+        for name, axis in (("w1", 0), ("b1", 0), ("w2", 1)):
+            values = numpy_helper.to_array(inits[name]).copy()
+            np.moveaxis(values, axis, 0)[zero] = 0
+            inits[name].CopyFrom(numpy_helper.from_array(values, name))
+    return model
+
+
+def _group_of(analysis, producer_op: str, index: int = 0):
+    groups = [g for g in analysis.dep.groups if any(n.op == producer_op for n in g.producers)]
+    return groups[index]
+
+
+def _prune_units(model, group, units):
+    plan = PruningPlan("test", 0.5, 0, [GroupPlan(group.id, group.name, group.size, sorted(units))])
+    pruned, _ = prune(model, 0.5, plan=plan, check=1)
+    return pruned
+
+
+def _run(model, x):
+    return session(model).run(None, {"x": x})[0]
+
+
+def test_quantize_dynamic_cnn_finds_integer_groups_and_stays_quantized(tmp_path):
+    model = _quantize(_cnn(), tmp_path)
+    assert {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"} <= set(_ops(model))
+    analysis = analyse(model)
+    prunable = analysis.dep.prunable_groups()
+    assert {n.op for g in prunable for n in g.producers} >= {"ConvInteger"}
+    pruned, report = prune(model, 0.4, check=2)
+    onnx.checker.check_model(pruned, full_check=True)
+    ops = _ops(pruned)
+    assert all(ops.get(op, 0) == _ops(model)[op] for op in QUANT_OPS)  # still quantized
+    assert report.after.macs < report.before.macs
+    weights = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert any(w.dtype in (np.int8, np.uint8) and w.ndim == 4 and w.shape[0] < 8 for w in weights.values())
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert _run(pruned, x).shape == (1, 10)
+
+
+def test_quantized_zero_contribution_channel_prunes_exactly(tmp_path):
+    """A dead channel (zero filter, zero bias, zero readers) quantizes to the zero points; its
+    removal leaves every DynamicQuantizeLinear range unchanged (0 is always in range), so the
+    quantized outputs are equal."""
+    model = _quantize(_cnn(zero=5), tmp_path)
+    analysis = analyse(model)
+    group = _group_of(analysis, "ConvInteger", 0)
+    assert group.size == 8 and group.prunable
+    pruned = _prune_units(model, group, [5])
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-6, rtol=0)
+    assert sum(n.op_type == "ConvInteger" for n in pruned.graph.node) == 2
+
+
+def test_zero_point_is_subtracted_before_the_magnitude_is_read(tmp_path):
+    """uint8 weights around a zero point: magnitude reads q - zero_point, so the dead channel
+    (all q equal to the zero point) scores lowest."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src, dst = tmp_path / "f.onnx", tmp_path / "u8.onnx"
+    onnx.save(_cnn(zero=2), str(src))
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+    model = onnx.load(str(dst))
+    from onnxprune.passes.scoring import MagnitudeScorer
+    group = _group_of(analyse(model), "ConvInteger", 0)
+    scores = MagnitudeScorer().score(group)
+    assert int(np.argmin(scores)) == 2
+
+
+# -- the older quantizer: the bias quantized at run time, in int32 --------------------------------
+OLD_QUANT = """
+    net (float[1,2,8,8] x) => (float[1,4,8,8] y) {
+      xq, xs, xz = DynamicQuantizeLinear(x)
+      bs = Mul(xs, ws)
+      bt = Div(bias, bs)
+      bf = Floor(bt)
+      bi = Cast<to=6>(bf)
+      br = Reshape(bi, bshape)
+      ci = ConvInteger<pads=[1,1,1,1]>(xq, wq, xz, wz)
+      ca = Add(ci, br)
+      cf = Cast<to=1>(ca)
+      os = Mul(xs, ws)
+      c = Mul(cf, os)
+      r = Relu(c)
+      rq, rs, rz = DynamicQuantizeLinear(r)
+      di = ConvInteger(rq, w2q, rz, w2z)
+      df = Cast<to=1>(di)
+      s2 = Mul(rs, w2s)
+      y = Mul(df, s2)
+    }"""
+
+
+def _old_quant(dead: int | None = None) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    wq = rng.integers(0, 255, (6, 2, 3, 3)).astype(np.uint8)
+    w2q = rng.integers(0, 255, (4, 6, 1, 1)).astype(np.uint8)
+    bias = (0.1 * rng.standard_normal(6)).astype(np.float32)
+    if dead is not None:
+        wq[dead], w2q[:, dead], bias[dead] = 128, 128, 0.0
+    model = onnx.parser.parse_model(nets.HEADER.format(opset=13) + OLD_QUANT)
+    consts = {"ws": np.float32(0.01), "wq": wq, "wz": np.uint8(128), "bias": bias,
+              "bshape": np.array([1, 6, 1, 1], np.int64), "w2q": w2q, "w2z": np.uint8(128), "w2s": np.float32(0.02)}
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_runtime_quantized_bias_is_sliced_with_its_channels():
+    model = _old_quant(dead=3)
+    analysis = analyse(model)
+    group = _group_of(analysis, "ConvInteger", 0)
+    assert group.size == 6 and group.prunable, group.blocked
+    pruned = _prune_units(model, group, [3])
+    onnx.checker.check_model(pruned, full_check=True)
+    shapes = {t.name: list(numpy_helper.to_array(t).shape) for t in pruned.graph.initializer}
+    assert shapes["bias"] == [5] and shapes["wq"][0] == 5 and shapes["w2q"][1] == 5
+    assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "bshape")).tolist() == [1, 5, 1, 1]
+    x = np.random.default_rng(2).standard_normal((1, 2, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-6, rtol=0)
+
+
+def test_quantized_lstm_blocks_with_a_reason():
+    node = helper.make_node("DynamicQuantizeLSTM", ["x"], ["y"], domain="com.microsoft", name="lstm")
+    import onnx_graphsurgeon as gs
+
+    from onnxprune.coupling import RuleContext, rule_for
+    g = gs.import_onnx(helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])))
+    gs_node = g.nodes[0]
+    coupling = rule_for(gs_node).couple(gs_node, gs_node.inputs[0], 2, RuleContext(g, {"x": (2, 1, 4)}))
+    assert coupling.reason is not None and "quantized" in coupling.reason.message
+
+
+# -- declarations repeated without their shapes ---------------------------------------------------
+def test_output_repeated_in_value_info_without_shape_keeps_its_declared_shape():
+    """onnxruntime's older quantizer lists graph outputs again in value_info with only a type:
+    the pruned model must still declare the output's shape (the checker requires it)."""
+    model = _cnn()
+    model.graph.value_info.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
+    pruned, _ = prune(model, 0.4, check=1)
+    onnx.checker.check_model(pruned, full_check=True)
+    dims = [d.dim_value for d in pruned.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [1, 10]
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_quantized_model_prunes_validly_at_ratio(tmp_path, ratio):
+    model = _quantize(_cnn(), tmp_path)
+    pruned, _ = prune(model, ratio, check=2)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [o.name for o in pruned.graph.output] == ["y"]
