@@ -80,6 +80,16 @@ class Analysis:
             self._prior = prior.within(*self.input_range) if self.input_range else prior
         return self._prior
 
+    @property
+    def unbatched(self) -> set[str]:
+        """Inputs whose first axis is not the batch (a recurrent state [layers, batch, hidden], a
+        scalar sample rate): synthetic inputs give them their exact shape, one value shared by
+        every sample, and feeds pass them whole. The batch is the first axis of the first input
+        that has one; an input whose first axis has another size is not batched."""
+        ranked = [shape for shape in self.input_shapes.values() if len(shape)]
+        batch = ranked[0][0] if ranked else 1
+        return {name for name, shape in self.input_shapes.items() if not len(shape) or shape[0] != batch}
+
     def probe_inputs(self, count: int, seed: int) -> dict[str, np.ndarray]:
         """Seeded synthetic probe inputs, distilled from BatchNorm statistics where the model
         has them (computed once, on the weights as analysed)."""
@@ -101,12 +111,13 @@ class Analysis:
             inputs, distilled_any = {}, False
             dtypes = input_dtypes(self.model)
             for name, dtype in dtypes.items():
-                shape = (count, *self.input_shapes[name][1:])
+                whole = name in self.unbatched
+                shape = tuple(self.input_shapes[name]) if whole else (count, *self.input_shapes[name][1:])
                 if not np.issubdtype(dtype, np.floating):
                     inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
                     continue
                 distilled = None
-                if len(dtypes) == 1:
+                if len(dtypes) == 1 and not whole:
                     steps = int(np.clip(2e11 / (3 * self.macs * count), 20, 150))
                     distilled = distill(to_model(self.graph.copy(), self.model), shape, prior, rng, steps=steps)
                 distilled_any |= distilled is not None

@@ -54,10 +54,13 @@ def _run_batched(sess: Session, feeds: list[dict[str, np.ndarray]]) -> list[np.n
             for i in range(len(runs[0]))]
 
 
-def split_feeds(inputs: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
-    """Inputs stacked on the batch axis as feeds of ``batch`` rows (models may fix their batch)."""
-    count = len(next(iter(inputs.values())))
-    return [{k: v[i:i + batch] for k, v in inputs.items()} for i in range(0, count - batch + 1, batch)]
+def split_feeds(inputs: dict[str, np.ndarray], batch: int, whole: set[str] | frozenset = frozenset()) \
+        -> list[dict[str, np.ndarray]]:
+    """Inputs stacked on the batch axis as feeds of ``batch`` rows (models may fix their batch);
+    inputs named in ``whole`` (not batched: a recurrent state, a scalar) go whole into every feed."""
+    count = len(next(v for k, v in inputs.items() if k not in whole)) if set(inputs) - set(whole) else batch
+    return [{k: v if k in whole else v[i:i + batch] for k, v in inputs.items()}
+            for i in range(0, count - batch + 1, batch)]
 
 
 def fidelity_on(original: Model, pruned: Model, feeds: list[dict[str, np.ndarray]], inputs: str) -> Fidelity:

@@ -226,13 +226,15 @@ class VerifyPass(_Timed):
 
     def run(self, job):
         analysis, s = job.analysis, job.settings
-        shapes = list(analysis.input_shapes.values())
+        whole = analysis.unbatched
+        shapes = [v for k, v in analysis.input_shapes.items() if k not in whole]
         batch = shapes[0][0] if shapes and shapes[0] else 1
         held_out = analysis.synthetic(max(s.check, 1) * batch, s.seed, held_out=True)
-        rows = len(next(iter(held_out.arrays.values())))  # a calibration set may hold fewer than a batch
-        arrays = {k: v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
+        batched = [v for k, v in held_out.arrays.items() if k not in whole]
+        rows = len(batched[0]) if batched else batch  # a calibration set may hold fewer than a batch
+        arrays = {k: v if k in whole else v[np.arange(max(rows, batch)) % rows] for k, v in held_out.arrays.items()}
         try:
-            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch),
+            fidelity = fidelity_on(analysis.model, job.pruned, split_feeds(arrays, batch, whole),
                                    f"held-out {held_out.kind} inputs, {held_out.source}")
         except Exception as exc:
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None

@@ -201,3 +201,26 @@ def test_quantized_model_prunes_validly_at_ratio(tmp_path, ratio):
     pruned, _ = prune(model, ratio, check=2)
     onnx.checker.check_model(pruned, full_check=True)
     assert [o.name for o in pruned.graph.output] == ["y"]
+
+
+# -- inputs whose first axis is not the batch ------------------------------------------------------
+def test_state_and_scalar_inputs_are_fed_whole_in_the_fidelity_check():
+    """A voice-activity net's state [layers, batch, hidden] and its scalar sample rate: the
+    verification's synthetic feeds keep their exact shapes (they used to be stacked on axis 0,
+    and onnxruntime refused the pruned model's own check: an internal error)."""
+    model = nets.from_text("""
+        net (float[1,8] x, float[3,1,8] state, int64 sr, float[8,16] w1, float[16,8] w2) => (float[1,8] y,
+             float[3,1,8] stateN) {
+          m = MatMul(x, w1)
+          h = Relu(m)
+          o = MatMul(h, w2)
+          rate = Cast<to=1>(sr)
+          y = Mul(o, rate)
+          stateN = Add(state, y)
+        }""", inputs=("x", "state", "sr"))
+    analysis = analyse(model)
+    assert analysis.unbatched == {"state", "sr"}
+    assert analysis.synthetic(4, 0).arrays["state"].shape == (3, 1, 8)
+    pruned, report = prune(model, 0.4, check=3)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.groups_pruned == 1 and report.fidelity.probes == 3
