@@ -224,3 +224,49 @@ def test_state_and_scalar_inputs_are_fed_whole_in_the_fidelity_check():
     pruned, report = prune(model, 0.4, check=3)
     onnx.checker.check_model(pruned, full_check=True)
     assert report.groups_pruned == 1 and report.fidelity.probes == 3
+
+
+# -- sizes computed at run time, followed per axis (U2-Net's upsample-to-skip) -------------------
+UPSAMPLE_TO_SKIP = """
+    net (float[1,3,16,16] x, float[8,3,3,3] w1, float[8] b1, float[6,8,3,3] w2, float[6] b2,
+         float[4,14,3,3] w3) => (float[1,4,16,16] y) {
+      i0 = Constant<value=int64[1] {0}>()
+      i2 = Constant<value=int64[1] {2}>()
+      i4 = Constant<value=int64[1] {4}>()
+      c1 = Conv<pads=[1,1,1,1]>(x, w1, b1)
+      r1 = Relu(c1)
+      p = MaxPool<kernel_shape=[2,2], strides=[2,2]>(r1)
+      c2 = Conv<pads=[1,1,1,1]>(p, w2, b2)
+      r2 = Relu(c2)
+      big = Shape(r1)
+      hw = Slice(big, i2, i4)
+      small = Shape(r2)
+      nc = Slice(small, i0, i2)
+      sizes = Concat<axis=0>(nc, hw)
+      up = Resize<mode="nearest">(r2, , , sizes)
+      cat = Concat<axis=1>(up, r1)
+      y = Conv<pads=[1,1,1,1]>(cat, w3)
+    }"""
+
+
+def _upsample_to_skip() -> onnx.ModelProto:
+    return nets.from_text(UPSAMPLE_TO_SKIP)
+
+
+def test_shape_to_resize_sizes_followed_per_axis():
+    """sizes = Shape(r2)[0:2] ++ Shape(r1)[2:4]: the channel count is read from the resized
+    tensor itself (it follows the pruning), r1's read is spatial only: both groups prune."""
+    analysis = analyse(_upsample_to_skip())
+    by_producer = {g.producers[0].outputs[0].name: g for g in analysis.dep.groups if g.producers}
+    assert by_producer["c2"].prunable, by_producer["c2"].blocked
+    assert by_producer["c1"].prunable, by_producer["c1"].blocked
+
+
+@pytest.mark.parametrize("producer", ["c1", "c2"])
+def test_shape_to_resize_zero_contribution_is_exact(producer):
+    from exactness import assert_exact
+    model = _upsample_to_skip()
+    analysis = analyse(model)
+    group = next(g for g in analysis.dep.groups if g.producers and g.producers[0].outputs[0].name == producer)
+    pruned = assert_exact(model, group.id, [1, 3])
+    assert [o.name for o in pruned.graph.output] == ["y"]

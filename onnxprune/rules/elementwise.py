@@ -4,9 +4,11 @@ pooling, padding, resizing, softmax and reductions over other axes."""
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, BlockKind, Coupling, OpRule, blocked, register, same, slice_all
 from onnxprune.rules.opsets import SOFTMAX_AXES
+from onnxprune.rules.shape_expr import element_source
 
 
 def _through(node, tensor, axis, ctx, out_axis=None) -> Coupling:
@@ -104,12 +106,15 @@ class ResizeRule(OpRule):
         if ctx.shape(node.inputs[0])[axis] != ctx.shape(node.outputs[0])[axis]:
             return blocked(BlockKind.AXIS_LAYOUT, node, f"{node.op} '{node.name}' resizes this axis")
         sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name else None
-        if sizes is not None and ctx.const(sizes) is None:
-            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Resize '{node.name}' has sizes computed at run time")
+        if sizes is not None and ctx.const(sizes) is None \
+                and element_source(sizes, axis, ctx) != (node.inputs[0].name, axis):
+            # Sizes computed at run time are fine on an axis they read from the resized tensor itself.
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Resize '{node.name}' has sizes computed at run time "
+                           f"that fix axis {axis} (not read from its input's own axis {axis})")
         return _through(node, tensor, axis, ctx)
 
     def rewrite(self, node, removed, ctx):
-        if node.op != "Resize" or len(node.inputs) <= 3 or not node.inputs[3].name:
+        if node.op != "Resize" or len(node.inputs) <= 3 or not isinstance(node.inputs[3], gs.Constant):
             return
         sizes = np.array(node.inputs[3].values, copy=True)
         for (name, axis), gone in removed.items():
