@@ -270,3 +270,151 @@ def test_shape_to_resize_zero_contribution_is_exact(producer):
     group = next(g for g in analysis.dep.groups if g.producers and g.producers[0].outputs[0].name == producer)
     pruned = assert_exact(model, group.id, [1, 3])
     assert [o.name for o in pruned.graph.output] == ["y"]
+
+
+# -- tf2onnx / jax2tf forms -----------------------------------------------------------------------
+TF_FORMS = {
+    "Keras PRelu on an NHWC tensor (slope [H, W, C])": """
+     net (float[1,3,8,8] x, float[8,3,3,3] w1, float[8,8,8] slope, float[6,8,3,3] w2) => (float[1,6,8,8] y) {
+       c = Conv<pads=[1,1,1,1]>(x, w1)
+       t = Transpose<perm=[0,2,3,1]>(c)
+       p = PRelu(t, slope)
+       b = Transpose<perm=[0,3,1,2]>(p)
+       y = Conv<pads=[1,1,1,1]>(b, w2)
+     }""",
+    "NHWC bias and activation between Transpose pairs": """
+     net (float[1,3,8,8] x, float[8,3,3,3] w1, float[8] bias, float[6,8,3,3] w2) => (float[1,6,8,8] y) {
+       c = Conv<pads=[1,1,1,1]>(x, w1)
+       t = Transpose<perm=[0,2,3,1]>(c)
+       a = Add(t, bias)
+       r = Relu(a)
+       b = Transpose<perm=[0,3,1,2]>(r)
+       y = Conv<pads=[1,1,1,1]>(b, w2)
+     }""",
+    "Keras Flatten of an NHWC tensor into a Dense": """
+     net (float[1,3,4,4] x, float[8,3,3,3] w1, float[128,10] wd) => (float[1,10] y) {
+       c = Conv<pads=[1,1,1,1]>(x, w1)
+       r = Relu(c)
+       t = Transpose<perm=[0,2,3,1]>(r)
+       s = Constant<value=int64[2] {1,128}>()
+       f = Reshape(t, s)
+       y = MatMul(f, wd)
+     }""",
+    "Pad with pads computed at run time (SAME padding)": """
+     net (float[1,3,8,8] x, float[8,3,3,3] w1, float[6,8,3,3] w2) => (float[1,6,10,10] y) {
+       i2 = Constant<value=int64[1] {2}>()
+       i4 = Constant<value=int64[1] {4}>()
+       c = Conv<pads=[1,1,1,1]>(x, w1)
+       s = Shape(c)
+       hw = Slice(s, i2, i4)
+       k = Constant<value=int64[2] {9,9}>()
+       d = Sub(hw, k)
+       z2 = Constant<value=int64[2] {0,0}>()
+       pads = Concat<axis=0>(z2, d, z2, d)
+       p = Pad(c, pads)
+       y = Conv<pads=[1,1,1,1]>(p, w2)
+     }""",
+}
+
+
+@pytest.mark.parametrize("form", sorted(TF_FORMS))
+def test_tf2onnx_form_prunes_exactly(form):
+    from exactness import assert_exact
+    model = nets.from_text(TF_FORMS[form])
+    analysis = analyse(model)
+    group = next(g for g in analysis.dep.groups if g.producers and g.producers[0].outputs[0].name == "c")
+    assert group.prunable and group.size == 8, group.blocked
+    assert_exact(model, group.id, [2, 5])
+
+
+def test_one_hot_equal_is_followed_and_says_nothing_produces_it():
+    """jax2tf's one-hot, Equal(ids, classes): its class axis is not a channel any weight
+    produces; the group says so instead of 'Equal is not supported'."""
+    model = nets.from_text("""
+     net (int64[1,16] ids, float[1,1,32] classes, float[32,8] w) => (float[1,16,8] y) {
+       ax = Constant<value=int64[1] {2}>()
+       u = Unsqueeze(ids, ax)
+       f = Cast<to=1>(u)
+       e = Equal(f, classes)
+       o = Cast<to=1>(e)
+       y = MatMul(o, w)
+     }""", inputs=("ids",))
+    group = next(g for g in analyse(model).dep.groups if ("o", 2) in g.spaces)
+    assert [r.kind.value for r in group.reasons] == ["no_producer"]
+
+
+# -- LayerNorms written out op by op ---------------------------------------------------------------
+LAYER_NORMS = {
+    # jax2tf / tf2onnx: sums times 1/n, E[x^2] - E[x]^2
+    "ReduceSum * 1/n": """
+     net (float[2,5] x, float[5,8] w1, float[8] gamma, float[8] beta, float[8,3] w2) => (float[2,3] y) {
+       h = MatMul(x, w1)
+       ax = Constant<value=int64[1] {1}>()
+       inv = Constant<value=float {0.125}>()
+       eps = Constant<value=float {0.001}>()
+       s = ReduceSum<keepdims=0>(h, ax)
+       mean = Mul(s, inv)
+       sq = Mul(h, h)
+       s2 = ReduceSum<keepdims=0>(sq, ax)
+       ex2 = Mul(s2, inv)
+       m2 = Mul(mean, mean)
+       var = Sub(ex2, m2)
+       shp = Constant<value=int64[2] {2,1}>()
+       mr = Reshape(mean, shp)
+       vr = Reshape(var, shp)
+       ve = Add(vr, eps)
+       sd = Sqrt(ve)
+       rs = Reciprocal(sd)
+       sc = Mul(rs, gamma)
+       xc = Sub(h, mr)
+       n = Mul(xc, sc)
+       o = Add(n, beta)
+       y = MatMul(o, w2)
+     }""",
+    # Keras / PyTorch: ReduceMean, Sub, Pow, ReduceMean
+    "ReduceMean, Sub, Pow, ReduceMean": """
+     net (float[2,5] x, float[5,8] w1, float[8] gamma, float[8] beta, float[8,3] w2) => (float[2,3] y) {
+       h = MatMul(x, w1)
+       two = Constant<value=float {2.0}>()
+       eps = Constant<value=float {0.001}>()
+       mean = ReduceMean<axes=[-1], keepdims=1>(h)
+       xc = Sub(h, mean)
+       p = Pow(xc, two)
+       var = ReduceMean<axes=[-1], keepdims=1>(p)
+       ve = Add(var, eps)
+       sd = Sqrt(ve)
+       n = Div(xc, sd)
+       g = Mul(n, gamma)
+       o = Add(g, beta)
+       y = MatMul(o, w2)
+     }""",
+}
+
+
+def _layer_norm_reference(model, x, keep):
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    h = x.astype(np.float64) @ w["w1"][:, keep]
+    mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    o = (h - mean) / np.sqrt(var + 0.001) * w["gamma"][keep] + w["beta"][keep]
+    return o @ w["w2"][keep]
+
+
+@pytest.mark.parametrize("form", sorted(LAYER_NORMS))
+def test_written_out_layer_norm_is_opt_in_and_then_a_layer_norm_over_the_kept_channels(form):
+    model = nets.from_text(LAYER_NORMS[form])
+    group = next(g for g in analyse(model).dep.groups if g.producers and g.producers[0].outputs[0].name == "h")
+    assert not group.prunable and {r.kind.value for r in group.reasons} == {"opt_in"}, group.blocked
+    assert "LayerNorm written out" in group.blocked[0]
+    options = {"prune_hidden": True}
+    group = next(g for g in analyse(model, options=options).dep.groups
+                 if g.producers and g.producers[0].outputs[0].name == "h")
+    assert group.prunable, group.blocked
+    plan = PruningPlan("test", 0.5, 0, [GroupPlan(group.id, group.name, group.size, [2, 5])])
+    pruned, _ = prune(model, 0.5, plan=plan, check=1, options=options, compensate=False)
+    onnx.checker.check_model(pruned, full_check=True)
+    x = np.random.default_rng(3).standard_normal((2, 5)).astype(np.float32)
+    got = session(pruned).run(None, {"x": x})[0]
+    keep = [0, 1, 3, 4, 6, 7]
+    np.testing.assert_allclose(got, _layer_norm_reference(model, x, keep), atol=1e-4, rtol=1e-4)
+    full = session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(full, _layer_norm_reference(model, x, list(range(8))), atol=1e-4, rtol=1e-4)
