@@ -132,6 +132,7 @@ class DependencyGraph:
         #: Refusals met on each space, before they are gathered per group.
         self.reasons: dict[SpaceKey, list[BlockReason]] = defaultdict(list)
         self._links: list[tuple[SpaceKey, SpaceKey, np.ndarray, np.ndarray]] = []
+        self._states = _state_pairs(graph, shapes)
         self._discover()
         self.groups = self._form_groups()
 
@@ -160,9 +161,9 @@ class DependencyGraph:
                 continue
             self.nx.add_node(key, size=shape[axis])
             if name in graph_inputs:
-                self.reasons[key].append(BlockReason(BlockKind.GRAPH_INPUT, f"'{name}' is a graph input"))
+                self.reasons[key].append(BlockReason(BlockKind.GRAPH_INPUT, self._signature_message(name, "input")))
             if name in self.ctx.graph_outputs:
-                self.reasons[key].append(BlockReason(BlockKind.GRAPH_OUTPUT, f"'{name}' is a graph output"))
+                self.reasons[key].append(BlockReason(BlockKind.GRAPH_OUTPUT, self._signature_message(name, "output")))
             for node in list(tensor.inputs) + list(tensor.outputs):
                 if (id(node), key) in asked:
                     continue
@@ -175,6 +176,16 @@ class DependencyGraph:
                     self.nx.add_edge(key, link.other)
                     self._links.append((key, link.other, link.here, link.there))
                     queue.append(link.other)
+
+    def _signature_message(self, name: str, side: str) -> str:
+        """Why a graph input's or output's channels stay: a recurrent state (an output the
+        caller feeds back as an input on the next call) says so."""
+        pair = self._states.get(name)
+        if pair is None:
+            return f"'{name}' is a graph {side}"
+        state_in, state_out = (name, pair) if side == "input" else (pair, name)
+        return (f"'{name}' is a graph {side} and a recurrent state ('{state_out}' is fed back as '{state_in}' "
+                "on the next call): its size is part of the signature, so these channels are kept")
 
     def _couple(self, node: gs.Node, tensor: gs.Tensor, axis: int) -> Coupling:
         rule = rule_for(node)
@@ -307,6 +318,21 @@ class DependencyGraph:
             if g.prunable and g.size > 1 and not any(g.touches(p) for p in exclude or []):
                 out.append(g)
         return out
+
+
+def _state_pairs(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Graph inputs and outputs paired as a recurrent state: same shape, and the output's name
+    extends the input's (state -> stateN, h -> hn) or is its 'present' (past_key_values.0.key ->
+    present.0.key). Each name maps to its partner."""
+    pairs: dict[str, str] = {}
+    for value in graph.inputs:
+        shape = shapes.get(value.name)
+        for out in (t.name for t in graph.outputs):
+            named = out.lower().startswith(value.name.lower()) or \
+                out == value.name.replace("past_key_values", "present").replace("past", "present")
+            if out != value.name and named and shape is not None and shapes.get(out) == shape:
+                pairs[value.name], pairs[out] = out, value.name
+    return pairs
 
 
 def _find_all(parent: np.ndarray) -> np.ndarray:

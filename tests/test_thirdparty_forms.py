@@ -418,3 +418,22 @@ def test_written_out_layer_norm_is_opt_in_and_then_a_layer_norm_over_the_kept_ch
     np.testing.assert_allclose(got, _layer_norm_reference(model, x, keep), atol=1e-4, rtol=1e-4)
     full = session(model).run(None, {"x": x})[0]
     np.testing.assert_allclose(full, _layer_norm_reference(model, x, list(range(8))), atol=1e-4, rtol=1e-4)
+
+
+# -- recurrent state as graph input and output -----------------------------------------------------
+def test_state_outputs_say_they_are_a_recurrent_state_in_inspect():
+    """A state fed back by the caller (silero's state -> stateN) keeps its channels, and the
+    refusal says why in words a user reads."""
+    model = nets.from_text("""
+        net (float[1,8] x, float[2,1,8] state, float[8,16] w1, float[16,8] w2) => (float[1,8] y,
+             float[2,1,8] stateN) {
+          m = MatMul(x, w1)
+          h = Relu(m)
+          y = MatMul(h, w2)
+          stateN = Add(state, y)
+        }""", inputs=("x", "state"))
+    messages = [r.message for g in analyse(model).dep.groups for r in g.reasons]
+    state = [m for m in messages if "recurrent state" in m]
+    assert any(m.startswith("'stateN' is a graph output") for m in state), messages
+    assert any(m.startswith("'state' is a graph input") for m in state), messages
+    assert "'x' is a graph input" in messages  # not a state: the plain wording
