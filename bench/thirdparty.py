@@ -272,6 +272,55 @@ def run_model(name: str, ratios: list[float], method: str) -> dict:
     return out
 
 
+def _convs_to_output(graph, node) -> int:
+    """The fewest weight layers (Conv, Gemm, MatMul with a constant) between ``node``'s output
+    and a graph output: 0 for the last layer of a head."""
+    outputs = {t.name for t in graph.outputs}
+    best, frontier = {node.outputs[0].name: 0}, [node.outputs[0]]
+    while frontier:
+        tensor = frontier.pop()
+        if tensor.name in outputs:
+            continue
+        for user in tensor.outputs:
+            step = best[tensor.name] + (user.op in ("Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"))
+            for out in user.outputs:
+                if step < best.get(out.name, 1 << 30):
+                    best[out.name] = step
+                    frontier.append(out)
+    return min((best[o] for o in outputs if o in best), default=-1)
+
+
+def sensitivity(name: str, ratio: float) -> dict:
+    """Prune one group at a time (its lowest-magnitude ``ratio``) and measure the task metric:
+    which groups of a detector are safe to prune, by measurement."""
+    import onnx
+
+    from onnxprune import analyse, prune
+    from onnxprune.passes.scoring import MagnitudeScorer
+    from onnxprune.plan import GroupPlan, PruningPlan
+    entry = ZOO[name]
+    model = onnx.load(str(MODELS / entry["file"]))
+    inputs = entry["inputs"]()
+    ref = [_session(model).run(None, feed) for feed in inputs]
+    analysis = analyse(model, entry["shapes"], entry.get("options"))
+    rows = []
+    for group in analysis.dep.prunable_groups():
+        k = int(round(ratio * group.size))
+        if k == 0:
+            continue
+        remove = sorted(np.argsort(MagnitudeScorer().score(group), kind="stable")[:k].tolist())
+        plan = PruningPlan("magnitude", ratio, 0, [GroupPlan(group.id, group.name, group.size, remove)])
+        pruned, _ = prune(model, ratio, plan=plan, input_shapes=entry["shapes"], check=1,
+                          options=entry.get("options"))
+        got = [_session(pruned).run(None, feed) for feed in inputs]
+        fid = _task(entry["task"], ref, got)
+        rows.append({"group": group.id, "name": group.name, "size": group.size, "removed": k,
+                     "layers_to_output": min(_convs_to_output(analysis.graph, n) for n in group.producers),
+                     "fidelity": fid})
+        print(f"{name} group {group.id} ({group.name}, {group.size}): {fid['summary']}", file=sys.stderr, flush=True)
+    return {"model": name, "ratio": ratio, "groups": rows}
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | what | groups | prunable | blocked (kind: groups) | ratio | outcome | params kept | "
              "MACs kept | fidelity on realistic inputs |", "|" + "---|" * 10]
@@ -297,9 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.4])
     p.add_argument("--method", default="magnitude")
     p.add_argument("--out", default=str(RESULTS / "thirdparty.json"))
+    p.add_argument("--sensitivity", metavar="MODEL", help="prune one group at a time (at the last ratio) instead")
     args = p.parse_args(argv)
     if args.fetch:
         fetch()
+    if args.sensitivity:
+        found = sensitivity(args.sensitivity, args.ratios[-1])
+        out = RESULTS / f"thirdparty_sensitivity_{args.sensitivity}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(found, indent=1))
+        return 0
     missing = [m for m in args.models if not (MODELS / ZOO[m]["file"]).exists()]
     if missing:
         print(f"missing models {missing}: run with --fetch (make thirdparty does)", file=sys.stderr)

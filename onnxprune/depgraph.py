@@ -195,6 +195,12 @@ class DependencyGraph:
             return rule.couple(node, tensor, axis, self.ctx)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             # A rule that cannot read the node (missing shape, odd attribute) blocks, says why.
+            unknown = [t.name for t in list(node.inputs) + list(node.outputs)
+                       if isinstance(t, gs.Variable) and t.name and self.ctx.shapes.get(t.name) is None]
+            if unknown:
+                return blocked(BlockKind.UNKNOWN_SHAPE, node, f"{node.op} '{node.name}': tensor '{unknown[0]}' has no "
+                               "known shape (shape inference left it without one, e.g. read only inside an If or "
+                               "Loop body)")
             return blocked(BlockKind.ANALYSIS_FAILURE, node, f"{node.op} '{node.name}' could not be analysed ({exc!r})")
 
     # -- grouping: atoms -> units -> groups ----------------------------------------------

@@ -437,3 +437,25 @@ def test_state_outputs_say_they_are_a_recurrent_state_in_inspect():
     assert any(m.startswith("'stateN' is a graph output") for m in state), messages
     assert any(m.startswith("'state' is a graph input") for m in state), messages
     assert "'x' is a graph input" in messages  # not a state: the plain wording
+
+
+def test_a_tensor_without_a_shape_blocks_with_that_reason_not_an_analysis_failure():
+    """Silero's decoder Squeeze feeds only If bodies: its output had no shape and the group said
+    'could not be analysed (TypeError(...))'. It now says which tensor has no shape."""
+    from onnxprune.depgraph import DependencyGraph
+    model = nets.from_text("""
+        net (float[1,4,1] x, float[6,4,1] w1, float[3,6] w2) => (float[1,3] y) {
+          c = Conv(x, w1)
+          r = Relu(c)
+          ax = Constant<value=int64[1] {2}>()
+          s = Squeeze(r, ax)
+          y = MatMul(s, w2t)
+          w2t = Transpose<perm=[1,0]>(w2)
+        }""")
+    analysis = analyse(model)
+    shapes = {k: v for k, v in analysis.shapes.items() if k != "s"}
+    dep = DependencyGraph(analysis.graph, shapes)
+    group = next(g for g in dep.groups if g.producers and g.producers[0].op == "Conv")
+    kinds = {r.kind.value for r in group.reasons}
+    assert "unknown_shape" in kinds and "analysis_failure" not in kinds, group.blocked
+    assert any("'s' has no known shape" in m for m in group.blocked)
