@@ -143,8 +143,8 @@ class DependencyGraph:
         queue: deque[SpaceKey] = deque()
         for node in self.graph.nodes:
             rule = rule_for(node)
-            if rule is not None:
-                queue.extend(rule.seeds(node, self.ctx))
+            seeds = rule.seeds(node, self.ctx) if rule is not None else []
+            queue.extend(seeds or self._weights_without_rule(node))
         asked: set[tuple[int, SpaceKey]] = set()
         seen: set[SpaceKey] = set()
         while queue:
@@ -176,6 +176,16 @@ class DependencyGraph:
                     self.nx.add_edge(key, link.other)
                     self._links.append((key, link.other, link.here, link.there))
                     queue.append(link.other)
+
+    def _weights_without_rule(self, node: gs.Node) -> list[SpaceKey]:
+        """The output channels of a node that holds a weight (a constant of rank >= 2) but that no
+        rule seeds from (QLinearConv, an unknown op): asked like any space, it forms a group that
+        says why it is not pruned, instead of a model with no group and no reason."""
+        if not any(isinstance(t, gs.Constant) and len(t.shape) >= 2 for t in node.inputs):
+            return []
+        out = node.outputs[0] if node.outputs else None
+        shape = self.ctx.shapes.get(out.name) if out is not None else None
+        return [(out.name, 1)] if shape is not None and len(shape) >= 2 else []
 
     def _signature_message(self, name: str, side: str) -> str:
         """Why a graph input's or output's channels stay: a recurrent state (an output the

@@ -459,3 +459,23 @@ def test_a_tensor_without_a_shape_blocks_with_that_reason_not_an_analysis_failur
     kinds = {r.kind.value for r in group.reasons}
     assert "unknown_shape" in kinds and "analysis_failure" not in kinds, group.blocked
     assert any("'s' has no known shape" in m for m in group.blocked)
+
+
+def test_a_model_of_ops_without_rules_has_groups_that_say_why():
+    """A QLinearConv model (static quantization, QOperator) has no op onnxprune seeds from: it
+    used to report no group and no reason at all."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-20, 20, (4, 3, 3, 3)).astype(np.int8)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["yq"], pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in
+             {"xs": np.float32(0.05), "xz": np.uint8(128), "w": w, "ws": np.float32(0.01), "wz": np.int8(0),
+              "ys": np.float32(0.1), "yz": np.uint8(128)}.items()]
+    model = helper.make_model(helper.make_graph(
+        nodes, "q", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], inits),
+        opset_imports=[helper.make_opsetid("", 13)])
+    groups = analyse(model).dep.groups
+    assert groups and not any(g.prunable for g in groups)
+    assert any("QLinearConv" in m for g in groups for m in g.blocked), [g.blocked for g in groups]
