@@ -214,6 +214,10 @@ class RuleContext:
 class OpRule:
     """Coupling and rewriting for a family of op types. Subclasses override both methods."""
 
+    #: The op owns weights it never prunes through (quantized ops onnxprune does not slice): its
+    #: output is asked anyway, so that the refusal shows up as a group.
+    refuses_its_weights = False
+
     #: Spaces this op starts the search from (its own weights' channel axes).
     def seeds(self, node: gs.Node, ctx: RuleContext) -> list[SpaceKey]:
         return []

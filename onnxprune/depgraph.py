@@ -143,8 +143,10 @@ class DependencyGraph:
         queue: deque[SpaceKey] = deque()
         for node in self.graph.nodes:
             rule = rule_for(node)
-            seeds = rule.seeds(node, self.ctx) if rule is not None else []
-            queue.extend(seeds or self._weights_without_rule(node))
+            if rule is not None:
+                queue.extend(rule.seeds(node, self.ctx))
+            if rule is None or rule.refuses_its_weights:
+                queue.extend(self._weights_without_rule(node))
         asked: set[tuple[int, SpaceKey]] = set()
         seen: set[SpaceKey] = set()
         while queue:
@@ -178,9 +180,9 @@ class DependencyGraph:
                     queue.append(link.other)
 
     def _weights_without_rule(self, node: gs.Node) -> list[SpaceKey]:
-        """The output channels of a node that holds a weight (a constant of rank >= 2) but that no
-        rule seeds from (QLinearConv, an unknown op): asked like any space, it forms a group that
-        says why it is not pruned, instead of a model with no group and no reason."""
+        """The output channels of a node that holds a weight (a constant of rank >= 2) but has no
+        rule, or one that refuses it (QLinearConv, an unknown op): asked like any space, it forms a
+        group that says why it is not pruned, instead of a model with no group and no reason."""
         if not any(isinstance(t, gs.Constant) and len(t.shape) >= 2 for t in node.inputs):
             return []
         out = node.outputs[0] if node.outputs else None

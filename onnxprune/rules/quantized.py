@@ -113,6 +113,8 @@ class MatMulIntegerRule(MatMulRule):
 class QuantizedNotPrunedRule(OpRule):
     """Quantized ops whose weights onnxprune does not slice yet: blocked, and said so."""
 
+    refuses_its_weights = True
+
     def couple(self, node, tensor, axis, ctx):
         return blocked(BlockKind.UNSUPPORTED_OP, node,
                        f"quantized {node.op} '{node.name}' is not pruned through (its integer weights and "
