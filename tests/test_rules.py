@@ -188,10 +188,13 @@ KINDS = {
     "LRN": (BLOCKED["LRN"][0], BlockKind.CROSS_CHANNEL, "LRN"),
     "Softmax over channels": (BLOCKED["Softmax over channels"][0], BlockKind.CROSS_CHANNEL, "Softmax"),
     "Reshape scattering channels": (BLOCKED["Reshape scattering channels"][0], BlockKind.AXIS_LAYOUT, "Reshape"),
-    "Resize to sizes read at run time": ("  sz = Shape(h)\n  o = Resize<mode=\"nearest\">(h, , , sz)",
-                                         BlockKind.RUNTIME_SHAPE, "Resize"),
-    "channel count read at run time": ("  sz = Shape(h)\n  o = Resize<mode=\"nearest\">(h, , , sz)",
-                                       BlockKind.RUNTIME_SHAPE, "Shape"),
+    "Resize to sizes with a constant channel count": (
+        "  i0 = Constant<value=int64[1] {0}>()\n  i1 = Constant<value=int64[1] {1}>()\n"
+        "  i2 = Constant<value=int64[1] {2}>()\n  i4 = Constant<value=int64[1] {4}>()\n"
+        "  sz = Shape(h)\n  n = Slice(sz, i0, i1)\n  hw = Slice(sz, i2, i4)\n  c = Constant<value=int64[1] {8}>()\n"
+        "  s4 = Concat<axis=0>(n, c, hw)\n  o = Resize<mode=\"nearest\">(h, , , s4)",
+        BlockKind.RUNTIME_SHAPE, "Resize"),
+    "channel count read at run time": ("  sz = Shape(h)\n  o = Expand(h, sz)", BlockKind.RUNTIME_SHAPE, "Shape"),
     "MaxPool indices in use": ("  p, idx = MaxPool<kernel_shape=[1,1]>(h)\n  fi = Cast<to=1>(idx)\n  o = Add(p, fi)",
                                BlockKind.EXTRA_OUTPUT, "MaxPool"),
 }

@@ -65,9 +65,22 @@ def _hoist_shared_initializers(graph: onnx.GraphProto) -> dict[str, list[onnx.Gr
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """The model's graph as graphsurgeon sees it, or a UserError that says why not."""
     try:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
     except Exception as exc:
         raise UserError(f"cannot read the model's graph: {exc}") from None
+    _restore_declared_shapes(graph, model)
+    return graph
+
+
+def _restore_declared_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """A value_info entry that repeats a graph input or output without its shape (onnxruntime's
+    older quantizer writes them) hides the declared shape from graphsurgeon; the export would then
+    write an output without a shape, which the checker refuses. The declaration wins."""
+    declared = {v.name: v.type.tensor_type for v in list(model.graph.input) + list(model.graph.output)}
+    for tensor in list(graph.inputs) + list(graph.outputs):
+        spec = declared.get(tensor.name)
+        if tensor.shape is None and spec is not None and spec.HasField("shape"):
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in spec.shape.dim]
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:

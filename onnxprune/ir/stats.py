@@ -29,14 +29,20 @@ def _graphs(graph: onnx.GraphProto):
                 yield from _graphs(sub)
 
 
+#: Integer ops whose input 1 is a weight (dynamically quantized models).
+_INTEGER_WEIGHTS = ("ConvInteger", "MatMulInteger")
+
+
 def _float_params(model: onnx.ModelProto) -> int:
-    """Float weights in initializers and Constant nodes (shape tensors are not parameters), in
-    every graph: a model with a network per If branch holds its weights there."""
+    """Float weights in initializers and Constant nodes (shape tensors are not parameters), and
+    the integer weights of quantized ConvInteger / MatMulInteger, in every graph: a model with a
+    network per If branch holds its weights there."""
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                    onnx.TensorProto.BFLOAT16}
     count = 0
     for graph in _graphs(model.graph):
-        count += sum(math.prod(t.dims) for t in graph.initializer if t.data_type in float_types)
+        integer = {n.input[1] for n in graph.node if n.op_type in _INTEGER_WEIGHTS and len(n.input) > 1}
+        count += sum(math.prod(t.dims) for t in graph.initializer if t.data_type in float_types or t.name in integer)
         for node in graph.node:
             if node.op_type == "Constant":
                 count += sum(math.prod(a.t.dims) for a in node.attribute
@@ -46,16 +52,17 @@ def _float_params(model: onnx.ModelProto) -> int:
 
 def node_macs(op: str, inputs: list[tuple[int, ...] | None], output: tuple[int, ...] | None,
               trans_a: bool = False) -> int | None:
-    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul from its shapes (None
+    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul (or their integer forms)
+    from its shapes (None
     for other ops or unknown shapes). The one formula both the report and budgets use."""
     if output is None or len(inputs) < 2:
         return None
     x, w = inputs[0], inputs[1]
-    if op == "Conv" and w:
+    if op in ("Conv", "ConvInteger") and w:
         return math.prod(output) * math.prod(w[1:])
     if op == "ConvTranspose" and w and x:
         return math.prod(x) * math.prod(w[1:])
-    if op in ("Gemm", "MatMul") and x:
+    if op in ("Gemm", "MatMul", "MatMulInteger") and x:
         return math.prod(output) * (x[-2] if trans_a else x[-1])
     return None
 

@@ -8,6 +8,7 @@ from onnxprune.rules import (  # noqa: F401
     layout,
     linear,
     norms,
+    quantized,
     recurrent,
     reshape,
     shape_expr,

@@ -131,6 +131,7 @@ _NOT_PRUNED = {
 
 class _Unsupported(OpRule):
     reason = ""
+    refuses_its_weights = True
 
     def couple(self, node, tensor, axis, ctx):
         return blocked(BlockKind.UNSUPPORTED_OP, node,

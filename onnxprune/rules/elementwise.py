@@ -4,9 +4,12 @@ pooling, padding, resizing, softmax and reductions over other axes."""
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, BlockKind, Coupling, OpRule, blocked, register, same, slice_all
 from onnxprune.rules.opsets import SOFTMAX_AXES
+from onnxprune.rules.shape_expr import element_source, shape_elements
+from onnxprune.rules.statistics import rescale_mean, statistic_coupling
 
 
 def _through(node, tensor, axis, ctx, out_axis=None) -> Coupling:
@@ -35,10 +38,13 @@ class UnaryRule(OpRule):
         return _through(node, tensor, axis, ctx)
 
 
-@register("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu", "Where")
+@register("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu", "Where",
+          "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor")
 class BroadcastRule(OpRule):
     """Numpy broadcasting: equal-sized operands are tied, constants are sliced, size-1 broadcast.
-    Where(condition, a, b) too: a causal or padding mask broadcast over heads is left alone."""
+    Where(condition, a, b) too: a causal or padding mask broadcast over heads is left alone.
+    Comparisons and logic as well (a one-hot written as Equal(ids, classes), as tf2onnx and
+    jax2tf export it, compares with one class per channel)."""
 
     _SCALES = {"Mul", "Div", "PRelu", "Pow"}
 
@@ -82,16 +88,39 @@ def _pads(node, ctx):
     return np.asarray(node.attrs.get("pads", node.attrs.get("paddings", [])))
 
 
+def _padded(node, axis: int, ctx) -> list[int] | None:
+    """(before, after) padding of ``axis``: from constant pads, or from pads computed at run time
+    whose two elements for this axis are constants (tf2onnx computes SAME padding from the
+    spatial sizes and puts literal zeros for batch and channels). None when not known."""
+    rank = len(ctx.shape(node.inputs[0]))
+    axes = list(range(rank))
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        given = ctx.const(node.inputs[3])
+        if given is None:
+            return None
+        axes = [int(a) % rank for a in np.ravel(given)]
+        if axis not in axes:
+            return [0, 0]
+    pads = _pads(node, ctx)
+    k = axes.index(axis)
+    if pads is not None:
+        return [int(pads[k]), int(pads[k + len(axes)])]
+    elements = shape_elements(node.inputs[1], ctx)
+    if elements is None or len(elements) != 2 * len(axes) or any(e.dynamic for e in (elements[k], elements[k + len(axes)])):
+        return None
+    return [elements[k].value, elements[k + len(axes)].value]
+
+
 @register("Pad")
 class PadRule(OpRule):
     def couple(self, node, tensor, axis, ctx):
         if tensor.name not in (node.inputs[0].name, node.outputs[0].name):
             return blocked(BlockKind.CHANNEL_AS_PARAMETER, node, f"Pad '{node.name}' reads its pads from a channel tensor")
-        pads = _pads(node, ctx)
-        if pads is None or (len(node.inputs) > 3 and node.inputs[3].name):
-            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Pad '{node.name}' has pads computed at run time or explicit axes")
-        rank = len(ctx.shape(node.inputs[0]))
-        if pads[axis] != 0 or pads[axis + rank] != 0:
+        padded = _padded(node, axis, ctx)
+        if padded is None:
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Pad '{node.name}' pads axis {axis} by an amount computed "
+                           "at run time")
+        if padded != [0, 0]:
             return blocked(BlockKind.AXIS_LAYOUT, node, f"Pad '{node.name}' pads the channel axis")
         return _through(node, tensor, axis, ctx)
 
@@ -104,12 +133,15 @@ class ResizeRule(OpRule):
         if ctx.shape(node.inputs[0])[axis] != ctx.shape(node.outputs[0])[axis]:
             return blocked(BlockKind.AXIS_LAYOUT, node, f"{node.op} '{node.name}' resizes this axis")
         sizes = node.inputs[3] if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name else None
-        if sizes is not None and ctx.const(sizes) is None:
-            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Resize '{node.name}' has sizes computed at run time")
+        if sizes is not None and ctx.const(sizes) is None \
+                and element_source(sizes, axis, ctx) != (node.inputs[0].name, axis):
+            # Sizes computed at run time are fine on an axis they read from the resized tensor itself.
+            return blocked(BlockKind.RUNTIME_SHAPE, node, f"Resize '{node.name}' has sizes computed at run time "
+                           f"that fix axis {axis} (not read from its input's own axis {axis})")
         return _through(node, tensor, axis, ctx)
 
     def rewrite(self, node, removed, ctx):
-        if node.op != "Resize" or len(node.inputs) <= 3 or not node.inputs[3].name:
+        if node.op != "Resize" or len(node.inputs) <= 3 or not isinstance(node.inputs[3], gs.Constant):
             return
         sizes = np.array(node.inputs[3].values, copy=True)
         for (name, axis), gone in removed.items():
@@ -153,8 +185,15 @@ class ReduceRule(OpRule):
         keep = int(node.attrs.get("keepdims", 1))
         if tensor.name == node.inputs[0].name:
             if axis in axes:
+                statistic = statistic_coupling(node, tensor, axis, axes, ctx)
+                if statistic is not None:
+                    return statistic
                 return blocked(BlockKind.CROSS_CHANNEL, node, f"{node.op} '{node.name}' reduces over this axis")
             out_axis = axis if keep else axis - sum(a < axis for a in axes)
             return Coupling(PASSIVE, [same((node.outputs[0].name, out_axis), ctx.shape(tensor)[axis])])
         in_axis = axis if keep else [a for a in range(rank) if a not in axes][axis]
         return Coupling(PASSIVE, [same((node.inputs[0].name, in_axis), ctx.shape(tensor)[axis])])
+
+    def rewrite(self, node, removed, ctx):
+        if node.op == "ReduceSum":
+            rescale_mean(node, removed, ctx)

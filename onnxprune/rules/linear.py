@@ -40,7 +40,7 @@ class ConvRule(OpRule):
         if axis != 1:
             return blocked(BlockKind.AXIS_LAYOUT, node, f"Conv '{node.name}' would slice a spatial or batch axis")
         group = int(node.attrs.get("group", 1))
-        weight, bias = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        weight, bias = node.inputs[1], self._bias(node)
         c_out = w.shape[0]
         x_key, y_key = (node.inputs[0].name, 1), (node.outputs[0].name, 1)
         is_output = tensor.name == node.outputs[0].name
@@ -62,6 +62,10 @@ class ConvRule(OpRule):
         c_in = w.shape[1] * group
         return Coupling(CONSUMER, params=[ParamSlice(weight, 1, identity(c_in), identity(c_in), "weight", group)],
                         balanced=group)
+
+    @staticmethod
+    def _bias(node: gs.Node) -> gs.Tensor | None:
+        return node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
 
     def rewrite(self, node, removed, ctx):
         x_key = (node.inputs[0].name, 1)

@@ -132,6 +132,26 @@ def _next_to_attention(node: gs.Node, ctx: RuleContext) -> bool:
     return False
 
 
+def _channels_last_flatten(node: gs.Node, ctx: RuleContext) -> bool:
+    """Whether this Reshape flattens a channels-last tensor whose channel axis is the last of
+    the merged ones: ``Transpose(perm=[0, 2, 3, 1])`` then ``Reshape [N, H*W*C]``, as tf2onnx
+    writes a Keras Flatten before a Dense. The channels then follow the last factor (feature
+    ``(h*W + w)*C + c`` belongs to channel c), the merged spatial axes are blocks inside it."""
+    x, y = node.inputs[0], node.outputs[0]
+    producer = x.inputs[0] if x.inputs else None
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    if producer is None or producer.op != "Transpose" or not in_shape or not out_shape:
+        return False
+    perm = list(producer.attrs.get("perm", []))
+    rank = len(in_shape)
+    if len(perm) != rank or rank < 3 or perm[0] != 0 or perm[-1] != 1:
+        return False
+    # The output keeps the leading axes and merges the trailing ones, channels last among them.
+    kept = len(out_shape) - 1
+    return (0 < kept < rank - 1 and list(out_shape[:kept]) == list(in_shape[:kept])
+            and all(p >= 2 for p in perm[kept:-1]))
+
+
 def _element_problem(node: gs.Node, elements: list[Element], axis: int, ctx: RuleContext) -> str | None:
     """Why element ``axis`` of a computed target cannot follow a pruning of that output axis."""
     if len(elements) != len(ctx.shape(node.outputs[0])):
@@ -162,7 +182,8 @@ class ReshapeRule(OpRule):
                 return shuffle
         from_input = tensor.name == x.name
         stacked = frozenset(a for a, d in enumerate(ctx.shape(y)) if d > 1 and _selected_along(y, a, ctx))
-        last = bool(ctx.options.get("prune_head_dim")) and _next_to_attention(node, ctx)
+        last = (bool(ctx.options.get("prune_head_dim")) and _next_to_attention(node, ctx)) \
+            or _channels_last_flatten(node, ctx)
         directions = direction_axes(x, ctx)  # a bidirectional RNN's dirs merged with its hidden units
         if from_input:
             result = split_link(ctx.shape(x), ctx.shape(y), axis, stacked_src=directions, stacked_dst=stacked, last=last)

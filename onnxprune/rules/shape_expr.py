@@ -224,6 +224,42 @@ _BINARY = {"Mul": _mul, "Div": _div, "Add": _combine(lambda a, b: a + b), "Sub":
            "Equal": _combine(lambda a, b: a == b)}
 
 
+def element_source(tensor: gs.Tensor, position: int, ctx: RuleContext, depth: int = 0) -> tuple[str, int] | None:
+    """Where element ``position`` of an integer shape vector comes from: ``(tensor, axis)`` when
+    it is one dimension read by a Shape (through Concat, Slice, Gather, Cast, Identity and
+    Squeeze/Unsqueeze), else None (a constant, arithmetic, an op not followed)."""
+    if depth > _MAX_DEPTH or isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+        return None
+    node, op = tensor.inputs[0], tensor.inputs[0].op
+    if op == "Shape":
+        start, end = _shape_range(node, len(ctx.shape(node.inputs[0])))
+        return (node.inputs[0].name, start + position) if start + position < end else None
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+        return element_source(node.inputs[0], position, ctx, depth + 1)
+    if op == "Concat":
+        offset = 0
+        for part in node.inputs:
+            shape = ctx.shape(part)
+            if shape is None:
+                return None
+            n = int(np.prod(shape)) if shape else 1
+            if position < offset + n:
+                return element_source(part, position - offset, ctx, depth + 1)
+            offset += n
+        return None
+    data_shape = ctx.shape(node.inputs[0]) if node.inputs else None
+    length = data_shape[0] if data_shape else 1
+    if op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and _ints(node.inputs[1]) is not None:
+        index = _ints(node.inputs[1])
+        return element_source(node.inputs[0], index[position] % length, ctx, depth + 1) if position < len(index) else None
+    if op == "Slice":
+        picked = _slice(node, [Element(i, i, False) for i in range(length)])
+        if picked is None or position >= len(picked):
+            return None
+        return element_source(node.inputs[0], picked[position].value, ctx, depth + 1)
+    return None
+
+
 # -- rewriting ----------------------------------------------------------------------------------
 # New tensors are named after the node they serve: node names are unique (NameNodes) and each
 # node is rewritten once.
@@ -272,20 +308,30 @@ def freeze_output(node: gs.Node, frozen: dict[int, int], ctx: RuleContext) -> No
 _ARITHMETIC = {"Mul", "Div", "Add", "Sub", "Mod", "Max", "Min", "Equal", "Where", "Neg", "Abs"}
 
 
-def _read_problem(tensor: gs.Tensor, position: int | None, ctx: RuleContext, depth: int = 0) -> str | None:
+def _read_problem(tensor: gs.Tensor, position: int | None, ctx: RuleContext, depth: int = 0,
+                  live: list | None = None) -> str | None:
     """Why the read dimension at ``position`` of the integer vector ``tensor`` cannot be frozen
     (None: it only reaches Reshape targets, which correct themselves, or becomes a float such
-    as an attention scale, which must keep its value). ``position`` None: somewhere in it."""
+    as an attention scale, which must keep its value). ``position`` None: somewhere in it.
+    A read that reaches a Resize's sizes at the very axis it was read from, of the tensor it
+    was read from (``F.interpolate(x, size=...)`` keeps x's channel count so), follows the
+    pruning by itself: it is recorded in ``live`` instead, and must not be frozen."""
     if depth > _MAX_DEPTH:
         return "its use is too far to follow"
     for user in tensor.outputs:
         slot = next(i for i, t in enumerate(user.inputs) if t.name == tensor.name)
         op, nxt = user.op, position
         if (op == "Reshape" and slot == 1) or op == "Shape":  # a target corrected by its Reshape; a length
+            if live is not None and op == "Reshape":
+                live.append("frozen")
             continue
-        if op in ("Slice", "Split") and slot >= 1:  # bounds: constants again once their axis is pruned
+        if op == "Resize" and slot == 3 and position is not None and live is not None \
+                and element_source(tensor, position, ctx) == (user.inputs[0].name, position):
+            live.append("live")
             continue
-        if op == "Cast" and np_dtype(user.attrs["to"]).kind not in _INT_KINDS:
+        if (op in ("Slice", "Split") and slot >= 1) or (op == "Cast" and np_dtype(user.attrs["to"]).kind not in _INT_KINDS):
+            if live is not None:  # bounds: constants again once their axis is pruned; a float keeps its value
+                live.append("frozen")
             continue
         if op == "Gather" and slot == 0 and _ints(user.inputs[1]) is not None:
             index = _ints(user.inputs[1])
@@ -317,7 +363,7 @@ def _read_problem(tensor: gs.Tensor, position: int | None, ctx: RuleContext, dep
             nxt = position if len(lengths) == 1 else None
         else:
             return f"{op} '{user.name}' uses it"
-        problem = _read_problem(user.outputs[0], nxt, ctx, depth + 1)
+        problem = _read_problem(user.outputs[0], nxt, ctx, depth + 1, live)
         if problem is not None:
             return problem
     return None
@@ -339,16 +385,22 @@ class ShapeRule(OpRule):
         start, end = _shape_range(node, len(ctx.shape(tensor)))
         if not start <= axis < end:
             return Coupling(PASSIVE)
-        problem = _read_problem(node.outputs[0], axis - start, ctx)
+        uses: list[str] = []
+        problem = _read_problem(node.outputs[0], axis - start, ctx, live=uses)
+        if problem is None and "live" in uses and "frozen" in uses:
+            problem = "it sizes a Resize of the same tensor and a Reshape target"
         if problem is not None:
             return blocked(BlockKind.RUNTIME_SHAPE, node,
                            f"Shape '{node.name}' lets the channel count be read at run time ({problem})")
+        if "live" in uses:
+            ctx.memo.setdefault("live_reads", {})[(node.name, axis)] = True
         return Coupling(PASSIVE)
 
     def rewrite(self, node, removed, ctx):
         x = node.inputs[0]
         start, end = _shape_range(node, len(ctx.shape(x)))
+        live = ctx.memo.get("live_reads", {})
         frozen = {axis - start: ctx.shape(x)[axis] for (name, axis), gone in removed.items()
-                  if name == x.name and start <= axis < end and len(gone)}
+                  if name == x.name and start <= axis < end and len(gone) and (node.name, axis) not in live}
         if frozen:
             freeze_output(node, frozen, ctx)
