@@ -19,6 +19,7 @@ for classifiers, the output cosine for all). Prints a table; writes bench/result
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -109,6 +110,9 @@ def fetch() -> None:
             if whl.name.startswith("pillow"):
                 if not (CACHE / "pylib" / "PIL").is_dir():
                     z.extractall(CACHE / "pylib")
+                    # the folder did not exist when it went on sys.path: forget that it was missing
+                    sys.path_importer_cache.pop(str(CACHE / "pylib"), None)
+                    importlib.invalidate_caches()
                 continue
             for member in z.namelist():
                 if member.endswith(".onnx") and not (MODELS / Path(member).name).exists():
