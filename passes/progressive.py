@@ -60,6 +60,18 @@ ROW_MACS = 3e11
 #: memory, so larger runs are slower per sample (resnet50 at 224x224: 96 ms per sample in runs
 #: of 288, 55 ms in runs of 32); small models still run up to 2048 samples at once.
 RUN_MACS = 1.5e11
+#: Activation bytes per onnxruntime run (every tensor of the model counted once per sample).
+RUN_BYTES = 1.5e9
+
+
+def _run_batch(analysis, per_sample: float, probes: int) -> int:
+    """Samples per probe run: as many as RUN_MACS buy and RUN_BYTES of activations hold (a
+    detector at 640x640 holds ~100 MB of activations per sample), 2048 at most; at least one
+    row of ``probes``."""
+    batch = next(iter(analysis.input_shapes.values()))[0] if analysis.input_shapes else 1
+    floats = sum(int(np.prod(s)) for s in analysis.shapes.values() if s and all(isinstance(d, int) for d in s))
+    per_sample_bytes = 4 * floats / max(batch, 1)
+    return int(max(probes, min(RUN_MACS / per_sample, RUN_BYTES / max(per_sample_bytes, 1), 2048)))
 
 
 def _per_saving(score: np.ndarray, saving: np.ndarray | None) -> np.ndarray:
@@ -176,7 +188,7 @@ class Progressive(Method):
                     cost=cost, goal=goal, steps=steps, plans=plans, plan=plan,
                     reconstructor=reconstructor, norms={g.id: consumer_weight_norms(g) for g in groups},
                     probe_inputs=analysis.probe_inputs(probes, budget.seed), row_limit=row_limit,
-                    run_batch=int(np.clip(RUN_MACS / per_sample, probes, 2048)), scheduled=scheduled,
+                    run_batch=_run_batch(analysis, per_sample, probes), scheduled=scheduled,
                     rng=np.random.default_rng(budget.seed),
                     free=[g for g in groups if g.id not in scheduled])
 
