@@ -35,7 +35,9 @@ def test_compensation_rescues_magnitude_pruning_on_vgg():
 def test_progressive_methods_keep_the_mlp_accurate(method):
     # The PAODING paper's anchor: a 64-128-128-10 digits MLP with 40.6% of hidden units gone
     # (paoding-dl: 0.971 -> 0.853..0.913). Magnitude pruning here falls to about 0.76.
-    pruned, report = prune(MODELS / "mlp.onnx", 0.406, method=method, input_range=(0.0, 1.0), check=1)
+    # (the paper counts units: the channel budget, not the default MAC budget)
+    pruned, report = prune(MODELS / "mlp.onnx", 0.406, method=method, target="channels", input_range=(0.0, 1.0),
+                           check=1)
     assert report.channels_removed == 104
     assert _accuracy(pruned, "digits_test_8x8.npz") > 0.93
 
@@ -61,9 +63,9 @@ def test_srdfp_is_seeded():
     assert a.SerializeToString() == b.SerializeToString()
 
 
-def test_progressive_budget_matches_a_uniform_ratio():
+def test_progressive_channel_budget_matches_a_uniform_ratio():
     _, uniform = prune(nets.concat_net(), 0.4, method="magnitude")
-    _, progressive = prune(nets.concat_net(), 0.4, method="paoding")
+    _, progressive = prune(nets.concat_net(), 0.4, method="paoding", target="channels")
     assert progressive.channels_removed == uniform.channels_removed
 
 
