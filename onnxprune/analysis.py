@@ -149,10 +149,6 @@ class Analysis:
                 per_sample = 3 * self.macs / max(self.input_shapes[name][0], 1)  # forward and backward
                 most = max(MIN_POOL, int(EVIDENCE_MACS / (per_sample * DISTILL_STEPS[0])))
                 few = (min(count, most), *shape[1:])
-                alike = not distiller.objective.batchnorm  # class exemplars alone are too alike: every
-                # other input is drawn from the prior instead (it keeps least squares well posed)
-                if alike:
-                    few = ((few[0] + 1) // 2, *few[1:])
                 steps = int(np.clip(EVIDENCE_MACS / (per_sample * few[0]), *DISTILL_STEPS))
                 with stage("distill"):
                     distilled = distiller.distill(few, prior, rng, steps=steps, label=f"distilling {few[0]} "
@@ -160,11 +156,6 @@ class Analysis:
                 if distilled is not None:
                     inputs[name], capped = distilled.astype(dtype), count > most
                     source = f"distilled from {distiller.objective.source}"
-                    if alike:
-                        mixed = prior.sample((min(count, most), *shape[1:]), rng).astype(dtype)
-                        mixed[0::2] = inputs[name]
-                        inputs[name] = mixed
-                        source += ", every other input from the input prior"
                     continue
             inputs[name] = prior.sample(shape, rng).astype(dtype)
         return SyntheticInputs(inputs, source, capped=capped)
