@@ -124,23 +124,28 @@ class UnshareWeights(GraphPass):
     """
 
     def call(self, graph: gs.Graph) -> PassResult:
-        seen: set[str] = set()
-        taken = {t for t in graph.tensors()}
-        modified = False
-        for node in graph.nodes:
-            for slot, tensor in enumerate(node.inputs):
-                if not isinstance(tensor, gs.Constant) or tensor.values.size <= 1:
-                    continue
-                if tensor.name not in seen:
-                    seen.add(tensor.name)
-                    continue
-                copy_name, k = f"{tensor.name}__copy", 1
-                while copy_name in taken:
-                    copy_name, k = f"{tensor.name}__copy{k}", k + 1
-                taken.add(copy_name)
-                node.inputs[slot] = gs.Constant(copy_name, np.array(tensor.values, copy=True))
-                modified = True
-        return PassResult(graph, modified)
+        return PassResult(graph, unshare_constants(graph.nodes, set(graph.tensors())))
+
+
+def unshare_constants(nodes, taken: set[str]) -> bool:
+    """Give every reader of a constant (of more than one element) after the first its own copy,
+    named apart from ``taken`` (which grows); whether anything was copied."""
+    seen: set[str] = set()
+    modified = False
+    for node in nodes:
+        for slot, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant) or tensor.values.size <= 1:
+                continue
+            if tensor.name not in seen:
+                seen.add(tensor.name)
+                continue
+            copy_name, k = f"{tensor.name}__copy", 1
+            while copy_name in taken:
+                copy_name, k = f"{tensor.name}__copy{k}", k + 1
+            taken.add(copy_name)
+            node.inputs[slot] = gs.Constant(copy_name, np.array(tensor.values, copy=True))
+            modified = True
+    return modified
 
 
 class DedupeConstants(GraphPass):

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, BlockKind, Coupling, Link, OpRule, blocked, identity, register
 from onnxprune.ir import evaluate_node
+from onnxprune.passes.lower import unshare_constants
 
 #: Ops whose subgraphs run a data-dependent number of times: not analysed.
 LOOPS = ("Loop", "Scan")
@@ -117,20 +118,7 @@ def _name_subgraphs(owner: gs.Node, taken: set[str]) -> None:
 def unshare_across_branches(graph: gs.Graph) -> None:
     """A constant read in two graphs (an outer weight both branches use) is copied for the later
     users: each branch is then sliced on its own."""
-    seen: set[str] = set()
-    taken = set(all_tensors(graph))
-    for node, _, _ in walk(graph, into_loops=True):
-        for slot, tensor in enumerate(node.inputs):
-            if not isinstance(tensor, gs.Constant) or tensor.values.size <= 1:
-                continue
-            if tensor.name not in seen:
-                seen.add(tensor.name)
-                continue
-            name, k = f"{tensor.name}__copy", 1
-            while name in taken:
-                name, k = f"{tensor.name}__copy{k}", k + 1
-            taken.add(name)
-            node.inputs[slot] = gs.Constant(name, np.array(tensor.values, copy=True))
+    unshare_constants((node for node, _, _ in walk(graph, into_loops=True)), set(all_tensors(graph)))
 
 
 #: Values folded inside branches: shape arithmetic and small constants. Weights a branch
