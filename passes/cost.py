@@ -9,12 +9,11 @@ activations). The marginal saving of a unit is the first-order change of that su
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxprune.passes.planning import removal_count
+from onnxprune.passes.planning import aligned_step, removal_count
 
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
 from onnxprune.ir import node_macs
@@ -89,13 +88,13 @@ class MacModel:
                 high = mid
         return high
 
-    def counts_for(self, groups: list[ChannelGroup], goal: float, round_to: int = 1) -> dict[int, int]:
+    def counts_for(self, groups: list[ChannelGroup], goal: float, round_to: int, high: float) -> dict[int, int]:
         """Removal counts whose cost is as close to ``goal`` as one aligned step of one group
         allows: the uniform ratio's counts just short of it, then one more step at a time in
         the group where a step saves least, until the goal is passed (the closer of the last
         two is kept). A uniform ratio alone moves many groups at once and overshoots on
-        small nets and coarse groups (heads, grouped convolutions)."""
-        high = self.ratio_for(groups, goal, round_to)
+        small nets and coarse groups (heads, grouped convolutions). ``high``: :meth:`ratio_for`
+        of the goal."""
         counts = {g.id: removal_count(g, max(high - 1e-9, 0.0), round_to) for g in groups}
         left = self.after_uniform(groups, counts)
         while left > goal:
@@ -135,8 +134,7 @@ def _per_channel_params(graph, shapes) -> list[tuple[int, tuple]]:
 
 def _next_count(group: ChannelGroup, count: int, round_to: int) -> int | None:
     """The next aligned removal count of ``group`` after ``count``, None at the floor."""
-    blocks = 1 if group.balance is None else int(group.balance.max()) + 1
-    step = math.lcm(max(round_to, 1), blocks)
+    step, blocks = aligned_step(group, round_to)
     nxt = count + step
     return None if group.size - nxt < max(step, blocks) else nxt
 

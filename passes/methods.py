@@ -47,7 +47,8 @@ class Budget:
         if self.share is None:
             return self.ratio, cost, None
         goal = self.goal(analysis, cost)
-        return cost.ratio_for(groups, goal, self.round_to), cost, cost.counts_for(groups, goal, self.round_to)
+        ratio = cost.ratio_for(groups, goal, self.round_to)
+        return ratio, cost, cost.counts_for(groups, goal, self.round_to, ratio)
 
 
 Progress = Callable[[str, int, int], None]

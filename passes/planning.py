@@ -10,11 +10,17 @@ from onnxprune.depgraph import ChannelGroup
 from onnxprune.plan import GroupPlan
 
 
+def aligned_step(group: ChannelGroup, round_to: int = 1) -> tuple[int, int]:
+    """(the step kept counts move by: a multiple of ``round_to`` and of the balanced blocks,
+    the number of balanced blocks)."""
+    blocks = 1 if group.balance is None else int(group.balance.max()) + 1
+    return math.lcm(max(round_to, 1), blocks), blocks
+
+
 def removal_count(group: ChannelGroup, ratio: float, round_to: int = 1) -> int:
     """round(ratio * size) units, keeping at least one per balanced block, the kept count a
     multiple of ``round_to`` (and of the number of balanced blocks)."""
-    blocks = 1 if group.balance is None else int(group.balance.max()) + 1
-    step = math.lcm(max(round_to, 1), blocks)
+    step, blocks = aligned_step(group, round_to)
     keep = group.size - round(ratio * group.size)
     if step > 1:
         keep = max(step, int(round(keep / step)) * step)
