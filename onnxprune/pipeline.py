@@ -353,13 +353,27 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> Pru
     for g in dep.groups:
         if g.blocked:
             blocked[g.blocked[0]] = blocked.get(g.blocked[0], 0) + 1
+    before, after = model_stats(analysis.model, analysis.shapes), model_stats(job.pruned, after_shapes)
     return PruneReport(
-        method=job.plan.method, ratio=job.plan.ratio, target=s.target,
-        before=model_stats(analysis.model, analysis.shapes), after=model_stats(job.pruned, after_shapes),
+        method=job.plan.method, ratio=job.plan.ratio, target=s.target, before=before, after=after,
         groups_total=len(dep.groups), groups_prunable=len(prunable), groups_pruned=len(job.plan.groups),
         blocked=blocked, channels_removed=job.plan.removed_units, channels_prunable=sum(g.size for g in prunable),
         fidelity=fidelity, input_shapes=analysis.input_shapes, plan=job.plan, seconds=job.seconds,
-        input_prior=analysis.prior.source, calibration=_calibration_note(analysis), warnings=list(job.notes))
+        input_prior=analysis.prior.source, calibration=_calibration_note(analysis),
+        warnings=list(job.notes) + _missed_target(s.target, before, after))
+
+
+def _missed_target(target: str, before: ModelStats, after: ModelStats) -> list[str]:
+    """A warning when a target share was missed by more than 2% (groups blocked or at their
+    floor hold the rest), nothing otherwise."""
+    kind, share = parse_target(target)
+    if share is None:
+        return []
+    kept = getattr(after, kind) / max(getattr(before, kind), 1)
+    if abs(kept - share) <= 0.02 * share:
+        return []
+    return [f"the target {target} was not reached: {kept:.1%} of the {kind} kept; the rest sit in groups that "
+            "are blocked or already at their floor (onnxprune inspect says which and why)"]
 
 
 def _calibration_note(analysis: Analysis) -> str:

@@ -131,3 +131,12 @@ def test_a_target_share_replaces_the_ratio():
     for bad in ("flops=0.5", "macs=1.5", "macs=x", "channels=0.5"):
         with pytest.raises(UserError):
             prune(nets.mlp(), target=bad)
+
+
+def test_a_target_out_of_reach_says_so():
+    # the MLP's input and logits are fixed and each hidden layer keeps a unit: 2% is out of reach
+    _, report = prune(nets.mlp(), method="magnitude", target="macs=0.02", check=0)
+    assert report.after.macs / report.before.macs > 0.0204
+    assert any("target macs=0.02 was not reached" in w for w in report.warnings)
+    _, fine = prune(nets.mlp(), method="magnitude", target="macs=0.6", check=0)
+    assert not any("not reached" in w for w in fine.warnings)
