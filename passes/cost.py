@@ -18,6 +18,9 @@ from onnxprune.passes.planning import aligned_step, removal_count
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
 from onnxprune.ir import node_macs
 
+#: Above this many groups, a target share is reached by the uniform ratio's counts alone.
+STEPWISE_GROUPS = 48
+
 
 class MacModel:
     def __init__(self, dep: DependencyGraph, groups: list[ChannelGroup], kind: str = "macs"):
@@ -97,6 +100,9 @@ class MacModel:
         of the goal."""
         counts = {g.id: removal_count(g, max(high - 1e-9, 0.0), round_to) for g in groups}
         left = self.after_uniform(groups, counts)
+        if len(groups) > STEPWISE_GROUPS:  # many groups: the ratio's own steps are fine, and a
+            # step-by-step search would cost groups x steps cost evaluations (minutes on densenet121)
+            return {g.id: removal_count(g, high, round_to) for g in groups}
         while left > goal:
             best = None
             for g in groups:
