@@ -152,21 +152,28 @@ class DedupeConstants(GraphPass):
     """Merge constants with equal dtype, shape and bytes (undoes copies that stayed equal)."""
 
     def call(self, graph: gs.Graph) -> PassResult:
-        canonical: dict[tuple, gs.Constant] = {}
-        modified = False
-        for node in graph.nodes:
-            for slot, tensor in enumerate(node.inputs):
-                if not isinstance(tensor, gs.Constant):
-                    continue
-                values = np.array(tensor.values, order="C")
-                key = (values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest())
-                first = canonical.setdefault(key, tensor)
-                if first is not tensor:
-                    node.inputs[slot] = first
-                    modified = True
+        modified = dedupe_constants(graph.nodes)
         if modified:
             graph.cleanup()
         return PassResult(graph, modified)
+
+
+def dedupe_constants(nodes) -> bool:
+    """Point every reader of a constant at the first constant of equal dtype, shape and bytes
+    among ``nodes``' inputs; whether anything changed."""
+    canonical: dict[tuple, gs.Constant] = {}
+    modified = False
+    for node in nodes:
+        for slot, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant):
+                continue
+            values = np.array(tensor.values, order="C")
+            key = (values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest())
+            first = canonical.setdefault(key, tensor)
+            if first is not tensor:
+                node.inputs[slot] = first
+                modified = True
+    return modified
 
 
 class NameNodes(GraphPass):

@@ -13,7 +13,6 @@ are not followed: every channel space read or produced inside one is blocked, wi
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import PASSIVE, BlockKind, Coupling, Link, OpRule, blocked, identity, register
 from onnxprune.ir import evaluate_node
-from onnxprune.passes.lower import unshare_constants
+from onnxprune.passes.lower import dedupe_constants, unshare_constants
 
 #: Ops whose subgraphs run a data-dependent number of times: not analysed.
 LOOPS = ("Loop", "Scan")
@@ -169,16 +168,7 @@ def dedupe_across_graphs(graph: gs.Graph) -> None:
     innermost graph enclosing its readers)."""
     if not any(subgraphs(n) for n in graph.nodes):
         return
-    canonical: dict[tuple, gs.Constant] = {}
-    for node, _, _ in walk(graph, into_loops=True):
-        for slot, tensor in enumerate(node.inputs):
-            if not isinstance(tensor, gs.Constant):
-                continue
-            values = np.array(tensor.values, order="C")
-            key = (values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest())
-            first = canonical.setdefault(key, tensor)
-            if first is not tensor:
-                node.inputs[slot] = first
+    dedupe_constants(node for node, _, _ in walk(graph, into_loops=True))
 
 
 @register("If")
