@@ -38,6 +38,7 @@ from onnxprune.ir.shapes import (
     skeleton,
 )
 from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
+from onnxprune.ir.timing import OpChain, interleaved_medians
 from onnxprune.ir.validate import check_runs, check_structure
 
 #: A model as onnx holds it; modules outside ``ir`` name the type through this alias.
@@ -45,9 +46,9 @@ Model = onnx.ModelProto
 
 __all__ = [
     "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
-    "NodeView", "Opset", "Session", "Shape", "check_model", "check_runs", "check_structure",
+    "NodeView", "OpChain", "Opset", "Session", "Shape", "check_model", "check_runs", "check_structure",
     "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "graph_inputs",
-    "import_graph", "input_dtypes", "input_specs", "keep_ir_version", "load_model", "load_model_info",
+    "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model", "load_model_info",
     "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
     "random_inputs", "resolve_shapes", "sample_axes", "save_model", "session", "signature", "skeleton",
     "stack_samples", "template_for", "to_model", "toposort_nodes",
