@@ -1,10 +1,12 @@
-"""A running count of multiply-accumulates (or weights) as units are removed, for
-MAC- and parameter-matched budgets.
+"""A running count of multiply-accumulates (or weights, or microseconds) as units are
+removed, for MAC-, parameter- and latency-matched budgets.
 
-Each Conv/Gemm/MatMul costs ``macs * keep(in) * keep(out)``, where ``keep`` is the share of
-its input (output) channel space still there (a depthwise conv only scales with its output);
-counting parameters, the cost is the size of its weight instead (nothing for a MatMul of two
-activations). The marginal saving of a unit is the first-order change of that sum.
+The cost is a sum of terms ``amount * keep(s1) * keep(s2) ...``, where ``keep`` is the share
+of a channel space still there. Each Conv/Gemm/MatMul costs ``macs * keep(in) * keep(out)``
+(a depthwise conv only scales with its output); counting parameters, the size of its weight
+instead (nothing for a MatMul of two activations); the latency model
+(:mod:`onnxprune.passes.latency`) brings terms of its own. The marginal saving of a unit is
+the first-order change of that sum.
 """
 
 from __future__ import annotations
@@ -22,24 +24,23 @@ from onnxprune.ir import node_macs
 STEPWISE_GROUPS = 48
 
 
+#: One term of a cost: an amount, and the channel spaces whose kept shares scale it.
+Term = tuple[float, tuple]
+
+
 class MacModel:
-    def __init__(self, dep: DependencyGraph, groups: list[ChannelGroup], kind: str = "macs"):
-        shapes = dep.ctx.shapes
+    """The cost of ``kind`` ("macs", "params"), or of the given ``terms``, as units of
+    ``groups`` are removed."""
+
+    def __init__(self, dep: DependencyGraph, groups: list[ChannelGroup], kind: str = "macs",
+                 terms: list[Term] | None = None):
+        self.kind = kind
         self.size = {key: dep.nx.nodes[key]["size"] for key in dep.nx.nodes}
         self.removed: dict[tuple, int] = defaultdict(int)
-        self.terms = []
-        for node in dep.graph.nodes:
-            cost = _node_macs(node, shapes)
-            if cost is None:
-                continue
-            macs, keys = cost
-            if kind == "params":
-                weight = node.inputs[1]
-                macs = int(np.prod(weight.values.shape)) if isinstance(weight, gs.Constant) else 0
-            self.terms.append((macs, keys))
-        if kind == "params":
-            self.terms.extend(_per_channel_params(dep.graph, shapes))
+        self.terms = list(terms) if terms is not None else weight_terms(dep, kind)
         self.base = self.total()
+        #: How the terms were found, where they were measured (the latency model's LatencyFit).
+        self.fit = None
         # per group: per space, the number of atoms each unit has there
         self.atoms = {g.id: {s: np.bincount(unit, minlength=g.size) for s, (_, unit) in g.atoms.items()}
                       for g in groups}
@@ -66,6 +67,18 @@ class MacModel:
     def remove(self, group: ChannelGroup, unit: int) -> None:
         for space, counts in self.atoms[group.id].items():
             self.removed[space] += int(counts[unit])
+
+    def after_removal(self, removed: dict[int, list[int]]) -> float:
+        """The cost left once the units ``removed[g]`` of each group are gone (from the full
+        model, whatever has been removed so far)."""
+        saved = self.removed
+        self.removed = defaultdict(int)
+        for gid, units in removed.items():
+            for space, counts in self.atoms.get(gid, {}).items():
+                self.removed[space] += int(counts[list(units)].sum())
+        total = self.total()
+        self.removed = saved
+        return total
 
     def after_uniform(self, groups: list[ChannelGroup], counts: dict[int, int]) -> float:
         """The MACs left if each group lost ``counts[g]`` average units."""
@@ -120,6 +133,24 @@ class MacModel:
         return counts
 
 
+def weight_terms(dep: DependencyGraph, kind: str) -> list[Term]:
+    """MACs (or weights, with ``kind`` "params") of every Conv, Gemm and MatMul; with "params",
+    the per-channel parameters too."""
+    terms = []
+    for node in dep.graph.nodes:
+        cost = node_mac_spaces(node, dep.ctx.shapes)
+        if cost is None:
+            continue
+        macs, keys = cost
+        if kind == "params":
+            weight = node.inputs[1]
+            macs = int(np.prod(weight.values.shape)) if isinstance(weight, gs.Constant) else 0
+        terms.append((macs, keys))
+    if kind == "params":
+        terms.extend(_per_channel_params(dep.graph, dep.ctx.shapes))
+    return terms
+
+
 def _per_channel_params(graph, shapes) -> list[tuple[int, tuple]]:
     """Parameters that come one per output channel: biases of Conv/Gemm, the four vectors of
     a BatchNormalization, LayerNorm's scale and bias (small nets carry many per channel)."""
@@ -145,7 +176,7 @@ def _next_count(group: ChannelGroup, count: int, round_to: int) -> int | None:
     return None if group.size - nxt < max(step, blocks) else nxt
 
 
-def _node_macs(node, shapes):
+def node_mac_spaces(node, shapes) -> tuple[int, tuple] | None:
     """(macs, the spaces whose kept share scales them) of a Conv, Gemm or MatMul, or None:
     the contracted input axis (not for a depthwise conv) and the output's channels; a MatMul
     also scales with every other output axis but the first (attention heads)."""

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from onnxprune.passes.cost import MacModel
+from onnxprune.passes.latency import check_reachable, latency_model
 from onnxprune.passes.planning import uniform_plan
 from onnxprune.passes.scoring import MagnitudeScorer, RandomScorer, Scorer
 
@@ -24,28 +25,41 @@ class Budget:
     seed: int = 0
     compensate: bool = True
     step: float | None = None  # progressive methods: share of each group removed per step
-    #: What the budget counts: "channels" (the uniform ratio's), "macs" or "params" (the
-    #: uniform ratio's, or ``share`` of the model's when given).
+    #: What the budget counts: "channels" (the uniform ratio's), "macs", "params" or
+    #: "latency" (the uniform ratio's, or ``share`` of the model's when given).
     target: str = "channels"
     reconstruction: str | None = None  # "least-squares" or "pair"; None: the method's default
-    #: The share of the model's MACs or parameters to keep (``--target macs=0.5``): the
-    #: ratio is then found, as the uniform ratio that reaches it.
+    #: The share of the model's MACs, parameters or latency to keep (``--target macs=0.5``):
+    #: the ratio is then found, as the uniform ratio that reaches it.
     share: float | None = None
+    #: Latency: the intra-op threads it is planned for (0: onnxruntime's default, all cores).
+    latency_threads: int = 0
+    #: The cost model :meth:`resolved` made (None before, and for a channel budget).
+    cost: MacModel | None = field(default=None, init=False, repr=False, compare=False)
 
     def goal(self, analysis, cost: MacModel) -> float:
-        """The cost ``share`` leaves, in ``cost``'s units (it counts the weight-owning nodes;
-        the rest of the model stays as it is)."""
+        """The cost ``share`` leaves, in ``cost``'s units (MACs and parameters: it counts the
+        weight-owning nodes, the rest of the model stays as it is; latency: all of it)."""
+        if self.target == "latency":
+            return self.share * cost.base
         total = analysis.macs if self.target == "macs" else analysis.params
         return self.share * total - (total - cost.base)
 
     def resolved(self, analysis, groups: list) -> tuple[float, MacModel | None, dict[int, int] | None]:
         """(the ratio to plan with, the cost model of the target (None for channels), and
-        with a share, the removal counts per group that reach it uniformly)."""
+        with a share, the removal counts per group that reach it uniformly). A latency share
+        out of reach is a UserError (its floor is far above nothing: overhead stays)."""
         if self.target == "channels":
             return self.ratio, None, None
-        cost = MacModel(analysis.dep, groups, self.target)
+        if self.target == "latency":
+            cost = latency_model(analysis, groups, self.latency_threads, self.round_to)
+        else:
+            cost = MacModel(analysis.dep, groups, self.target)
+        self.cost = cost
         if self.share is None:
             return self.ratio, cost, None
+        if self.target == "latency":
+            check_reachable(cost, groups, self.share, self.round_to)
         goal = self.goal(analysis, cost)
         ratio = cost.ratio_for(groups, goal, self.round_to)
         return ratio, cost, cost.counts_for(groups, goal, self.round_to, ratio)
