@@ -162,8 +162,10 @@ class Progressive(Method):
                   and all(m.space[0] in top for m in g.members)]
         if len(groups) < len(candidates):
             logger.warning("%d group(s) cannot be probed and are left alone", len(candidates) - len(groups))
-        ratio, cost, _ = budget.resolved(analysis, groups)
+        ratio, cost, counts = budget.resolved(analysis, groups)
         targets = {g.id: removal_count(g, ratio, budget.round_to) for g in groups}
+        if budget.round_to > 1 and counts:  # aligned widths: the counts that reach the target
+            targets = counts
         groups = [g for g in groups if targets[g.id] > 0]
         cost = cost or MacModel(dep, groups)
         goal = budget.goal(analysis, cost) if budget.share is not None else cost.after_uniform(groups, targets)
@@ -180,9 +182,9 @@ class Progressive(Method):
         probes = int(np.clip(ROW_MACS / (64 * per_sample), 4, self.probes))
         row_limit = max(len(groups), int(ROW_MACS / (probes * per_sample)))
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
-        # Grouped convolutions need equal removals per block: those groups follow a per-group
-        # schedule; the rest compete globally.
-        scheduled = {g.id for g in groups if g.balance is not None or not self.allocate}
+        # Grouped convolutions need equal removals per block, and --round-to aligned counts:
+        # those groups follow a per-group schedule; the rest compete globally.
+        scheduled = {g.id for g in groups if g.balance is not None or not self.allocate or budget.round_to > 1}
         return _Run(analysis, budget, groups, targets,
                     caps={g.id: allocation.cap(g, ratio, targets[g.id]) for g in groups},
                     cost=cost, goal=goal, steps=steps, plans=plans, plan=plan,
