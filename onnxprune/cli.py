@@ -120,15 +120,21 @@ def _prune_parser() -> argparse.ArgumentParser:
                       help="share of each group's channels to remove, in (0, 1) (default 0.4); methods that allocate "
                            "(paoding, srdfp) remove at least the MACs this uniform plan removes")
     size.add_argument("--target", metavar="KIND=SHARE",
-                      help="instead of --ratio: what to keep, macs=S or params=S (S in (0, 1), a share of the "
-                           "model's), e.g. --target macs=0.5")
+                      help="instead of --ratio: what to keep, macs=S, params=S or latency=S (S in (0, 1), a share "
+                           "of the model's; latency as onnxruntime runs it on this machine, predicted by a cost "
+                           "model calibrated here and then measured), e.g. --target macs=0.5")
     p.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
                    help="how channels are chosen: " + "; ".join(f"{k}: {d}" for k, d in METHODS.items()))
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
                    help="concrete shape for an input with dynamic dimensions (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="protect groups touching nodes whose names match (repeatable)")
-    p.add_argument("--round-to", type=_positive, default=1, metavar="N", help="keep channel counts multiples of N")
+    p.add_argument("--round-to", type=_positive, metavar="N",
+                   help="keep channel counts multiples of N (default 1; for a latency target the channel block of "
+                        "onnxruntime's convolutions on this CPU, 16 with AVX-512, else 8)")
+    p.add_argument("--latency-threads", type=_count, default=0, metavar="N",
+                   help="latency targets: the onnxruntime intra-op threads to plan for (default 0: all cores); "
+                        "the report measures 1 thread and all threads as well")
     p.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="the range input values live in (synthetic probes stay inside it)")
     p.add_argument("--calibration", metavar="FILE.npz",
@@ -142,7 +148,7 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="transformers: also prune the residual stream's width (LayerNorm makes it approximate)")
     p.add_argument("--prune-head-dim", action="store_true",
                    help="transformers: prune dimensions inside each attention head instead of whole heads")
-    p.add_argument("--budget", choices=["channels", "macs", "params"],
+    p.add_argument("--budget", choices=["channels", "macs", "params", "latency"],
                    help="with --ratio, what the allocating methods (paoding, srdfp) match of the uniform plan: "
                         "its MACs (their default), its parameters, or its channel count; measured impact "
                         "decides where the cuts go")
@@ -229,6 +235,7 @@ def run_prune(argv: list[str]) -> int:
                                    method_options={"alpha": args.alpha, "beta": args.beta, "intervals": args.intervals}
                                    if args.method == "srdfp" else None, target=_target(args),
                                    reconstruction=args.reconstruction, calibration=calibration,
+                                   latency_threads=args.latency_threads,
                                    options={"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
             failure = None
         except FidelityError as exc:

@@ -24,12 +24,15 @@ from onnxprune.ir import (
     Shape,
     check_model,
     model_stats,
+    random_inputs,
     resolve_shapes,
     session,
     signature,
     skeleton,
     to_model,
 )
+from onnxprune.latency import LatencyCheck, channel_block
+from onnxprune.latency import measure as measure_latency
 from onnxprune.pass_infra import Pass, PassManager, PassResult
 from onnxprune.passes.lower import DedupeConstants
 from onnxprune.passes.methods import Budget, Progress
@@ -59,8 +62,8 @@ class PruneReport:
     fidelity: Fidelity | None
     input_shapes: dict[str, Shape]
     plan: PruningPlan
-    #: What the budget counted: "channels", "macs", "params", or "macs=S" / "params=S" (a share
-    #: to keep, which ``ratio`` was found for).
+    #: What the budget counted: "channels", "macs", "params", "latency", or "macs=S" /
+    #: "params=S" / "latency=S" (a share to keep, which ``ratio`` was found for).
     target: str = "channels"
     #: What synthetic inputs look like (``--input-range``, or fitted to the first BatchNorm).
     input_prior: str = ""
@@ -70,12 +73,14 @@ class PruneReport:
     #: What the report cannot vouch for (weak synthetic evidence), one sentence each.
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: A latency target: the predicted share and the shares measured (None for other targets).
+    latency: LatencyCheck | None = None
 
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, PruningPlan):
+            if isinstance(value, (PruningPlan, LatencyCheck)):
                 out[f.name] = value.to_dict()
             else:
                 out[f.name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
@@ -91,7 +96,9 @@ class PruneSettings:
     method: str = "magnitude"
     input_shapes: dict[str, Shape] | None = None
     exclude: list[str] = field(default_factory=list)
-    round_to: int = 1
+    #: Kept channel counts are multiples of it; None: 1, or for a latency target the channel
+    #: block of onnxruntime's convolutions on this CPU (:func:`onnxprune.latency.channel_block`).
+    round_to: int | None = None
     seed: int = 0
     check: int = 8
     min_cosine: float | None = None
@@ -106,11 +113,17 @@ class PruneSettings:
     reconstruction: str | None = None
     #: Unlabelled inputs by graph input name (``--calibration``): they replace synthetic ones.
     calibration: dict | None = None
+    #: Latency targets: the intra-op threads planned for (0: onnxruntime's default, all cores).
+    latency_threads: int = 0
 
     def validate(self) -> None:
         if self.target is None:
             self.target = default_target(self.method)
         kind, share = parse_target(self.target)
+        if self.round_to is None:
+            self.round_to = channel_block() if kind == "latency" else 1
+        if self.latency_threads < 0:
+            raise UserError(f"--latency-threads is 0 (all) or a positive count, got {self.latency_threads}")
         if share is not None and self.ratio is not None:
             raise UserError(f"give either a ratio or a target share ({self.target}), not both")
         if share is None and self.ratio is None:
@@ -127,7 +140,8 @@ class PruneSettings:
         if self.reconstruction not in (None, "least-squares", "pair"):
             raise UserError(f"reconstruction is 'least-squares' or 'pair', got '{self.reconstruction}'")
         return Budget(self.ratio if share is None else 0.0, self.round_to, list(self.exclude), self.seed,
-                      self.compensate, self.step, target=kind, reconstruction=self.reconstruction, share=share)
+                      self.compensate, self.step, target=kind, reconstruction=self.reconstruction, share=share,
+                      latency_threads=self.latency_threads)
 
 
 #: The ratio when neither a ratio nor a target share is given.
@@ -141,16 +155,17 @@ def default_target(method: str) -> str:
     """Methods that allocate (the progressive ones) match the uniform plan's MACs by default:
     spending a channel budget where it saves little compute is what a user did not ask for."""
     return "macs" if getattr(METHODS.get(method), "allocates", False) else "channels"
-TARGET_KINDS = ("channels", "macs", "params")
+TARGET_KINDS = ("channels", "macs", "params", "latency")
 
 
 def parse_target(text: str) -> tuple[str, float | None]:
     """``"macs"`` -> ("macs", None): as much as the uniform ratio removes; ``"macs=0.5"`` ->
-    ("macs", 0.5): keep half the model's MACs (``params`` alike; ``channels`` takes no share)."""
+    ("macs", 0.5): keep half the model's MACs (``params`` and ``latency`` alike: latency as
+    onnxruntime measures it on this machine; ``channels`` takes no share)."""
     kind, _, value = str(text).partition("=")
     kind = kind.strip().lower()
     if kind not in TARGET_KINDS:
-        raise UserError(f"the target is one of {', '.join(TARGET_KINDS)} (macs and params take =SHARE), got '{text}'")
+        raise UserError(f"the target is one of {', '.join(TARGET_KINDS)} (all but channels take =SHARE), got '{text}'")
     if not value:
         return kind, None
     try:
@@ -158,7 +173,7 @@ def parse_target(text: str) -> tuple[str, float | None]:
     except ValueError:
         raise UserError(f"expected {kind}=SHARE with SHARE a number in (0, 1), got '{text}'") from None
     if kind == "channels" or not 0 < share < 1:
-        raise UserError(f"a target share is macs=S or params=S with S in (0, 1), got '{text}'")
+        raise UserError(f"a target share is macs=S, params=S or latency=S with S in (0, 1), got '{text}'")
     return kind, share
 
 
@@ -176,6 +191,8 @@ class PruneJob:
     seconds: dict[str, float] = field(default_factory=dict)
     #: What passes had to do differently from what was asked, for the report's warnings.
     notes: list[str] = field(default_factory=list)
+    #: The budget the plan was made for (None for a replayed plan).
+    budget: Budget | None = None
 
 
 class _Timed(Pass[PruneJob]):
@@ -233,7 +250,13 @@ class PlanPass(_Timed):
         if reason:  # the default method must not fail where a simpler one works
             job.notes.append(f"{s.method} cannot plan this model ({reason}): it was planned with magnitude instead")
             method = METHODS["magnitude"]()
-        job.plan = method.plan(job.analysis, s.budget(), s.progress)
+        job.budget = s.budget()
+        job.plan = method.plan(job.analysis, job.budget, s.progress)
+        cost = job.budget.cost
+        if cost is not None and cost.fit is not None:  # latency: what the plan's cost model predicts
+            removed = {gp.group: gp.remove for gp in job.plan.groups}
+            job.plan.details["latency"] = {"predicted_share": cost.after_removal(removed) / cost.base,
+                                           "fit": cost.fit.to_dict()}
 
 
 class ReconstructPass(_Timed):
@@ -290,8 +313,9 @@ class VerifyPass(_Timed):
     def run(self, job):
         analysis, s = job.analysis, job.settings
         after_shapes = resolve_shapes(skeleton(job.pruned_graph, job.pruned), analysis.input_shapes)
+        latency = _latency_check(job) if parse_target(s.target)[0] == "latency" else None
         if s.check <= 0:  # no check asked for: no held-out inputs to make
-            job.report = _report(job, None, after_shapes)
+            job.report = _report(job, None, after_shapes, latency)
             return
         shapes = list(analysis.input_shapes.values())
         batch = shapes[0][0] if shapes and shapes[0] else 1
@@ -309,7 +333,7 @@ class VerifyPass(_Timed):
         except Exception as exc:
             _original_runs(analysis.model, feeds[0])
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
-        job.report = _report(job, fidelity, after_shapes)
+        job.report = _report(job, fidelity, after_shapes, latency)
         job.report.warnings.extend(_evidence_warnings(held_out))
         if s.min_cosine is not None and fidelity.cosine < s.min_cosine:
             error = FidelityError(f"output cosine {fidelity.cosine:.4f} is below --min-cosine {s.min_cosine}")
@@ -346,7 +370,21 @@ def _original_runs(model: Model, feed: dict) -> None:
                         f"{str(exc).splitlines()[0]}") from None
 
 
-def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> PruneReport:
+def _latency_check(job: PruneJob) -> LatencyCheck:
+    """Both models timed in onnxruntime, interleaved: at one thread, at all threads, and at
+    the threads planned for; with what the plan's cost model predicted (a replayed plan
+    carries it in its details)."""
+    threads = job.settings.latency_threads
+    analysis = job.analysis
+    feed = random_inputs(analysis.model, analysis.input_shapes, np.random.default_rng(job.settings.seed))
+    with stage("latency check"):
+        measured = [measure_latency(analysis.model, job.pruned, feed, t) for t in dict.fromkeys((threads, 1, 0))]
+    details = job.plan.details.get("latency") or {}
+    return LatencyCheck(threads, details.get("predicted_share"), measured, details.get("fit"))
+
+
+def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict,
+            latency: LatencyCheck | None = None) -> PruneReport:
     analysis, dep, s = job.analysis, job.analysis.dep, job.settings
     prunable = dep.prunable_groups(s.exclude)
     blocked: dict[str, int] = {}
@@ -359,21 +397,36 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> Pru
         groups_total=len(dep.groups), groups_prunable=len(prunable), groups_pruned=len(job.plan.groups),
         blocked=blocked, channels_removed=job.plan.removed_units, channels_prunable=sum(g.size for g in prunable),
         fidelity=fidelity, input_shapes=analysis.input_shapes, plan=job.plan, seconds=job.seconds,
-        input_prior=analysis.prior.source, calibration=_calibration_note(analysis),
-        warnings=list(job.notes) + _missed_target(s.target, before, after))
+        input_prior=analysis.prior.source, calibration=_calibration_note(analysis), latency=latency,
+        warnings=list(job.notes) + _missed_target(s.target, before, after, latency))
 
 
-def _missed_target(target: str, before: ModelStats, after: ModelStats) -> list[str]:
+def _missed_target(target: str, before: ModelStats, after: ModelStats, latency: LatencyCheck | None = None) -> list[str]:
     """A warning when a target share was missed by more than 2% (groups blocked or at their
-    floor hold the rest), nothing otherwise."""
+    floor hold the rest; for latency, what the cost model did not foresee), nothing otherwise."""
     kind, share = parse_target(target)
     if share is None:
         return []
+    if kind == "latency":
+        return _missed_latency(target, share, latency)
     kept = getattr(after, kind) / max(getattr(before, kind), 1)
     if abs(kept - share) <= 0.02 * share:
         return []
     return [f"the target {target} was not reached: {kept:.1%} of the {kind} kept; the rest sit in groups that "
             "are blocked or already at their floor (onnxprune inspect says which and why)"]
+
+
+def _missed_latency(target: str, share: float, latency: LatencyCheck) -> list[str]:
+    """The measured share is what a latency target promises; the prediction is what planned it."""
+    measured = latency.share
+    if abs(measured - share) <= 0.02 * share:
+        return []
+    predicted = "" if latency.predicted_share is None else f" (the cost model predicted {latency.predicted_share:.1%})"
+    threads = "all threads" if latency.threads == 0 else f"{latency.threads} thread(s)"
+    return [f"the target {target} was not reached: the pruned model takes {measured:.1%} of the original's time at "
+            f"{threads}{predicted}, timed interleaved on this machine; small models and busy machines time "
+            "unsteadily, and onnxruntime's kernel choices change with channel counts, which the model only "
+            "approximates (a second run, or --latency-threads 1, may read differently)"]
 
 
 def _calibration_note(analysis: Analysis) -> str:
@@ -390,12 +443,12 @@ def pipeline() -> PassManager[PruneJob]:
 
 
 def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, method: str = "magnitude",
-          input_shapes: dict[str, Shape] | None = None, exclude: list[str] | None = None, round_to: int = 1,
+          input_shapes: dict[str, Shape] | None = None, exclude: list[str] | None = None, round_to: int | None = None,
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
           input_range: tuple[float, float] | None = None, step: float | None = None,
           method_options: dict | None = None, target: str | None = None, reconstruction: str | None = None,
-          calibration: dict | None = None) -> tuple[Model, PruneReport]:
+          calibration: dict | None = None, latency_threads: int = 0) -> tuple[Model, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
     Raises :class:`UserError` for bad input, :class:`FidelityError` when the mean output cosine
@@ -406,16 +459,21 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
     :func:`onnxprune.evidence.calibration.load_calibration`) replaces the synthetic inputs:
     planning uses its first three quarters, the fidelity check the last quarter.
 
-    ``target``: "channels" (a uniform ratio's channels), "macs" or "params" (as many as the
-    uniform ratio removes, allocated by the method), or "macs=S" / "params=S": keep the share S
-    of the model's MACs or parameters (instead of a ratio: giving both is a UserError). The
-    default is "macs" for methods that allocate (paoding, srdfp), "channels" for the others.
+    ``target``: "channels" (a uniform ratio's channels), "macs", "params" or "latency" (as
+    much as the uniform ratio removes, allocated by the method), or "macs=S" / "params=S" /
+    "latency=S": keep the share S of the model's MACs, parameters, or latency in onnxruntime
+    on this machine at ``latency_threads`` intra-op threads (0: all); instead of a ratio: giving
+    both is a UserError. The default is "macs" for methods that allocate (paoding, srdfp),
+    "channels" for the others. A latency target plans with a cost model calibrated on this
+    machine and refitted on the model's own runs, keeps channel counts multiples of the
+    runtime's channel block unless ``round_to`` is given, and reports the predicted and the
+    measured share (``report.latency``); a share out of reach is a UserError.
     """
     settings = PruneSettings(ratio=ratio, method=method, input_shapes=input_shapes, exclude=list(exclude or []),
                              round_to=round_to, seed=seed, check=check, min_cosine=min_cosine, options=options,
                              progress=progress, compensate=compensate, input_range=input_range, step=step,
                              method_options=method_options or {}, target=target, reconstruction=reconstruction,
-                             calibration=calibration)
+                             calibration=calibration, latency_threads=latency_threads)
     if plan is not None and not compensate:
         plan.compensate = False
     with reporting(progress):

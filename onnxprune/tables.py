@@ -58,6 +58,13 @@ def summary_table(report: PruneReport, latency: tuple[float, float, float] | Non
             row(f"  {op}", b.ops.get(op, 0), a.ops.get(op, 0), str)
     if latency:
         table.add_row("latency (ms)", f"{latency[0]:.3f}", f"{latency[1]:.3f}", f"{latency[2]:.1%}")
+    if report.latency:
+        check = report.latency
+        for m in check.measured:
+            name = "all threads" if m.threads == 0 else f"{m.threads} thread" + ("s" if m.threads > 1 else "")
+            table.add_row(f"latency, {name} (ms)", f"{m.before_ms:.3f}", f"{m.after_ms:.3f}", f"{m.share:.1%}")
+        if check.predicted_share is not None:
+            table.add_row("latency, predicted", "", "", f"{check.predicted_share:.1%}")
     table.add_section()
     table.add_row("groups pruned", f"{report.groups_pruned}/{report.groups_total}",
                   f"{report.channels_removed} ch", f"of {report.channels_prunable} prunable")
