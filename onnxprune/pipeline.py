@@ -34,6 +34,7 @@ from onnxprune.ir import (
 from onnxprune.latency import LatencyCheck, channel_block
 from onnxprune.latency import measure as measure_latency
 from onnxprune.pass_infra import Pass, PassManager, PassResult
+from onnxprune.passes.latency import REFIT_TOLERANCE
 from onnxprune.passes.lower import DedupeConstants
 from onnxprune.passes.methods import Budget, Progress
 from onnxprune.passes.reconstruct import Reconstructor
@@ -257,6 +258,11 @@ class PlanPass(_Timed):
             removed = {gp.group: gp.remove for gp in job.plan.groups}
             job.plan.details["latency"] = {"predicted_share": cost.after_removal(removed) / cost.base,
                                            "fit": cost.fit.to_dict()}
+            if cost.fit.refit_error > REFIT_TOLERANCE:
+                job.notes.append(f"the model's own runs follow the latency cost model loosely (off by up to "
+                                 f"{cost.fit.refit_error:.0%} at uniform widths): onnxruntime changes kernels or "
+                                 "layouts with these channel counts, so the measured share may stray from the "
+                                 "predicted one")
 
 
 class ReconstructPass(_Timed):

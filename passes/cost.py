@@ -11,6 +11,7 @@ the first-order change of that sum.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import numpy as np
@@ -67,6 +68,16 @@ class MacModel:
     def remove(self, group: ChannelGroup, unit: int) -> None:
         for space, counts in self.atoms[group.id].items():
             self.removed[space] += int(counts[unit])
+
+    def rescaled(self, fixed: float, width: float) -> MacModel:
+        """A copy whose fixed terms (no channel space) are multiplied by ``fixed`` and the others
+        by ``width``, with nothing removed."""
+        other = copy.copy(self)
+        other.terms = [(amount * (width if keys else fixed), keys) for amount, keys in self.terms]
+        other.removed = defaultdict(int)
+        other.base = other.total()
+        other.fit = None
+        return other
 
     def after_removal(self, removed: dict[int, list[int]]) -> float:
         """The cost left once the units ``removed[g]`` of each group are gone (from the full

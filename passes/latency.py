@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 REFIT_RATIOS = (0.3, 0.6)
 #: Seconds of interleaved runs of the model and its refit variants.
 REFIT_SECONDS = 1.5
+#: A target's removal counts are timed and corrected until they keep the share within this
+#: (relative), at most MEASURED_ROUNDS times.
+MEASURED_TOLERANCE = 0.01
+MEASURED_ROUNDS = 3  # 0: the cost model's counts, untimed
+#: A refit worse than this on the model's own runs is worth a warning in the report.
+REFIT_TOLERANCE = 0.05
 #: The most a uniform plan removes when the floor of a target is sought (as ``ratio_for``).
 FLOOR_RATIO = 0.95
 
@@ -56,6 +62,12 @@ class LatencyFit:
     width_scale: float
     #: The share of the refitted model's full-width time that no channel removal touches.
     fixed_share: float
+    #: The worst |refitted - measured| / measured over the runs it was refitted on: how well
+    #: the model's own runs follow the cost model's shape.
+    refit_error: float
+    #: A target's rounds of removal counts timed (:func:`measured_counts`): the goal, the
+    #: predicted and the measured share of each.
+    rounds: list[dict]
     seconds: float
 
     def to_dict(self) -> dict:
@@ -85,7 +97,7 @@ def uniform_removal(groups: list[ChannelGroup], ratio: float, round_to: int) -> 
     return {g.id: lowest(g, np.arange(g.size, dtype=float), removal_count(g, ratio, round_to)) for g in groups}
 
 
-def _variant(analysis, removed: dict[int, list[int]]) -> Model:
+def uniform_variant(analysis, removed: dict[int, list[int]]) -> Model:
     """The analysed model without ``removed``, uncompensated: only its shapes matter."""
     groups = {g.id: g for g in analysis.dep.groups}
     plan = PruningPlan("latency-refit", 0.0, 0, [GroupPlan(gid, groups[gid].name, groups[gid].size, list(units))
@@ -96,34 +108,68 @@ def _variant(analysis, removed: dict[int, list[int]]) -> Model:
 
 def latency_model(analysis, groups: list[ChannelGroup], threads: int = 0, round_to: int = 1) -> MacModel:
     """The latency cost model of ``analysis`` at ``threads`` intra-op threads (0: all), refitted
-    on the model's own runs; its :class:`LatencyFit` is its ``fit`` attribute."""
+    on the model's own runs at ``REFIT_RATIOS``; its :class:`LatencyFit` is its ``fit`` attribute."""
     t0 = time.perf_counter()
     with stage("latency calibration"):
         calibration = calibrate(threads)
     cost = MacModel(analysis.dep, groups, "latency", latency_terms(analysis.dep, calibration))
     fixed = sum(amount for amount, keys in cost.terms if not keys)
     removals = [uniform_removal(groups, r, round_to) for r in REFIT_RATIOS]
-    predicted = np.array([cost.base] + [cost.after_removal(r) for r in removals])
-    measured, a, b = np.array([]), 1.0, 1.0
+    predicted = [cost.base] + [cost.after_removal(r) for r in removals]
+    measured, a, b = [], 1.0, 1.0
     if removals:
-        with stage("latency refit"):
-            models = [analysis.model] + [_variant(analysis, r) for r in removals]
-            feed = random_inputs(analysis.model, analysis.input_shapes, np.random.default_rng(0))
-            measured = np.array(interleaved_medians([(session(m, threads), feed) for m in models], REFIT_SECONDS)) * 1e6
+        measured = _timed(analysis, removals, threads)
         a, b = _refit(fixed, predicted, measured)
-    refitted = MacModel(analysis.dep, groups, "latency", [(amount * (b if keys else a), keys)
-                                                           for amount, keys in cost.terms])
+    refitted = cost.rescaled(a, b)
+    fitted = a * fixed + b * (np.array(predicted) - fixed)
     refitted.fit = LatencyFit(
         threads, {k: v for k, v in calibration.to_dict().items() if k != "ops"}, list(REFIT_RATIOS),
         [float(m) for m in measured], [float(p) for p in predicted], float(a), float(b),
-        float(a * fixed / max(refitted.base, 1e-12)), time.perf_counter() - t0)
+        float(a * fixed / max(refitted.base, 1e-12)),
+        float(np.max(np.abs(fitted - measured) / measured)) if measured else 0.0, [], time.perf_counter() - t0)
     logger.info("latency model: fixed x%.2f, width x%.2f, fixed share %.0f%%", a, b, 100 * refitted.fit.fixed_share)
     return refitted
 
 
-def _refit(fixed: float, predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
+def measured_counts(analysis, cost: MacModel, groups: list[ChannelGroup], share: float, round_to: int,
+                    threads: int) -> tuple[float, dict[int, int], float]:
+    """(ratio, removal counts, goal in the cost's units) that keep ``share`` of the latency as
+    timed, not only as predicted: the counts the cost model gives are timed (their structure is
+    all that matters, so any units do), and while the time misses the share by more than
+    ``MEASURED_TOLERANCE`` the goal is scaled by share / measured and the counts found again,
+    ``MEASURED_ROUNDS`` times at most; the counts timed closest to the share are kept. Each
+    round is recorded in ``cost.fit.rounds``."""
+    goal = share * cost.base
+    ratio = cost.ratio_for(groups, goal, round_to)
+    tried = [(float("inf"), ratio, cost.counts_for(groups, goal, round_to, ratio), goal)]  # nothing timed (0 rounds)
+    for _ in range(MEASURED_ROUNDS):
+        ratio = cost.ratio_for(groups, goal, round_to)
+        counts = cost.counts_for(groups, goal, round_to, ratio)
+        removal = {g.id: lowest(g, np.arange(g.size, dtype=float), counts[g.id]) for g in groups}
+        original, timed = _timed(analysis, [removal], threads)
+        tried.append((abs(timed / original - share), ratio, counts, goal))
+        if cost.fit is not None:
+            cost.fit.rounds.append({"goal": goal / cost.base, "predicted": cost.after_removal(removal) / cost.base,
+                                    "measured": timed / original})
+        if abs(timed / original - share) <= MEASURED_TOLERANCE * share:
+            break
+        goal *= share / (timed / original)
+    _, ratio, counts, goal = min(tried, key=lambda t: t[0])
+    return ratio, counts, goal
+
+
+def _timed(analysis, removals: list[dict[int, list[int]]], threads: int) -> list[float]:
+    """Microseconds of one run of the analysed model and of each uniform variant, interleaved."""
+    with stage("latency refit"):
+        models = [analysis.model] + [uniform_variant(analysis, r) for r in removals]
+        feed = random_inputs(analysis.model, analysis.input_shapes, np.random.default_rng(0))
+        return [t * 1e6 for t in interleaved_medians([(session(m, threads), feed) for m in models], REFIT_SECONDS)]
+
+
+def _refit(fixed: float, predicted: list[float], measured: list[float]) -> tuple[float, float]:
     """The factors of the fixed and of the width-dependent prediction that best explain the
     measured runs (relative error, non-negative)."""
+    predicted, measured = np.asarray(predicted), np.asarray(measured)
     design = np.stack([np.full(len(predicted), fixed), predicted - fixed], axis=1)
     scale = np.maximum(np.abs(design / measured[:, None]).max(axis=0), 1e-30)
     a, b = nnls(design / measured[:, None] / scale, np.ones(len(measured))) / scale
@@ -148,4 +194,5 @@ def check_reachable(cost: MacModel, groups: list[ChannelGroup], share: float, ro
                     f"ask for {floor:.2f} or more")
 
 
-__all__ = ["LatencyFit", "check_reachable", "latency_model", "latency_terms", "uniform_removal"]
+__all__ = ["REFIT_TOLERANCE", "LatencyFit", "check_reachable", "latency_model", "latency_terms", "measured_counts",
+           "uniform_removal", "uniform_variant"]

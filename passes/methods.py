@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from onnxprune.passes.cost import MacModel
-from onnxprune.passes.latency import check_reachable, latency_model
+from onnxprune.passes.latency import check_reachable, latency_model, measured_counts
 from onnxprune.passes.planning import uniform_plan
 from onnxprune.passes.scoring import MagnitudeScorer, RandomScorer, Scorer
 
@@ -36,12 +36,14 @@ class Budget:
     latency_threads: int = 0
     #: The cost model :meth:`resolved` made (None before, and for a channel budget).
     cost: MacModel | None = field(default=None, init=False, repr=False, compare=False)
+    #: A latency share's goal as corrected by timing (:func:`measured_counts`).
+    corrected_goal: float | None = field(default=None, init=False, repr=False, compare=False)
 
     def goal(self, analysis, cost: MacModel) -> float:
         """The cost ``share`` leaves, in ``cost``'s units (MACs and parameters: it counts the
         weight-owning nodes, the rest of the model stays as it is; latency: all of it)."""
         if self.target == "latency":
-            return self.share * cost.base
+            return self.corrected_goal if self.corrected_goal is not None else self.share * cost.base
         total = analysis.macs if self.target == "macs" else analysis.params
         return self.share * total - (total - cost.base)
 
@@ -58,8 +60,11 @@ class Budget:
         self.cost = cost
         if self.share is None:
             return self.ratio, cost, None
-        if self.target == "latency":
+        if self.target == "latency":  # out of reach: an error; else the counts timing confirms
             check_reachable(cost, groups, self.share, self.round_to)
+            ratio, counts, self.corrected_goal = measured_counts(analysis, cost, groups, self.share, self.round_to,
+                                                                 self.latency_threads)
+            return ratio, cost, counts
         goal = self.goal(analysis, cost)
         ratio = cost.ratio_for(groups, goal, self.round_to)
         return ratio, cost, cost.counts_for(groups, goal, self.round_to, ratio)

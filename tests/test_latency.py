@@ -101,10 +101,12 @@ def test_the_latency_cost_model_falls_with_every_unit_removed():
 
 
 def test_a_latency_target_plans_the_share_asked_for(monkeypatch):
-    # The machine's calibration and the model's refit time things: a fixed calibration and no
-    # refit make the plan the same on every machine (the report still measures, unasserted).
+    # The machine's calibration, the model's refit and the timed correction of the counts time
+    # things: a fixed calibration, no refit and no correction make the plan the same on every
+    # machine (the report still measures, unasserted).
     monkeypatch.setattr(latency_pass, "calibrate", lambda threads: _calibration())
     monkeypatch.setattr(latency_pass, "REFIT_RATIOS", ())
+    monkeypatch.setattr(latency_pass, "MEASURED_ROUNDS", 0)
     target = "latency=0.6"
     pruned, report = prune(MODELS / "vgg.onnx", method="magnitude", target=target, round_to=1, latency_threads=1,
                            check=1, input_range=(0.0, 1.0))
@@ -123,3 +125,21 @@ def test_a_latency_target_out_of_reach_says_why():
     # one calibrates and refits for real (the error does not hang on how fast anything ran).
     with pytest.raises(UserError, match="out of reach.*overhead"):
         prune(MODELS / "mlp.onnx", method="magnitude", target="latency=0.3", latency_threads=1, check=0)
+
+
+def test_removal_counts_are_corrected_by_what_is_timed(monkeypatch):
+    """A machine where pruned widths take 15% more than the model says: the timed correction
+    asks for a lower goal and keeps the counts timed closest to the share."""
+    analysis = analyse(MODELS / "vgg.onnx", input_range=(0.0, 1.0))
+    groups = analysis.dep.prunable_groups([])
+    cost = MacModel(analysis.dep, groups, "latency", latency_terms(analysis.dep, _calibration()))
+
+    def timed(_, removals, threads):
+        return [100.0, 100.0 * min(1.0, 1.15 * cost.after_removal(removals[0]) / cost.base)]
+    monkeypatch.setattr(latency_pass, "_timed", timed)
+    ratio, counts, goal = latency_pass.measured_counts(analysis, cost, groups, 0.6, 1, 1)
+    assert goal < 0.6 * cost.base
+    kept = 1.15 * cost.after_uniform(groups, counts) / cost.base
+    first = cost.counts_for(groups, 0.6 * cost.base, 1, cost.ratio_for(groups, 0.6 * cost.base, 1))
+    assert abs(kept - 0.6) < abs(1.15 * cost.after_uniform(groups, first) / cost.base - 0.6)
+    assert abs(kept - 0.6) <= 0.02 * 0.6
