@@ -404,12 +404,14 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict,
         blocked=blocked, channels_removed=job.plan.removed_units, channels_prunable=sum(g.size for g in prunable),
         fidelity=fidelity, input_shapes=analysis.input_shapes, plan=job.plan, seconds=job.seconds,
         input_prior=analysis.prior.source, calibration=_calibration_note(analysis), latency=latency,
-        warnings=list(job.notes) + _missed_target(s.target, before, after, latency))
+        warnings=list(job.notes) + _missed_target(s.target, before, after, latency, s.round_to))
 
 
-def _missed_target(target: str, before: ModelStats, after: ModelStats, latency: LatencyCheck | None = None) -> list[str]:
+def _missed_target(target: str, before: ModelStats, after: ModelStats, latency: LatencyCheck | None = None,
+                   round_to: int = 1) -> list[str]:
     """A warning when a target share was missed by more than 2% (groups blocked or at their
-    floor hold the rest; for latency, what the cost model did not foresee), nothing otherwise."""
+    floor hold the rest, or --round-to steps are coarser than the gap; for latency, what the
+    cost model did not foresee), nothing otherwise."""
     kind, share = parse_target(target)
     if share is None:
         return []
@@ -418,6 +420,10 @@ def _missed_target(target: str, before: ModelStats, after: ModelStats, latency: 
     kept = getattr(after, kind) / max(getattr(before, kind), 1)
     if abs(kept - share) <= 0.02 * share:
         return []
+    if round_to > 1:
+        return [f"the target {target} was not reached: {kept:.1%} of the {kind} kept; channel counts move in steps "
+                f"of {round_to} (--round-to), and the closest step is this far off (or the rest sit in groups "
+                "that are blocked or at their floor: onnxprune inspect says which)"]
     return [f"the target {target} was not reached: {kept:.1%} of the {kind} kept; the rest sit in groups that "
             "are blocked or already at their floor (onnxprune inspect says which and why)"]
 
