@@ -364,14 +364,17 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict) -> Pru
 
 
 def _missed_target(target: str, before: ModelStats, after: ModelStats) -> list[str]:
-    """A warning when a target share was missed by more than 2% (groups blocked or at their
-    floor hold the rest), nothing otherwise."""
+    """A warning when a target share was missed by more than 2%: passed (steps too coarse) or
+    not reached (groups blocked or at their floor hold the rest); nothing otherwise."""
     kind, share = parse_target(target)
     if share is None:
         return []
     kept = getattr(after, kind) / max(getattr(before, kind), 1)
     if abs(kept - share) <= 0.02 * share:
         return []
+    if kept < share:  # removal steps too coarse to stop nearer (grouped convolutions, heads)
+        return [f"the target {target} was passed: {kept:.1%} of the {kind} kept; the groups' removal steps "
+                "(whole heads, blocks of grouped convolutions) could not stop nearer"]
     return [f"the target {target} was not reached: {kept:.1%} of the {kind} kept; the rest sit in groups that "
             "are blocked or already at their floor (onnxprune inspect says which and why)"]
 
