@@ -82,13 +82,20 @@ class PruneReport:
         return out
 
 
+#: The ratio when neither a ratio nor a target share is given.
+DEFAULT_RATIO = 0.4
+#: The method ``onnxprune IN OUT`` and ``prune(model)`` run: the one that keeps the most at equal MACs in the
+#: benchmarks (bench/validation.py, bench/run.py).
+DEFAULT_METHOD = "paoding"
+
+
 @dataclass
 class PruneSettings:
     """What the user asked for (``prune``'s keyword arguments)."""
 
     #: Share of each group's channels to remove; None: 0.4, unless the target gives a share.
     ratio: float | None = None
-    method: str = "magnitude"
+    method: str = DEFAULT_METHOD
     input_shapes: dict[str, Shape] | None = None
     exclude: list[str] = field(default_factory=list)
     round_to: int = 1
@@ -128,13 +135,6 @@ class PruneSettings:
             raise UserError(f"reconstruction is 'least-squares' or 'pair', got '{self.reconstruction}'")
         return Budget(self.ratio if share is None else 0.0, self.round_to, list(self.exclude), self.seed,
                       self.compensate, self.step, target=kind, reconstruction=self.reconstruction, share=share)
-
-
-#: The ratio when neither a ratio nor a target share is given.
-DEFAULT_RATIO = 0.4
-#: The method ``onnxprune IN OUT`` runs: the one that keeps the most at equal MACs in the
-#: benchmarks (bench/validation.py, bench/run.py).
-DEFAULT_METHOD = "paoding"
 
 
 def default_target(method: str) -> str:
@@ -392,7 +392,7 @@ def pipeline() -> PassManager[PruneJob]:
     return PassManager([AnalysePass(), PlanPass(), ReconstructPass(), RewritePass(), VerifyPass()])
 
 
-def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, method: str = "magnitude",
+def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, method: str = DEFAULT_METHOD,
           input_shapes: dict[str, Shape] | None = None, exclude: list[str] | None = None, round_to: int = 1,
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
