@@ -88,13 +88,20 @@ class PruneReport:
         return out
 
 
+#: The ratio when neither a ratio nor a target share is given.
+DEFAULT_RATIO = 0.4
+#: The method ``onnxprune IN OUT`` and ``prune(model)`` run: the one that keeps the most at equal MACs in the
+#: benchmarks (bench/validation.py, bench/run.py).
+DEFAULT_METHOD = "paoding"
+
+
 @dataclass
 class PruneSettings:
     """What the user asked for (``prune``'s keyword arguments)."""
 
     #: Share of each group's channels to remove; None: 0.4, unless the target gives a share.
     ratio: float | None = None
-    method: str = "magnitude"
+    method: str = DEFAULT_METHOD
     input_shapes: dict[str, Shape] | None = None
     exclude: list[str] = field(default_factory=list)
     #: Kept channel counts are multiples of it; None: 1, or for a latency target the channel
@@ -143,13 +150,6 @@ class PruneSettings:
         return Budget(self.ratio if share is None else 0.0, self.round_to, list(self.exclude), self.seed,
                       self.compensate, self.step, target=kind, reconstruction=self.reconstruction, share=share,
                       latency_threads=self.latency_threads)
-
-
-#: The ratio when neither a ratio nor a target share is given.
-DEFAULT_RATIO = 0.4
-#: The method ``onnxprune IN OUT`` runs: the one that keeps the most at equal MACs in the
-#: benchmarks (bench/validation.py, bench/run.py).
-DEFAULT_METHOD = "paoding"
 
 
 def default_target(method: str) -> str:
@@ -409,9 +409,10 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict,
 
 def _missed_target(target: str, before: ModelStats, after: ModelStats, latency: LatencyCheck | None = None,
                    round_to: int = 1) -> list[str]:
-    """A warning when a target share was missed by more than 2% (groups blocked or at their
-    floor hold the rest, or --round-to steps are coarser than the gap; for latency, what the
-    cost model did not foresee), nothing otherwise."""
+    """A warning when a target share was missed by more than 2%: passed (steps too coarse:
+    heads, blocks of grouped convolutions, --round-to) or not reached (groups blocked or at
+    their floor hold the rest); for latency, what the cost model did not foresee; nothing
+    otherwise."""
     kind, share = parse_target(target)
     if share is None:
         return []
@@ -420,6 +421,10 @@ def _missed_target(target: str, before: ModelStats, after: ModelStats, latency: 
     kept = getattr(after, kind) / max(getattr(before, kind), 1)
     if abs(kept - share) <= 0.02 * share:
         return []
+    steps = f" (and --round-to {round_to})" if round_to > 1 else ""
+    if kept < share:  # removal steps too coarse to stop nearer (grouped convolutions, heads, alignment)
+        return [f"the target {target} was passed: {kept:.1%} of the {kind} kept; the groups' removal steps "
+                f"(whole heads, blocks of grouped convolutions{steps}) could not stop nearer"]
     if round_to > 1:
         return [f"the target {target} was not reached: {kept:.1%} of the {kind} kept; channel counts move in steps "
                 f"of {round_to} (--round-to), and the closest step is this far off (or the rest sit in groups "
@@ -454,7 +459,7 @@ def pipeline() -> PassManager[PruneJob]:
     return PassManager([AnalysePass(), PlanPass(), ReconstructPass(), RewritePass(), VerifyPass()])
 
 
-def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, method: str = "magnitude",
+def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, method: str = DEFAULT_METHOD,
           input_shapes: dict[str, Shape] | None = None, exclude: list[str] | None = None, round_to: int | None = None,
           seed: int = 0, check: int = 8, min_cosine: float | None = None, plan: PruningPlan | None = None,
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,

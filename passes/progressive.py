@@ -250,7 +250,9 @@ class Progressive(Method):
             run.reconstructor.apply(run.plan, steps={t}, zero_removed=True)
 
     def _choose(self, run: _Run, active, pools, impact, quota, want, step_goal) -> dict[int, list[Candidate]]:
-        """Scheduled groups take their quota each; the others compete for the step's budget."""
+        """Scheduled groups take their quota each; the others compete for the step's budget,
+        less what the scheduled groups still owe in later steps (else the free groups spend
+        it first and the last steps overshoot: a digits ResNeXt at macs=0.36 kept 32.5%)."""
         chosen = {}
         for g in active:
             if g.id in run.scheduled:
@@ -261,18 +263,44 @@ class Progressive(Method):
         competing = [g for g in active if g.id not in run.scheduled]
         if competing:
             cost = run.cost
+            if step_goal is not None:
+                step_goal += self._owed(run, chosen)
             done = (cost.base - cost.total()) / max(cost.base - run.goal, 1e-9) if run.by_macs \
                 else run.removed / max(sum(run.targets.values()), 1)
             chosen.update(self._select_global(competing, pools, impact, step_goal, want, run.plans, run.caps,
                                               run.rng, done, cost, exact=run.budget.share is not None))
         return chosen
 
+    @staticmethod
+    def _owed(run: _Run, chosen: dict[int, list[Candidate]]) -> float:
+        """The cost the scheduled groups will still remove after this step's ``chosen``, at
+        today's sizes (grouped convolutions remove whole blocks, so they lag their schedule)."""
+        late = [g for g in run.groups if g.id in run.scheduled]
+        owed = {g.id: run.targets[g.id] - len(run.plans[g.id].remove) - len(chosen.get(g.id, ())) for g in late}
+        if not any(n > 0 for n in owed.values()):
+            return 0.0
+        return run.cost.total() - run.cost.after_uniform(late, {k: max(n, 0) for k, n in owed.items()})
+
     def _pool(self, group, gp, quota, norms, analysis, corrections, residual=None) -> list[Candidate]:
         if residual is not None:  # least squares: a unit's saliency is what the others cannot explain
             candidates = residual_candidates(group, gp, norms, residual)
         else:
             candidates = pair_candidates(group, gp, norms, unit_variance(group, analysis.moments), corrections)
-        return candidates[: max(quota, int(math.ceil(self.nominate * quota)), 4)]
+        size = max(quota, int(math.ceil(self.nominate * quota)), 4)
+        if group.balance is None:
+            return candidates[:size]
+        # Balanced groups (grouped convolutions) lose as many units in every block: nominate
+        # in every block, or a block the ranking skips stalls the whole group's step.
+        blocks = int(group.balance.max()) + 1
+        per_block = max(1, math.ceil(size / blocks))
+        seen: dict[int, int] = {}
+        nominated = []
+        for c in candidates:
+            block = int(group.balance[c.unit])
+            if seen.get(block, 0) < per_block:
+                seen[block] = seen.get(block, 0) + 1
+                nominated.append(c)
+        return nominated
 
     def _select_global(self, groups, pools, impact, goal, want, plans, caps, rng, progress, cost: MacModel,
                        exact: bool = False):

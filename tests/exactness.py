@@ -46,7 +46,7 @@ def prune_units(model: onnx.ModelProto, group_id: int, units: list[int], input_s
                 options=None) -> onnx.ModelProto:
     group = analyse(model, input_shapes, options).dep.groups[group_id]
     plan = PruningPlan("test", 0.5, 0, [GroupPlan(group.id, group.name, group.size, sorted(units))])
-    pruned, _ = prune(model, 0.5, plan=plan, input_shapes=input_shapes, check=1, options=options)
+    pruned, _ = prune(model, 0.5, plan=plan, input_shapes=input_shapes, check=1, options=options, method="magnitude")
     return pruned
 
 

@@ -51,7 +51,7 @@ def test_analysis_shapes_are_not_written_into_the_model():
     """The batch is symbolic in the model and 1 for analysis: the pruned model keeps it symbolic
     (in its signature and inside the branches) and runs at another batch size, both branches."""
     model = R.if_model(batch="N")
-    pruned, report = prune(model, 0.4, check=2)
+    pruned, report = prune(model, 0.4, check=2, method="magnitude")
     assert report.groups_pruned >= 2
     assert signature(pruned) == signature(model)
     assert pruned.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
@@ -68,7 +68,7 @@ def test_loop_body_reads_keep_their_channels_and_say_why():
     carried = _group(dep, ("c", 1))
     assert not carried.prunable and carried.reasons[0].kind is BlockKind.CONTROL_FLOW
     assert _group(dep, ("z", 1)).prunable
-    pruned, report = prune(model, 0.4, check=2)
+    pruned, report = prune(model, 0.4, check=2, method="magnitude")
     assert report.groups_pruned == 1 and signature(pruned) == signature(model)
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     assert session(pruned).run(None, {"x": x})[0].shape == (1, 4, 8, 8)
@@ -76,7 +76,7 @@ def test_loop_body_reads_keep_their_channels_and_say_why():
 
 def test_the_report_counts_the_weights_inside_branches():
     model = R.if_model()
-    _, report = prune(model, 0.4, check=1)
+    _, report = prune(model, 0.4, check=1, method="magnitude")
     branch_weights = 2 * (6 * 8 * 9 + 6)  # conv t and conv e
     assert report.before.params == (8 * 3 * 9 + 8) + branch_weights + (4 * 6 * 9 + 4)
     assert report.after.params < report.before.params and report.after.macs < report.before.macs
@@ -86,8 +86,8 @@ def test_the_report_counts_the_weights_inside_branches():
                          ids=["if", "bilstm"])
 def test_the_same_seed_gives_the_same_bytes(make):
     model = make()
-    first, _ = prune(model, 0.4, check=1)
-    second, _ = prune(model, 0.4, check=1)
+    first, _ = prune(model, 0.4, check=1, method="magnitude")
+    second, _ = prune(model, 0.4, check=1, method="magnitude")
     assert first.SerializeToString() == second.SerializeToString()
 
 

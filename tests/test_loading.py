@@ -26,7 +26,7 @@ def test_external_data_round_trip(tmp_path):
     onnx.save(nets.resnet(), str(src), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
     model, external = load_model_info(src)
     assert external
-    pruned, _ = prune(model, 0.4)
+    pruned, _ = prune(model, 0.4, method="magnitude")
     written = save_model(pruned, tmp_path / "out.onnx", external_data=True)
     assert [p.name for p in written] == ["out.onnx", "out.onnx.data"]
     reloaded, external = load_model_info(tmp_path / "out.onnx")
@@ -44,8 +44,8 @@ def _weights_as_constant_nodes(model):
 
 def test_constant_node_weights_prune_like_initializers():
     plain, as_nodes = nets.resnet(), _weights_as_constant_nodes(nets.resnet())
-    a, _ = prune(plain, 0.4)
-    b, _ = prune(as_nodes, 0.4)
+    a, _ = prune(plain, 0.4, method="magnitude")
+    b, _ = prune(as_nodes, 0.4, method="magnitude")
     shapes = {"x": (1, 3, 8, 8)}
     for x, y in zip(_outputs(a, shapes), _outputs(b, shapes)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
@@ -90,7 +90,7 @@ def test_shared_initializer_is_copied_before_slicing():
     assert len(groups) == 3
     for g in groups:
         assert_exact(model, g.id, [1, 2, 5])
-    pruned, _ = prune(model, 0.5)
+    pruned, _ = prune(model, 0.5, method="magnitude")
     b, c = [n for n in pruned.graph.node if n.op_type == "Conv"][1:]
     assert b.input[1] != c.input[1]  # `shared` was copied, each copy sliced for its own groups
 
@@ -116,7 +116,7 @@ def test_torch_exports_prune_and_keep_a_dynamic_batch(name):
     if not path.exists():
         pytest.skip(f"{path} not built")
     model, _ = load_model_info(path)
-    pruned, report = prune(model, 0.4, check=2)
+    pruned, report = prune(model, 0.4, check=2, method="magnitude")
     assert report.groups_pruned > 0 and report.after.params < report.before.params
     x = np.random.default_rng(0).random((5, 1, 32, 32), dtype=np.float32)
     (logits,) = session(pruned).run(None, {"input": x})
@@ -166,7 +166,7 @@ def test_unsorted_fp16_model_is_sorted_and_keeps_its_dtypes(tmp_path):
     loaded, _ = load_model_info(tmp_path / "fp16.onnx")
     onnx.checker.check_model(loaded)
     assert {t.data_type for t in loaded.graph.initializer} == {onnx.TensorProto.FLOAT16}
-    pruned, report = prune(loaded, 0.4, check=1)
+    pruned, report = prune(loaded, 0.4, check=1, method="magnitude")
     assert report.groups_pruned > 0
     assert {t.data_type for t in pruned.graph.initializer if t.dims} <= {onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64}
 

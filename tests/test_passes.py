@@ -44,12 +44,12 @@ def test_same_seed_gives_the_same_bytes():
 
 
 def test_plan_json_round_trip_reapplies_to_the_same_model():
-    pruned, report = prune(nets.concat_net(), 0.5)
+    pruned, report = prune(nets.concat_net(), 0.5, method="magnitude")
     plan = PruningPlan.from_json(report.plan.to_json())
-    again, _ = prune(nets.concat_net(), 0.5, plan=plan)
+    again, _ = prune(nets.concat_net(), 0.5, plan=plan, method="magnitude")
     assert again.SerializeToString() == pruned.SerializeToString()
     with pytest.raises(UserError, match="another model"):
-        prune(nets.resnet(), 0.5, plan=plan)
+        prune(nets.resnet(), 0.5, plan=plan, method="magnitude")
 
 
 def test_ratio_removes_rounded_share_and_keeps_one():
@@ -59,7 +59,7 @@ def test_ratio_removes_rounded_share_and_keeps_one():
 
 
 def test_round_to_keeps_aligned_widths():
-    pruned, report = prune(materialise("resnet50"), 0.3, round_to=8, check=1)
+    pruned, report = prune(materialise("resnet50"), 0.3, round_to=8, check=1, method="magnitude")
     widths = [t.dims[0] for t in pruned.graph.initializer if len(t.dims) == 4]
     assert widths and all(w % 8 == 0 for w in widths)
 
@@ -78,6 +78,6 @@ def test_exclude_protects_the_groups_touching_matching_nodes():
 
 def test_invalid_ratio_and_method_are_user_errors():
     with pytest.raises(UserError):
-        prune(nets.mlp(), 1.0)
+        prune(nets.mlp(), 1.0, method="magnitude")
     with pytest.raises(UserError):
         prune(nets.mlp(), 0.5, method="nope")

@@ -37,7 +37,7 @@ def test_a_probe_row_equals_the_pruned_and_compensated_model():
     for row, merge in ((1, ([], [])), (2, ([9], [0.7]))):
         gp = GroupPlan(group.id, group.name, group.size, [5], merge_into=merge[0], merge_scale=merge[1],
                        merge_corr=[0.0] * len(merge[0]))
-        pruned, _ = prune(model, 0.5, plan=PruningPlan("test", 0.5, 0, [gp]), input_range=(0.0, 1.0))
+        pruned, _ = prune(model, 0.5, plan=PruningPlan("test", 0.5, 0, [gp]), input_range=(0.0, 1.0), method="magnitude")
         np.testing.assert_allclose(out[row], session(pruned).run(None, {"x": x})[0], rtol=1e-4, atol=1e-5)
 
 
@@ -98,12 +98,12 @@ def test_a_least_squares_probe_row_equals_the_reconstructed_model(monkeypatch):
     out = probe.run({mask_name(group): masks})
     plan = PruningPlan("test", 0.1, 0, [GroupPlan(group.id, group.name, group.size, [3])],
                        reconstruction="least-squares")
-    pruned, _ = prune(model, 0.1, plan=plan, input_range=(0.0, 1.0))
+    pruned, _ = prune(model, 0.1, plan=plan, input_range=(0.0, 1.0), method="magnitude")
     # The commit also lowers downstream BatchNorm variances; the probe does not (measured
     # without it, like the pair merges): compare with that correction off.
     from onnxprune.passes.reconstruct import Reconstructor
     monkeypatch.setattr(Reconstructor, "_reduce_variance", lambda *a, **k: None)
-    plain, _ = prune(model, 0.1, plan=plan, input_range=(0.0, 1.0))
+    plain, _ = prune(model, 0.1, plan=plan, input_range=(0.0, 1.0), method="magnitude")
     run = lambda m: np.concatenate([session(m).run(None, {"x": x[None]})[0] for x in probe.inputs["x"]])  # noqa: E731
     # float32 weights against the probe's float32 estimate: equal to about 1e-3
     assert np.linalg.norm(run(plain) - out[0]) < 3e-3 * np.linalg.norm(out[0])

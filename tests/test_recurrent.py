@@ -140,7 +140,7 @@ def test_magnitude_removes_the_weak_units_and_the_model_still_runs(form):
     for d in range(form.dirs):
         arrays["w1"][[d * R.HIDDEN + u for u in UNITS]] *= 1e-3
     weak = _replace(model, arrays)
-    pruned, report = prune(weak, len(UNITS) / R.HIDDEN, exclude=["proj"], check=2)
+    pruned, report = prune(weak, len(UNITS) / R.HIDDEN, exclude=["proj"], check=2, method="magnitude")
     hidden = R.hidden_group(analyse(weak).dep)
     assert [sorted(g.remove) for g in report.plan.groups if g.group == hidden.id] == [UNITS]
     assert signature(pruned) == signature(weak)
@@ -194,7 +194,7 @@ def test_a_state_input_of_its_own_shape_is_fed_whole_to_every_probe():
     """h0 [dirs, batch, H] is fully static here and has no axis of the first input's leading
     size: the fidelity check feeds it unchanged with every sample instead of stacking it."""
     model = R.recurrent(R.Form(initial="input"))
-    pruned, report = prune(model, 0.4, check=3)
+    pruned, report = prune(model, 0.4, check=3, method="magnitude")
     assert report.groups_pruned == 1 and report.fidelity.probes == 3
     assert signature(pruned) == signature(model)
 
@@ -205,4 +205,4 @@ def test_a_model_onnxruntime_cannot_run_itself_is_a_clear_user_error():
     from onnxprune.errors import UserError
 
     with pytest.raises(UserError, match="cannot run the model itself"):
-        prune(R.recurrent(R.Form(layout=1)), 0.4, check=1)
+        prune(R.recurrent(R.Form(layout=1)), 0.4, check=1, method="magnitude")

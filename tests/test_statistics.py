@@ -97,7 +97,8 @@ def test_least_squares_makes_a_redundant_unit_free(reconstruction):
     # the fit is measured on the inputs the check uses (class-inverted inputs of this toy
     # classifier span fewer directions than uniform ones: that is the evidence, not the fit)
     uniform = {"x": np.random.default_rng(4).uniform(0, 1, (64, 8)).astype(np.float32)}
-    pruned, _ = prune(model, 0.1, plan=plan, input_shapes={"x": (1, 8)}, input_range=(0.0, 1.0), calibration=uniform)
+    pruned, _ = prune(model, 0.1, plan=plan, input_shapes={"x": (1, 8)}, input_range=(0.0, 1.0), calibration=uniform,
+                      method="magnitude")
     x = np.random.default_rng(3).uniform(0, 1, (32, 8)).astype(np.float32)
     y0, y1 = session(model).run(None, {"x": x})[0], session(pruned).run(None, {"x": x})[0]
     error = np.linalg.norm(y1 - y0) / np.linalg.norm(y0)

@@ -65,7 +65,7 @@ def _group_of(analysis, producer_op: str, index: int = 0):
 
 def _prune_units(model, group, units):
     plan = PruningPlan("test", 0.5, 0, [GroupPlan(group.id, group.name, group.size, sorted(units))])
-    pruned, _ = prune(model, 0.5, plan=plan, check=1)
+    pruned, _ = prune(model, 0.5, plan=plan, check=1, method="magnitude")
     return pruned
 
 
@@ -79,7 +79,7 @@ def test_quantize_dynamic_cnn_finds_integer_groups_and_stays_quantized(tmp_path)
     analysis = analyse(model)
     prunable = analysis.dep.prunable_groups()
     assert {n.op for g in prunable for n in g.producers} >= {"ConvInteger"}
-    pruned, report = prune(model, 0.4, check=2)
+    pruned, report = prune(model, 0.4, check=2, method="magnitude")
     onnx.checker.check_model(pruned, full_check=True)
     ops = _ops(pruned)
     assert all(ops.get(op, 0) == _ops(model)[op] for op in QUANT_OPS)  # still quantized
@@ -189,7 +189,7 @@ def test_output_repeated_in_value_info_without_shape_keeps_its_declared_shape():
     the pruned model must still declare the output's shape (the checker requires it)."""
     model = _cnn()
     model.graph.value_info.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
-    pruned, _ = prune(model, 0.4, check=1)
+    pruned, _ = prune(model, 0.4, check=1, method="magnitude")
     onnx.checker.check_model(pruned, full_check=True)
     dims = [d.dim_value for d in pruned.graph.output[0].type.tensor_type.shape.dim]
     assert dims == [1, 10]
@@ -198,7 +198,7 @@ def test_output_repeated_in_value_info_without_shape_keeps_its_declared_shape():
 @pytest.mark.parametrize("ratio", [0.2, 0.4])
 def test_quantized_model_prunes_validly_at_ratio(tmp_path, ratio):
     model = _quantize(_cnn(), tmp_path)
-    pruned, _ = prune(model, ratio, check=2)
+    pruned, _ = prune(model, ratio, check=2, method="magnitude")
     onnx.checker.check_model(pruned, full_check=True)
     assert [o.name for o in pruned.graph.output] == ["y"]
 
@@ -221,7 +221,7 @@ def test_state_and_scalar_inputs_are_fed_whole_in_the_fidelity_check():
     analysis = analyse(model)
     assert analysis.sample_axes == {"x": 0, "state": 1, "sr": None}  # samples stack on the state's batch axis
     assert analysis.synthetic(4, 0).arrays["state"].shape == (3, 4, 8)
-    pruned, report = prune(model, 0.4, check=3)
+    pruned, report = prune(model, 0.4, check=3, method="magnitude")
     onnx.checker.check_model(pruned, full_check=True)
     assert report.groups_pruned == 1 and report.fidelity.probes == 3
 
@@ -410,7 +410,7 @@ def test_written_out_layer_norm_is_opt_in_and_then_a_layer_norm_over_the_kept_ch
                  if g.producers and g.producers[0].outputs[0].name == "h")
     assert group.prunable, group.blocked
     plan = PruningPlan("test", 0.5, 0, [GroupPlan(group.id, group.name, group.size, [2, 5])])
-    pruned, _ = prune(model, 0.5, plan=plan, check=1, options=options, compensate=False)
+    pruned, _ = prune(model, 0.5, plan=plan, check=1, options=options, compensate=False, method="magnitude")
     onnx.checker.check_model(pruned, full_check=True)
     x = np.random.default_rng(3).standard_normal((2, 5)).astype(np.float32)
     got = session(pruned).run(None, {"x": x})[0]

@@ -70,7 +70,7 @@ def zero_everywhere(analysis, group, units) -> tuple[onnx.ModelProto, dict[str, 
 
 def prune_plan(model, group, units, shapes, options):
     plan = PruningPlan("test", 0.5, 0, [GroupPlan(group.id, group.name, group.size, list(units))])
-    return prune(model, 0.5, plan=plan, input_shapes=shapes, options=options, check=1)
+    return prune(model, 0.5, plan=plan, input_shapes=shapes, options=options, check=1, method="magnitude")
 
 
 def is_heads(group) -> bool:
@@ -117,7 +117,7 @@ def test_fused_qkv_loses_the_same_head_of_q_k_and_v(name):
 @pytest.mark.parametrize("name", sorted(EXPORTS))
 def test_pruned_model_keeps_dynamic_batch_and_sequence(name):
     model, shapes = load(name), EXPORTS[name]
-    pruned, report = prune(model, 0.4, input_shapes=shapes, check=2)
+    pruned, report = prune(model, 0.4, input_shapes=shapes, check=2, method="magnitude")
     # (what the check reads is not this test's subject: class-inverted inputs of the digits ViT
     # without --input-range read it harshly)
     assert report.after.params < report.before.params and np.isfinite(report.fidelity.cosine)
@@ -136,7 +136,7 @@ def test_pruned_model_keeps_dynamic_batch_and_sequence(name):
 
 def test_ort_attention_is_pruned_and_its_head_count_follows():
     model = load("encoders/bert_ort.onnx")
-    pruned, _ = prune(model, 0.5, input_shapes=TOKENS, check=1)
+    pruned, _ = prune(model, 0.5, input_shapes=TOKENS, check=1, method="magnitude")
     heads = [a.i for n in pruned.graph.node if n.op_type == "Attention" for a in n.attribute if a.name == "num_heads"]
     weights = {i.name: list(i.dims) for i in pruned.graph.initializer}
     assert heads == [2, 2] and weights["Attention_0_qkv_weight"] == [64, 96]
@@ -288,7 +288,7 @@ def test_prune_hidden_slices_every_member_consistently(name):
 
 def test_attention_mask_and_positions_pass_untouched():
     model = load("encoders/bert.onnx")
-    pruned, _ = prune(model, 0.4, input_shapes=TOKENS, check=1)
+    pruned, _ = prune(model, 0.4, input_shapes=TOKENS, check=1, method="magnitude")
     before = {i.name: list(i.dims) for i in model.graph.initializer}
     after = {i.name: list(i.dims) for i in pruned.graph.initializer}
     for table in ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
@@ -321,7 +321,7 @@ def test_prune_head_dim_through_a_fused_qkv_projection_stays_valid():
     """nn.MultiheadAttention's packed projection needs equal Q, K and V widths, so channel d
     of every head goes from Q, K and V together: valid and dynamic, not zero-contribution."""
     model, shapes = load("encoders/mha_dynamo.onnx"), EXPORTS["encoders/mha_dynamo.onnx"]
-    pruned, report = prune(model, 0.25, input_shapes=shapes, options={"prune_head_dim": True}, check=2)
+    pruned, report = prune(model, 0.25, input_shapes=shapes, options={"prune_head_dim": True}, check=2, method="magnitude")
     assert report.after.params < report.before.params
     assert any(list(i.dims) == [64, 144] for i in pruned.graph.initializer)  # 3 x 4 heads x 12
     for batch, seq in SIZES:

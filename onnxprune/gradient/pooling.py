@@ -109,4 +109,4 @@ def _avgpool(b, n, g):
 def _global_avgpool(b, n, g):
     x, y = n.input[0], n.output[0]
     count = b.add("Cast", [b.add("Div", [b.add("Size", [x]), b.add("Size", [y])])], to=b.static.elem(x))
-    return [b.add("Div", [b.add("Expand", [g[0], b.add("Shape", [x])]), count])]
+    return [b.add("Expand", [b.add("Div", [g[0], count]), b.add("Shape", [x])])]  # divide before broadcasting

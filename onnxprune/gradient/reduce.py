@@ -1,5 +1,5 @@
 """Backward rules of ReduceSum and ReduceMean: the gradient is broadcast back over the
-reduced axes (divided by the count for a mean)."""
+reduced axes (divided by the count for a mean, before it is broadcast)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ def _reduce(b, n, g):
     if axes and not a.get("keepdims", 1):
         r = b.static.rank(x)
         G = b.unsqueeze(G, sorted(v % r for v in axes))
-    out = b.add("Expand", [G, b.add("Shape", [x])])
-    if n.op_type == "ReduceMean":
+    if n.op_type == "ReduceMean":  # divided while it is small, then broadcast
         count = b.add("Cast", [b.add("Div", [b.add("Size", [x]), b.add("Size", [y])])], to=b.static.elem(x))
-        out = b.add("Div", [out, count])
-    return [out]
+        G = b.add("Div", [G, count])
+    return [b.add("Expand", [G, b.add("Shape", [x])])]
