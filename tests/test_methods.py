@@ -25,8 +25,8 @@ def _accuracy(model, name):
 
 def test_compensation_rescues_magnitude_pruning_on_vgg():
     path = MODELS / "vgg.onnx"
-    raw, _ = prune(path, 0.3, compensate=False, input_range=(0.0, 1.0), check=1)
-    fixed, _ = prune(path, 0.3, input_range=(0.0, 1.0), check=1)
+    raw, _ = prune(path, 0.3, method="magnitude", compensate=False, input_range=(0.0, 1.0), check=1)
+    fixed, _ = prune(path, 0.3, method="magnitude", input_range=(0.0, 1.0), check=1)
     acc_raw, acc_fixed = _accuracy(raw, "digits_test_32x32.npz"), _accuracy(fixed, "digits_test_32x32.npz")
     assert acc_fixed > 0.95 and acc_fixed > acc_raw + 0.1
 
