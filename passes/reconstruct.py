@@ -223,7 +223,7 @@ class Reconstructor:
                     moved[to_param[keep]] += np.tensordot(b.T, moved[to_param[rem]], axes=(1, 0))
             for atom in removed:
                 p.add_columns(values, int(to_param[atom]), int(to_param[atom]), -1.0)
-            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype))
+            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype), p.axis)
             self._shift_bias(member.node, shift)
             if self.variance:
                 self._reduce_variance(member.node, drop)
@@ -263,7 +263,7 @@ class Reconstructor:
                         p.add_columns(values, int(to_param[dst[k]]), int(to_param[atom]), scale)
                     if zero_removed:
                         p.add_columns(values, int(to_param[atom]), int(to_param[atom]), -1.0)
-            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype))
+            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype), p.axis)
             self._shift_bias(member.node, shift)
             if self.variance:
                 self._reduce_variance(member.node, drop)
