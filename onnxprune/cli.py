@@ -205,10 +205,17 @@ def run_prune(argv: list[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     src = Path(args.input)
     _targets(args, [src])
+    from onnxprune.ir import holding
+
+    with holding():  # a large model's weights stay in one place, from reading to writing
+        return _prune_and_write(args, src)
+
+
+def _prune_and_write(args, src: Path) -> int:
     from onnxprune.ir import check_runs, input_specs, keep_ir_version, load_model_info, parse_input_shapes
 
     with stage("load"):
-        model, external = load_model_info(src)
+        model, external = load_model_info(src, hold=True)
     _targets(args, [src, *external])
     shapes = parse_input_shapes(args.input_shape)
     with stage("check input"):

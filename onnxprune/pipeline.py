@@ -278,7 +278,7 @@ class RewritePass(_Timed):
             graph = apply_plan(graph, dep, plan, plan.corrections if plan.compensate else None)
             job.pruned_graph = DedupeConstants()(graph).value
         with stage("export"):
-            job.pruned = to_model(job.pruned_graph, job.analysis.model)
+            job.pruned = to_model(job.pruned_graph, job.analysis.model, hold=True)
 
     def ensures(self, job):
         with stage("check"):
