@@ -72,17 +72,23 @@ def run(path: Path, ratio: float = 0.4, method: str = "magnitude") -> dict:
     profile = path.with_name("big-profile.json")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     argv = [str(path), str(out), "--ratio", str(ratio), "--method", method]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     result = subprocess.run([sys.executable, __file__, "--child", str(profile), "--", *argv], env=env,
                             capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     stages = json.loads(profile.read_text()) if profile.exists() else {}
     peak = stages.pop("", {}).get("peak_rss", 0) or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     size = path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
     written = sum(p.stat().st_size for p in out.parent.glob(out.name + "*"))
     return {"exit": result.returncode, "stderr": result.stderr.strip().splitlines()[-1:], "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1),
             "peak_rss_mb": round(peak / 2**20), "model_mb": round(size / 2**20), "peak_over_size": round(peak / size, 2),
             "written_mb": round(written / 2**20), "stages": stages}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def child(profile: Path, argv: list[str]) -> int:
