@@ -3,6 +3,10 @@
     python bench/bigmodel.py /tmp/big            # writes /tmp/big/big.onnx (+ .data), ~600 MB
     python bench/bigmodel.py /tmp/big --run      # and prunes it: wall time, peak RSS vs size
 
+``--run`` prints a table of the stages (``onnxprune.profiling``, with memory tracking on):
+inclusive seconds and the peak resident memory while each ran, and its ratio to the size of
+the model on disk (the ``.onnx`` and its ``.data``).
+
 The model is a chain of Gemm+Relu layers (``--layers`` of ``--width``², float32) ending in
 a 1000-way Gemm; its weights are written straight to the data file, layer by layer, so
 generating it needs little memory. Nothing here is committed but this script.
@@ -11,6 +15,7 @@ generating it needs little memory. Nothing here is committed but this script.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -62,22 +67,70 @@ def build(folder: Path, layers: int = 9, width: int = 4096, classes: int = 1000,
 
 
 def run(path: Path, ratio: float = 0.4, method: str = "magnitude") -> dict:
-    """Prune ``path`` with the CLI in a child process: wall time, the child's peak RSS."""
+    """Prune ``path`` with the CLI in a child process: wall time, peak RSS overall and per stage."""
     out = path.with_name("big-pruned.onnx")
+    profile = path.with_name("big-profile.json")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "onnxprune.cli", str(path), str(out), "--ratio", str(ratio),
-                             "--method", method], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    argv = [str(path), str(out), "--ratio", str(ratio), "--method", method]
+    t0, cpu0 = time.perf_counter(), _children_cpu()
+    result = subprocess.run([sys.executable, __file__, "--child", str(profile), "--", *argv], env=env,
+                            capture_output=True, text=True, cwd=ROOT)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+    stages = json.loads(profile.read_text()) if profile.exists() else {}
+    peak = stages.pop("", {}).get("peak_rss", 0) or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     size = path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
     written = sum(p.stat().st_size for p in out.parent.glob(out.name + "*"))
     return {"exit": result.returncode, "stderr": result.stderr.strip().splitlines()[-1:], "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1),
             "peak_rss_mb": round(peak / 2**20), "model_mb": round(size / 2**20), "peak_over_size": round(peak / size, 2),
-            "written_mb": round(written / 2**20)}
+            "written_mb": round(written / 2**20), "stages": stages}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child(profile: Path, argv: list[str]) -> int:
+    """Run the CLI here with per-stage memory tracking; write the stage tree to ``profile``."""
+    from onnxprune import profiling
+    from onnxprune.cli import main as cli
+
+    if not profiling.track_memory():
+        print("cannot track per-stage memory here (no /proc/self/clear_refs)", file=sys.stderr)
+    code = cli(argv)
+    prof = profiling.current()
+    rows = {"": {"peak_rss": prof.peak_rss.get((), 0)}}
+    order = list(prof.seconds)  # as stages ended: an inner stage before the one holding it
+
+    def started(path):  # a subtree's place: the first of its stages to end
+        return tuple(min(k for k, p in enumerate(order) if p[:i] == path[:i]) for i in range(1, len(path) + 1))
+
+    for path in sorted(prof.seconds, key=started):
+        if path:
+            inclusive = sum(s for p, s in prof.seconds.items() if p[:len(path)] == path)
+            rows["/".join(path)] = {"calls": prof.calls.get(path, 0), "seconds": inclusive,
+                                    "peak_rss": prof.peak_rss.get(path, 0)}
+    profile.write_text(json.dumps(rows, indent=1))
+    return code
+
+
+def stage_table(report: dict, depth: int = 2) -> str:
+    """The stages as a markdown table: inclusive seconds, peak RSS and its ratio to the model."""
+    size = report["model_mb"]
+    lines = ["| stage | s | peak RSS MB | peak / size |", "|---|---:|---:|---:|"]
+    for name, row in report["stages"].items():
+        if name.count("/") < depth:
+            mb = row["peak_rss"] / 2**20
+            lines.append(f"| {'&nbsp;&nbsp;' * name.count('/')}{name.rsplit('/', 1)[-1]} | {row['seconds']:.1f} | "
+                         f"{mb:.0f} | {mb / size:.2f} |")
+    lines.append(f"| **whole run** | {report['wall_s']:.1f} | {report['peak_rss_mb']} | {report['peak_over_size']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        sys.exit(child(Path(sys.argv[2]), sys.argv[4:]))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--layers", type=int, default=9)
@@ -92,7 +145,9 @@ def main() -> None:
     onnx.checker.check_model(str(path))
     print(f"{path}: {(path.stat().st_size + path.with_name(path.name + '.data').stat().st_size) / 2**20:.0f} MB")
     if args.run:
-        print(run(path, args.ratio, args.method))
+        report = run(path, args.ratio, args.method)
+        print(stage_table(report))
+        print(json.dumps({k: v for k, v in report.items() if k != "stages"}))
 
 
 if __name__ == "__main__":

@@ -218,16 +218,22 @@ def analyse(model: Model | str | os.PathLike, input_shapes: dict[str, Shape] | N
     """Lower a model and build its channel dependency graph. ``calibration`` (arrays by input
     name, samples first) replaces the synthetic inputs; it must match the concrete input shapes."""
     if not isinstance(model, Model):
-        model = load_model(model)
+        with stage("load"):
+            model = load_model(model)
     shapes_in = concrete_input_shapes(model, input_shapes or {})
     if calibration is not None:
         specs = [replace(spec, dims=tuple(shapes_in[spec.name])) for spec in input_specs(model)]
         calibration = check_calibration(calibration, specs, getattr(calibration, "origin", "arrays passed in"))
-    graph = PassManager(lowering_passes())(import_graph(model)).value
-    lower_branches(graph)
-    graph.cleanup().toposort()
-    shapes = resolve_shapes(skeleton(graph, model), shapes_in)
-    dep = DependencyGraph(graph, shapes, options)
+    with stage("import"):
+        graph = import_graph(model)
+    with stage("lower"):
+        graph = PassManager(lowering_passes())(graph).value
+        lower_branches(graph)
+        graph.cleanup().toposort()
+    with stage("shapes"):
+        shapes = resolve_shapes(skeleton(graph, model), shapes_in)
+    with stage("dependency graph"):
+        dep = DependencyGraph(graph, shapes, options)
     if input_range is not None and not input_range[0] < input_range[1]:
         raise UserError(f"--input-range needs LOW < HIGH, got {input_range[0]:g},{input_range[1]:g}")
     return Analysis(model, graph, shapes_in, shapes, dep, input_range, calibration)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from onnxprune import __version__
 from onnxprune.errors import FidelityError, OnnxPruneError, UserError
+from onnxprune.profiling import stage
 from onnxprune.writer import Interrupted, Transaction, check_target, handle_signals, remove_live_temporaries, same_file
 
 #: --method's choices and what each does (tests/test_cli.py checks them against the registry,
@@ -210,12 +211,21 @@ def run_prune(argv: list[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     src = Path(args.input)
     _targets(args, [src])
+    from onnxprune.ir import holding
+
+    with holding():  # a large model's weights stay in one place, from reading to writing
+        return _prune_and_write(args, src)
+
+
+def _prune_and_write(args, src: Path) -> int:
     from onnxprune.ir import check_runs, input_specs, keep_ir_version, load_model_info, parse_input_shapes
 
-    model, external = load_model_info(src)
+    with stage("load"):
+        model, external = load_model_info(src, hold=True)
     _targets(args, [src, *external])
     shapes = parse_input_shapes(args.input_shape)
-    check_runs(model, shapes)
+    with stage("check input"):
+        check_runs(model, shapes)
 
     from onnxprune.evidence.calibration import load_calibration
     from onnxprune.pipeline import prune
@@ -247,7 +257,8 @@ def run_prune(argv: list[str]) -> int:
     _print_report(report, latency)
     keep_ir_version(pruned, model.ir_version)
     del model  # the input's weights are no longer needed: only the pruned model is written
-    return _write(args, pruned, report, latency, failure, external)
+    with stage("write"):
+        return _write(args, pruned, report, latency, failure, external)
 
 
 def _print_report(report, latency) -> None:

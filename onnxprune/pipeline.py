@@ -207,13 +207,19 @@ class _Timed(Pass[PruneJob]):
     def run(self, job: PruneJob) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def __call__(self, job: PruneJob) -> PassResult[PruneJob]:
+        # the stage holds the checks too: the rewrite's (onnx.checker) cost time and memory
+        t0 = time.perf_counter()
+        with stage(self.stage):
+            result = super().__call__(job)
+        if result.modified:
+            job.seconds[self.stage] = job.seconds.get(self.stage, 0.0) + time.perf_counter() - t0
+        return result
+
     def call(self, job: PruneJob) -> PassResult[PruneJob]:
         if self.done(job):
             return PassResult(job, False)
-        t0 = time.perf_counter()
-        with stage(self.stage):
-            self.run(job)
-        job.seconds[self.stage] = job.seconds.get(self.stage, 0.0) + time.perf_counter() - t0
+        self.run(job)
         return PassResult(job, True)
 
 
@@ -296,13 +302,16 @@ class RewritePass(_Timed):
 
     def run(self, job):
         plan = job.plan
-        graph, dep = fork(job.analysis.graph, job.analysis.dep)
-        graph = apply_plan(graph, dep, plan, plan.corrections if plan.compensate else None)
-        job.pruned_graph = DedupeConstants()(graph).value
-        job.pruned = to_model(job.pruned_graph, job.analysis.model)
+        with stage("slice"):
+            graph, dep = fork(job.analysis.graph, job.analysis.dep)
+            graph = apply_plan(graph, dep, plan, plan.corrections if plan.compensate else None)
+            job.pruned_graph = DedupeConstants()(graph).value
+        with stage("export"):
+            job.pruned = to_model(job.pruned_graph, job.analysis.model, hold=True)
 
     def ensures(self, job):
-        check_model(job.pruned)
+        with stage("check"):
+            check_model(job.pruned)
         before, after = signature(job.analysis.model), signature(job.pruned)
         if before != after:
             raise InternalError(f"the pruned model's signature changed: {before} -> {after}")

@@ -42,24 +42,72 @@ class GroupPlan:
 
 
 @dataclass
-class Corrections:
-    """What reconstruction changes in the kept weights, as data: new values for constants of
-    the analysed graph (by tensor name: consumer weights, biases, BatchNorm variances) and
-    biases for nodes that had none (by node name). The analysed graph never changes; views of
-    it and the rewriter apply these."""
+class Patch:
+    """New values for some slices of a constant: ``values`` replace the slices ``index`` along
+    ``axis`` of the analysed array (``axis`` None: ``values`` is the whole array)."""
 
-    values: dict[str, np.ndarray] = field(default_factory=dict)
+    axis: int | None
+    index: np.ndarray
+    values: np.ndarray
+
+    def apply(self, original) -> np.ndarray:
+        """A new array: ``original`` with the patch in."""
+        if self.axis is None:
+            return np.array(self.values, copy=True)
+        out = np.array(original, copy=True)
+        where = [slice(None)] * out.ndim
+        where[self.axis] = self.index
+        out[tuple(where)] = self.values
+        return out
+
+
+def _changed_slices(new: np.ndarray, old: np.ndarray, axis: int) -> np.ndarray:
+    """The indices along ``axis`` where ``new`` and ``old`` differ in any bit (a -0.0 that became
+    0.0 too: the rewriter must write what reconstruction computed, byte for byte)."""
+    if new.itemsize in (1, 2, 4, 8):
+        bits = np.dtype(f"u{new.itemsize}")
+        differ = new.view(bits) != old.view(bits)
+    else:  # complex and other wide types: compare their bytes
+        differ = (np.ascontiguousarray(new).view(np.uint8).reshape(*new.shape, -1)
+                  != np.ascontiguousarray(old).view(np.uint8).reshape(*old.shape, -1)).any(axis=-1)
+    others = tuple(i for i in range(new.ndim) if i != axis)
+    return np.flatnonzero(differ.any(axis=others) if others else differ)
+
+
+@dataclass
+class Corrections:
+    """What reconstruction changes in the kept weights, as data: patches of constants of the
+    analysed graph (by tensor name: the slices of consumer weights, biases and BatchNorm
+    variances that changed, not whole arrays: a weight is often 100M floats, of which a merge
+    changes a few columns) and biases for nodes that had none (by node name). The analysed
+    graph never changes; views of it and the rewriter apply these."""
+
+    patches: dict[str, Patch] = field(default_factory=dict)
     biases: dict[str, np.ndarray] = field(default_factory=dict)
 
     def read(self, tensor) -> np.ndarray:
-        """The constant's values as corrected so far."""
-        return self.values[tensor.name] if tensor.name in self.values else np.asarray(tensor.values)
+        """The constant's values as corrected so far (the analysed array itself, not a copy,
+        where nothing was corrected: read-only to the caller)."""
+        patch = self.patches.get(tensor.name)
+        return np.asarray(tensor.values) if patch is None else patch.apply(tensor.values)
 
-    def write(self, tensor, values: np.ndarray) -> None:
-        self.values[tensor.name] = values
+    def write(self, tensor, values: np.ndarray, axis: int = -1) -> None:
+        """Record ``values`` as the constant's corrected values: the slices along ``axis`` that
+        differ from the analysed values (the consumer's input-channel axis for a weight)."""
+        original = np.asarray(tensor.values)
+        values = np.asarray(values)
+        if values.shape != original.shape or values.dtype != original.dtype or values.ndim == 0:
+            self.patches[tensor.name] = Patch(None, np.arange(0), np.array(values, copy=True))
+            return
+        axis %= values.ndim
+        changed = _changed_slices(values, original, axis)
+        if len(changed):
+            self.patches[tensor.name] = Patch(axis, changed, np.take(values, changed, axis=axis))
+        else:
+            self.patches.pop(tensor.name, None)
 
     def __bool__(self) -> bool:
-        return bool(self.values or self.biases)
+        return bool(self.patches or self.biases)
 
 
 @dataclass

@@ -4,6 +4,12 @@ Code marks its expensive parts with ``with stage("distill"):``; stages nest, and
 entry counts only the time not spent in a stage below it (so the entries add up to the
 whole). ``bench/profile.py`` and ``onnxprune ... -v`` print the tree. Recording is always on:
 it costs two clock reads per stage, and stages are coarse (a session, a run, a fit).
+
+:func:`track_memory` (off by default; ``bench/bigmodel.py`` turns it on) also records each
+stage's peak resident memory: at every stage boundary the kernel's high-water mark is read and
+reset (Linux ``/proc/self/clear_refs``), so the peak of a stage is its own, not an earlier
+stage's. Resetting it also resets what ``getrusage`` reports for this process: the profile's
+``peak_rss[()]`` is the whole run's peak instead.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ class Profile:
 
     seconds: dict[tuple[str, ...], float] = field(default_factory=dict)
     calls: dict[tuple[str, ...], int] = field(default_factory=dict)
+    #: Peak resident bytes while each stage ran, its inner stages included (``()``: the whole
+    #: profile); only with :func:`track_memory`.
+    peak_rss: dict[tuple[str, ...], int] = field(default_factory=dict)
 
     def total(self) -> float:
         return sum(self.seconds.values())
@@ -49,17 +58,61 @@ class Profile:
 
 _stack: list[_Frame] = []
 _current = Profile()
+_STATUS, _CLEAR_REFS = "/proc/self/status", "/proc/self/clear_refs"
+#: Whether stage boundaries read (and reset) the resident high-water mark.
+_tracking = False
+
+
+def track_memory(on: bool = True) -> bool:
+    """Record each stage's peak resident memory from now on (``on``); whether this system
+    can (Linux, with a resettable high-water mark)."""
+    global _tracking
+    _tracking = False
+    if on and _high_water() is not None and _reset_high_water():
+        _tracking = True
+    return _tracking
+
+
+def _high_water() -> int | None:
+    try:
+        with open(_STATUS) as f:
+            line = next((line for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
+    return int(line.split()[1]) * 1024 if line else None
+
+
+def _reset_high_water() -> bool:
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _mark_memory() -> None:
+    """The peak since the last boundary belongs to every stage open now (and to the whole)."""
+    peak = _high_water() or 0
+    path = _stack[-1].path if _stack else ()
+    for i in range(len(path) + 1):
+        _current.peak_rss[path[:i]] = max(_current.peak_rss.get(path[:i], 0), peak)
+    _reset_high_water()
 
 
 @contextmanager
 def stage(name: str):
     """Time the block under ``name``, nested in the enclosing stage."""
+    if _tracking:
+        _mark_memory()
     parent = _stack[-1].path if _stack else ()
     frame = _Frame((*parent, name), time.perf_counter())
     _stack.append(frame)
     try:
         yield
     finally:
+        if _tracking:
+            _mark_memory()
         _stack.pop()
         elapsed = time.perf_counter() - frame.start
         _current.seconds[frame.path] = _current.seconds.get(frame.path, 0.0) + elapsed - frame.inner
@@ -71,11 +124,16 @@ def stage(name: str):
 def reset() -> Profile:
     """Start a new profile; returns the one recorded so far."""
     global _current
+    if _tracking:
+        _mark_memory()
     done, _current = _current, Profile()
     return done
 
 
 def current() -> Profile:
+    """The profile being recorded (with :func:`track_memory`, its peaks up to now)."""
+    if _tracking:
+        _mark_memory()
     return _current
 
 

@@ -4,7 +4,7 @@ Given a plan, every group's removed units become removed indices of each of its 
 member slices the constants it declared (weights, biases, norm parameters, per-channel
 constants) and its rule fixes what slicing cannot (Conv ``group``, Reshape and Split
 constants, Slice bounds). Reconstruction's :class:`~onnxprune.plan.Corrections` are put in
-first: they only change kept values, and add biases where a consumer had none.
+as each weight is sliced: they only change kept values, and add biases where a consumer had none.
 
 The analysed graph is never edited: the rewriter works on a :func:`fork` of it (and views
 for measurement on :func:`corrected` copies).
@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.coupling import ParamSlice, SpaceKey, rule_for
 from onnxprune.depgraph import DependencyGraph
 from onnxprune.errors import InternalError, UserError
-from onnxprune.plan import Corrections, PruningPlan
+from onnxprune.plan import Corrections, Patch, PruningPlan
 from onnxprune.rules.control_flow import all_tensors, dedupe_across_graphs, holders, walk
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,13 @@ def bias_name(node: gs.Node) -> str:
     return f"{node.name}_compensation"
 
 
-def apply_corrections(graph: gs.Graph, corrections: Corrections) -> gs.Graph:
-    """Put reconstruction's values into ``graph`` (in place) and give the nodes it names their
-    new biases, as the bias input (Conv, ConvTranspose and Gemm take it third)."""
+def apply_corrections(graph: gs.Graph, corrections: Corrections, patches: dict[str, Patch] | None = None) -> gs.Graph:
+    """Put reconstruction's values into ``graph`` (in place): its ``patches`` (``patches``: only
+    those), each into a new array; and give the nodes it names their new biases, as the bias
+    input (Conv, ConvTranspose and Gemm take it third)."""
     tensors = all_tensors(graph)
-    for name, values in corrections.values.items():
-        tensors[name].values = values
+    for name, patch in (corrections.patches if patches is None else patches).items():
+        tensors[name].values = patch.apply(tensors[name].values)
     if corrections.biases:
         nodes = {n.name: n for n, _, _ in walk(graph)}
         for node_name, values in corrections.biases.items():
@@ -109,9 +110,11 @@ def _slice_new_biases(graph: gs.Graph, corrections: Corrections | None,
 def apply_plan(graph: gs.Graph, dep: DependencyGraph, plan: PruningPlan,
                corrections: Corrections | None = None) -> gs.Graph:
     """Put ``corrections`` in and remove the plan's channels from ``graph`` (the graph ``dep``
-    was built on: a :func:`fork`), in place."""
+    was built on: a :func:`fork`), in place. A corrected weight is patched just before it is
+    sliced, one at a time: the rewrite holds one corrected copy at most, not one per weight."""
     if corrections:
-        apply_corrections(graph, corrections)
+        apply_corrections(graph, corrections, patches={})  # the new biases
+    pending = dict(corrections.patches) if corrections else {}
     removed = removed_by_space(dep, plan)
     deletions: dict[tuple[int, int], tuple[ParamSlice, set[int]]] = {}
     touched: dict[int, gs.Node] = {}
@@ -124,8 +127,12 @@ def apply_plan(graph: gs.Graph, dep: DependencyGraph, plan: PruningPlan,
                 entry[1].update(int(i) for i in idx)
     for param, idx in deletions.values():
         if idx:
-            values = np.asarray(param.tensor.values)
+            patch = pending.pop(param.tensor.name, None)
+            values = np.asarray(param.tensor.values) if patch is None else patch.apply(param.tensor.values)
             param.tensor.values = np.array(param.deleted(values, np.array(sorted(idx))), order="C")
+            del values
+    if pending:  # corrected constants that lose nothing (a BatchNorm past the group)
+        apply_corrections(graph, Corrections(), pending)
     _slice_new_biases(graph, corrections, removed)
     holder = holders(graph)
     for node in touched.values():

@@ -223,7 +223,7 @@ class Reconstructor:
                     moved[to_param[keep]] += np.tensordot(b.T, moved[to_param[rem]], axes=(1, 0))
             for atom in removed:
                 p.add_columns(values, int(to_param[atom]), int(to_param[atom]), -1.0)
-            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype))
+            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype), p.axis)
             self._shift_bias(member.node, shift)
             if self.variance:
                 self._reduce_variance(member.node, drop)
@@ -231,7 +231,9 @@ class Reconstructor:
     def _compensate(self, group: ChannelGroup, entries: list[tuple[int, int, float, float]],
                     zero_removed: bool) -> None:
         """Every consumer of ``group`` absorbs ``entries`` (unit, merge target, scale, corr),
-        in order; each weight is read and written once per batch (some are 100M floats)."""
+        in order; each weight is read and written once per batch (some are 100M floats), and
+        copied only when a merge or a zeroed column changes it (magnitude's plans only shift
+        biases: their weights are read in place)."""
         for member in group.members:
             if member.coupling.role != CONSUMER:
                 continue
@@ -241,7 +243,8 @@ class Reconstructor:
             tensor, axis = member.space
             local, units = group.atoms[member.space]
             m = self.moments.get(tensor, axis)
-            values = np.array(self.corrections.read(p.tensor), dtype=np.float64, copy=True)
+            values = self.corrections.read(p.tensor)  # read-only until the first change copies it
+            copied = False
             to_param = np.full(int(max(p.space.max(), local.max())) + 1, -1, dtype=np.int64)
             to_param[p.space] = p.param
             outputs = values.shape[0] if p.groups > 1 else p.columns(values, 0)[0].shape[0]
@@ -252,6 +255,7 @@ class Reconstructor:
                 merge = dst is not None and len(dst) == len(src)
                 for k, atom in enumerate(src):
                     col, rows = p.columns(values, int(to_param[atom]))
+                    col = col.astype(np.float64, copy=False)  # exact: the values a float64 copy holds
                     residual_mean = m.mean[atom] if m is not None else 0.0
                     residual_var = m.var[atom] if m is not None else 0.0
                     if merge:
@@ -259,11 +263,14 @@ class Reconstructor:
                         residual_var *= max(0.0, 1 - corr**2)
                     shift[rows] += col.sum(axis=1) * residual_mean
                     drop[rows] += (col**2).sum(axis=1) * residual_var
+                    if (merge or zero_removed) and not copied:
+                        values, copied = np.array(values, dtype=np.float64, copy=True), True
                     if merge:
                         p.add_columns(values, int(to_param[dst[k]]), int(to_param[atom]), scale)
                     if zero_removed:
                         p.add_columns(values, int(to_param[atom]), int(to_param[atom]), -1.0)
-            self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype))
+            if copied:
+                self.corrections.write(p.tensor, values.astype(np.asarray(p.tensor.values).dtype), p.axis)
             self._shift_bias(member.node, shift)
             if self.variance:
                 self._reduce_variance(member.node, drop)

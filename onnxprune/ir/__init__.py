@@ -18,6 +18,7 @@ from onnxprune.ir.export import (
     to_model,
     toposort_nodes,
 )
+from onnxprune.ir.held import holding
 from onnxprune.ir.inputs import sample_axes, stack_samples
 from onnxprune.ir.io import keep_ir_version, load_model, load_model_info, save_model
 from onnxprune.ir.opsets import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE, Opset
@@ -48,7 +49,8 @@ __all__ = [
     "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
     "NodeView", "OpChain", "Opset", "Session", "Shape", "check_model", "check_runs", "check_structure",
     "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "graph_inputs",
-    "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model", "load_model_info",
+    "holding", "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model",
+    "load_model_info",
     "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
     "random_inputs", "resolve_shapes", "sample_axes", "save_model", "session", "signature", "skeleton",
     "stack_samples", "template_for", "to_model", "toposort_nodes",

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxprune.errors import InternalError, UserError
+from onnxprune.ir import runtime
+from onnxprune.ir.held import HOLDABLE, header, held_array, held_tensors, is_held
+from onnxprune.ir.held import hold as hold_array
 from onnxprune.ir.runtime import lean_weights, weights_as_inputs
 from onnxprune.ir.shapes import graph_inputs
 
 _MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
 
 
-def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` with the template's opsets, functions and metadata (not its weights)."""
+def to_model(graph: gs.Graph, template: onnx.ModelProto, hold: bool = False) -> onnx.ModelProto:
+    """Export ``graph`` with the template's opsets, functions and metadata (not its weights).
+    With ``hold``, where the template holds weights (:mod:`onnxprune.ir.held`), the graph's big
+    constants are held too, not copied into the protobuf: the model the rewrite exports is
+    written out from the graph's own arrays."""
     model = onnx.ModelProto()
-    model.graph.CopyFrom(OnnxExporter.export_graph(graph, do_type_check=False))
+    with _held_constants(graph, hold and bool(held_tensors(template))):
+        model.graph.CopyFrom(OnnxExporter.export_graph(graph, do_type_check=False))
     _hoist_shared_initializers(model.graph)
     for name in _MODEL_FIELDS:
         setattr(model, name, getattr(template, name))
@@ -26,6 +38,34 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.functions.extend(template.functions)
     model.ir_version = max(template.ir_version, 4)  # initializers no longer listed as inputs
     return model
+
+
+@contextmanager
+def _held_constants(graph: gs.Graph, hold: bool) -> Iterator[None]:
+    """Within the block, the main graph's constants of ``LEAN_TENSOR_BYTES`` or more export as
+    held tensors (graphsurgeon exports a lazily loaded constant's TensorProto as it is)."""
+    swapped = []
+    if hold:
+        for tensor in graph.tensors().values():
+            if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, LazyValues):
+                continue
+            values = tensor._values
+            if values.nbytes < runtime.LEAN_TENSOR_BYTES or tensor.export_dtype != values.dtype:
+                continue
+            data_type = helper.np_dtype_to_tensor_dtype(values.dtype)
+            if data_type not in HOLDABLE:
+                continue
+            proto = onnx.TensorProto(name=tensor.name, data_type=data_type, dims=values.shape)
+            if tensor.data_location is not None:
+                proto.data_location = tensor.data_location
+            hold_array(proto, np.ascontiguousarray(values))
+            swapped.append((tensor, values))
+            tensor._values = LazyValues(proto)
+    try:
+        yield
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
 
 
 def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
@@ -69,6 +109,11 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     except Exception as exc:
         raise UserError(f"cannot read the model's graph: {exc}") from None
     _restore_declared_shapes(graph, model)
+    for tensor in graph.tensors().values():  # held weights: the constants take the arrays, no copy
+        if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues) and is_held(tensor._values.tensor):
+            was = header(tensor._values.tensor)  # what the tensor's data_location was before it was held
+            tensor.data_location = was.data_location if was.HasField("data_location") else None
+            tensor.values = held_array(tensor._values.tensor)
     return graph
 
 

@@ -5,7 +5,8 @@ actionable line, and normalises what is valid but awkward (:mod:`onnxprune.ir.va
 model-local functions inlined, sparse initializers made dense, nodes sorted). Saving goes
 through :mod:`onnxprune.writer`: temporary files beside the target, renamed into place, so an
 interrupted or failed run never leaves a half-written output behind. External data is read
-once into the tensors and written straight from them, never through a copy of the model.
+once into the tensors (a large model's, within a holding block, into held arrays:
+:mod:`onnxprune.ir.held`) and written straight from them, never through a copy of the model.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import helper
 
 from onnxprune.errors import UserError
+from onnxprune.ir import held, runtime
 from onnxprune.ir.runtime import copy_without, serialized_size, tensor_nbytes, without_initializers
 from onnxprune.ir.validate import all_tensors, check_structure, expected_bytes
 from onnxprune.writer import Transaction
@@ -40,8 +45,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return load_model_info(path)[0]
 
 
-def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
-    """:func:`load_model`, and the external data files it read (empty when none: falsy)."""
+def load_model_info(path: str | os.PathLike, hold: bool = False) -> tuple[onnx.ModelProto, list[Path]]:
+    """:func:`load_model`, and the external data files it read (empty when none: falsy). With
+    ``hold``, inside a :func:`~onnxprune.ir.held.holding` block, a large model's big external
+    initializers are read into held arrays instead of the protobuf (see :mod:`onnxprune.ir.held`)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -55,17 +62,20 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path
         raise UserError(f"{path}: cannot read it: {exc.strerror}") from None
     if not model.graph.node and not model.graph.output:
         raise UserError(f"{path}: not an ONNX model (no graph found; is it truncated or another format?)")
-    files = _load_external_data(model, path.parent.resolve())
+    files = _load_external_data(model, path.parent.resolve(), hold and held.active())
     _check_opset(model, path)
     check_structure(model, str(path))
     return model, files
 
 
-def _load_external_data(model: onnx.ModelProto, base: Path) -> list[Path]:
+def _load_external_data(model: onnx.ModelProto, base: Path, hold: bool = False) -> list[Path]:
     """Read every tensor's external data into it (each byte once), refusing locations that
     escape the model's folder (a path traversal, through ``..``, an absolute path or a
-    symlink), missing or short files and malformed entries. Returns the files read."""
+    symlink), missing or short files and malformed entries. Returns the files read. With
+    ``hold``, the big initializers of a model large enough for lean sessions are read into held
+    arrays instead."""
     files: dict[Path, int] = {}
+    entries = []
     for tensor in all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -85,12 +95,34 @@ def _load_external_data(model: onnx.ModelProto, base: Path) -> list[Path]:
         if offset + length > size:
             raise UserError(f"tensor '{tensor.name}': external data '{target.name}' is {size} bytes, shorter "
                             f"than offset {offset} + length {length}: truncated?")
+        entries.append((tensor, target, offset, length))
+    main = list(model.graph.initializer)  # alive while ids are compared: protobuf caches the wrappers
+    to_hold = _to_hold({id(t) for t in main}, entries) if hold else set()
+    for tensor, target, offset, length in entries:
         with open(target, "rb") as f:
             f.seek(offset)
-            tensor.raw_data = f.read(length)
+            if id(tensor) in to_hold:
+                array = np.empty(tuple(tensor.dims), helper.tensor_dtype_to_np_dtype(tensor.data_type))
+                if f.readinto(memoryview(array.reshape(-1)).cast("B")) != length:
+                    raise UserError(f"tensor '{tensor.name}': external data '{target.name}' changed while it was read")
+            else:
+                tensor.raw_data = f.read(length)
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
+        if id(tensor) in to_hold:
+            held.hold(tensor, array)
     return list(files)
+
+
+def _to_hold(main: set[int], entries: list) -> set[int]:
+    """The tensors to hold (by id): the main graph's initializers (``main``) of
+    ``LEAN_TENSOR_BYTES`` or more whose bytes are a numpy array's, when they add up to
+    ``LEAN_SESSION_BYTES`` (smaller models load as they always did). A tensor whose data does
+    not fit its shape is left to the check that names it."""
+    big = {id(tensor): length for tensor, _, _, length in entries
+           if id(tensor) in main and tensor.data_type in held.HOLDABLE and length >= runtime.LEAN_TENSOR_BYTES
+           and length == expected_bytes(tensor) and sys.byteorder == "little"}
+    return set(big) if sum(big.values()) >= runtime.LEAN_SESSION_BYTES else set()
 
 
 def _external_entry(tensor: onnx.TensorProto, base: Path) -> tuple[Path, int, int | None]:
@@ -171,30 +203,32 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 tx.discard(data_tmp)
         else:
             model_tmp = tx.temporary(path)
+            whole = held.materialised(model) if held.held_tensors(model) else model
             with open(model_tmp, "wb") as f:
-                f.write(model.SerializeToString())
+                f.write(whole.SerializeToString())
         if transaction is None:
             tx.commit()  # the data file first: the model never points at a missing one
     return written
 
 
 def _save_with_external_data(model: onnx.ModelProto, model_file: Path, data_file: Path, location: str) -> int:
-    """Write the main graph's initializers of at least ``_EXTERNAL_THRESHOLD`` bytes to
-    ``data_file`` and the rest of the model to ``model_file``, pointing at ``location``; the
-    model is not changed and not copied (one tensor's bytes at a time). Returns how many
-    tensors went to the data file."""
+    """Write the main graph's initializers of at least ``_EXTERNAL_THRESHOLD`` bytes (and its
+    held ones, straight from their arrays) to ``data_file`` and the rest of the model to
+    ``model_file``, pointing at ``location``; the model is not changed and not copied (one
+    tensor's bytes at a time). Returns how many tensors went to the data file."""
     skeleton = without_initializers(model, {t.name for t in model.graph.initializer})
     moved = 0
     with open(data_file, "wb") as f:
         for tensor in model.graph.initializer:
-            if not tensor.HasField("raw_data") or tensor_nbytes(tensor) < _EXTERNAL_THRESHOLD:
-                skeleton.graph.initializer.add().CopyFrom(tensor)
+            kept = held.is_held(tensor)
+            if (not kept and not tensor.HasField("raw_data")) or tensor_nbytes(tensor) < _EXTERNAL_THRESHOLD:
+                skeleton.graph.initializer.add().CopyFrom(held.unheld(tensor) if kept else tensor)
                 continue
             placeholder = skeleton.graph.initializer.add()
-            placeholder.CopyFrom(copy_without(tensor, "raw_data"))
+            placeholder.CopyFrom(held.header(tensor) if kept else copy_without(tensor, "raw_data"))
             offset = -f.tell() % _ALIGN + f.tell()
             f.seek(offset)
-            length = f.write(tensor.raw_data)
+            length = f.write(np.ascontiguousarray(held.held_array(tensor)).data if kept else tensor.raw_data)
             placeholder.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
                 entry = placeholder.external_data.add()

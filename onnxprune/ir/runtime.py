@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from onnxprune.ir.held import header, held_array, is_held
 from onnxprune.profiling import stage
 
 #: What onnxruntime raises about a model or its inputs (anything else is not its word).
@@ -64,7 +65,8 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     with stage("session"):
         if not big:
             return _ProfiledSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        weights = {t.name: np.frombuffer(t.raw_data, helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+        weights = {t.name: held_array(t) if is_held(t) else
+                   np.frombuffer(t.raw_data, helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
                    for t in big}
         lean = weights_as_inputs(model, big)
         sess = _ProfiledSession(lean.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -82,17 +84,22 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
 
 
 def large_initializers(model: onnx.ModelProto, least: int | None = None) -> list[onnx.TensorProto]:
-    """The main graph's raw-data initializers of at least ``least`` (``LEAN_TENSOR_BYTES``) bytes."""
+    """The main graph's raw-data initializers of at least ``least`` (``LEAN_TENSOR_BYTES``)
+    bytes, and its held ones (:mod:`onnxprune.ir.held`), whatever their size."""
     least = LEAN_TENSOR_BYTES if least is None else least
-    return [t for t in model.graph.initializer if t.HasField("raw_data") and tensor_nbytes(t) >= least]
+    return [t for t in model.graph.initializer
+            if (t.HasField("raw_data") and tensor_nbytes(t) >= least) or is_held(t)]
 
 
 def lean_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """The initializers a large model's sessions and checks take as typed inputs instead of
     data: those of ``LEAN_TENSOR_BYTES`` or more, when they add up to ``LEAN_SESSION_BYTES``
-    (none for a smaller model, whose handling stays exactly as it was)."""
+    (none for a smaller model, whose handling stays exactly as it was); held ones always (their
+    bytes are not in the protobuf)."""
     big = large_initializers(model)
-    return big if sum(tensor_nbytes(t) for t in big) >= LEAN_SESSION_BYTES else []
+    if sum(tensor_nbytes(t) for t in big) >= LEAN_SESSION_BYTES:
+        return big
+    return [t for t in big if is_held(t)]
 
 
 def _varint_size(n: int) -> int:
@@ -102,7 +109,8 @@ def _varint_size(n: int) -> int:
 def serialized_size(model: onnx.ModelProto) -> int:
     """``model.ByteSize()``, exactly, without its cost: protobuf (upb) encodes the whole model
     to count its bytes, a transient copy of every weight. Large initializers are counted from
-    their dims (their data was checked against them on load) around a skeleton's size."""
+    their dims (their data was checked against them on load) around a skeleton's size; a held
+    one as the tensor it stands for, its bytes in the protobuf."""
     big = large_initializers(model)
     if not big:
         return model.ByteSize()
@@ -110,7 +118,8 @@ def serialized_size(model: onnx.ModelProto) -> int:
     graph = skeleton.graph.ByteSize()
     for tensor in big:
         data = len(tensor.raw_data) if tensor_nbytes(tensor) == 0 else tensor_nbytes(tensor)
-        size = copy_without(tensor, "raw_data").ByteSize() + 1 + _varint_size(data) + data
+        size = (header(tensor) if is_held(tensor) else copy_without(tensor, "raw_data")).ByteSize()
+        size += 1 + _varint_size(data) + data
         graph += 1 + _varint_size(size) + size
     outer = skeleton.ByteSize() - (1 + _varint_size(skeleton.graph.ByteSize()) + skeleton.graph.ByteSize())
     return outer + 1 + _varint_size(graph) + graph

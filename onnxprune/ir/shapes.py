@@ -10,6 +10,7 @@ these shapes serve analysis only.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,11 +116,14 @@ def graph_inputs_of(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in graph_inputs(model) if i.doc_string != _WEIGHT_INPUT]
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+def _scalar_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The main graph's one-element constants (reading every initializer would copy every
+    weight, and a held one has no bytes to read)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if math.prod(t.dims) == 1}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            if math.prod(node.attribute[0].t.dims) == 1:
+                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return values
 
 
@@ -128,7 +132,7 @@ def control_values(model: onnx.ModelProto) -> dict[str, int]:
     an If branch), and the first value each is compared with."""
     scalars = {s.name for s in input_specs(model)
                if s.dtype.kind in "iu" and s.dims is not None and int(np.prod([d or 0 for d in s.dims])) <= 1}
-    constants, found = _constants(model), {}
+    constants, found = _scalar_constants(model), {}
     for node in model.graph.node:
         if node.op_type != "Equal":
             continue

@@ -1,0 +1,113 @@
+"""What keeps a large model's memory down: held weights (onnxprune.ir.held), read once, shared
+by the graph and the sessions and written straight from their arrays, to the bytes a run
+without holding writes; and corrections that keep only the slices they change."""
+
+import hashlib
+
+import nets
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.cli import main
+from onnxprune.errors import InternalError
+from onnxprune.ir import held, holding, import_graph, load_model_info, random_inputs, runtime, save_model, session
+from onnxprune.plan import Corrections
+
+
+@pytest.fixture
+def held_sizes(monkeypatch):
+    """The tests' models are small: hold every weight of 256 bytes or more."""
+    monkeypatch.setattr(runtime, "LEAN_SESSION_BYTES", 1)
+    monkeypatch.setattr(runtime, "LEAN_TENSOR_BYTES", 256)
+
+
+def _with_external_data(folder, model):
+    folder.mkdir(exist_ok=True)
+    src = folder / "in.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    return src
+
+
+def _digest(path) -> str:
+    data = path.with_name(path.name + ".data")
+    return hashlib.sha256(path.read_bytes() + (data.read_bytes() if data.exists() else b"")).hexdigest()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "paoding"])
+def test_a_held_run_writes_the_bytes_an_unheld_one_writes(tmp_path, monkeypatch, held_sizes, capsys, method):
+    src = _with_external_data(tmp_path, nets.resnet())
+    holds = []
+    real = held.hold
+    monkeypatch.setattr(held, "hold", lambda tensor, array: (holds.append(tensor.name), real(tensor, array))[1])
+    outs = []
+    for mode in ("held", "plain"):
+        if mode == "plain":
+            monkeypatch.setattr(held, "active", lambda: False)
+        (tmp_path / mode).mkdir()
+        outs.append(tmp_path / mode / "out.onnx")
+        code = main([str(src), str(outs[-1]), "--ratio", "0.4", "--method", method, "--check", "2"])
+        assert code == 0, capsys.readouterr().err
+        if mode == "held":
+            assert holds, "the weights were read into held arrays"
+            count = len(holds)
+    assert len(holds) == count, "nothing is held outside a holding block"
+    assert outs[0].with_name("out.onnx.data").exists()
+    assert _digest(outs[0]) == _digest(outs[1])
+
+
+def test_held_weights_are_shared_read_only_and_go_with_their_block(tmp_path, held_sizes):
+    src = _with_external_data(tmp_path, nets.mlp())
+    plain, _ = load_model_info(src)
+    shapes = {"x": tuple(d.dim_value or 1 for d in plain.graph.input[0].type.tensor_type.shape.dim)}
+    feeds = random_inputs(plain, shapes, np.random.default_rng(0))
+    with holding():
+        model, files = load_model_info(src, hold=True)
+        tensors = held.held_tensors(model)
+        assert tensors and not any(t.HasField("raw_data") for t in tensors) and files
+        arrays = {id(held.held_array(t)) for t in tensors}
+        assert not any(held.held_array(t).flags.writeable for t in tensors)
+        graph = import_graph(model)
+        assert arrays <= {id(c.values) for c in graph.tensors().values() if hasattr(c, "values")}
+        for a, b in zip(session(model).run(None, feeds), session(plain).run(None, feeds)):
+            np.testing.assert_array_equal(a, b)
+        save_model(model, tmp_path / "one.onnx", external_data=False)  # one protobuf: the bytes go in
+        assert held.held_tensors(model) == tensors
+    one = onnx.load(str(tmp_path / "one.onnx"))
+    assert one.SerializeToString() == plain.SerializeToString()
+    with pytest.raises(InternalError, match="not by an open block"):
+        held.held_array(tensors[0])
+    outside, _ = load_model_info(src, hold=True)
+    assert not held.held_tensors(outside)
+
+
+def test_a_held_run_keeps_the_bad_input_promise(tmp_path, held_sizes, capsys):
+    src = _with_external_data(tmp_path, nets.mlp())
+    data = src.with_name("in.onnx.data")
+    data.write_bytes(data.read_bytes()[:-100])
+    code = main([str(src), str(tmp_path / "out.onnx"), "--ratio", "0.4", "--check", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "truncated" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "in.onnx.data"]
+
+
+class _Const:
+    def __init__(self, values):
+        self.name, self.values = "w", values
+
+
+def test_corrections_keep_the_slices_that_changed_only():
+    w = _Const(np.arange(24, dtype=np.float32).reshape(4, 6))
+    w.values[1, 2] = -0.0
+    corrections = Corrections()
+    new = w.values.copy()
+    new[:, 4] += 1
+    new[1, 2] = 0.0  # a sign bit is a change: the rewrite writes what was computed, bit for bit
+    corrections.write(w, new, axis=1)
+    patch = corrections.patches["w"]
+    assert patch.axis == 1 and patch.index.tolist() == [2, 4] and patch.values.shape == (4, 2)
+    assert corrections.read(w).tobytes() == new.tobytes()
+    corrections.write(w, w.values.copy(), axis=1)
+    assert not corrections and corrections.read(w) is w.values
+    corrections.write(w, new.astype(np.float64))  # another type: kept whole
+    assert corrections.patches["w"].axis is None and corrections.read(w).dtype == np.float64
