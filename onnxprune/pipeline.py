@@ -413,7 +413,33 @@ def _report(job: PruneJob, fidelity: Fidelity | None, after_shapes: dict,
         blocked=blocked, channels_removed=job.plan.removed_units, channels_prunable=sum(g.size for g in prunable),
         fidelity=fidelity, input_shapes=analysis.input_shapes, plan=job.plan, seconds=job.seconds,
         input_prior=analysis.prior.source, calibration=_calibration_note(analysis), latency=latency,
-        warnings=list(job.notes) + _missed_target(s.target, before, after, latency, s.round_to))
+        warnings=list(job.notes) + _missed_target(s.target, before, after, latency, s.round_to)
+        + _off_block(analysis.model, job.pruned, s.round_to))
+
+
+def _off_block(original: Model, pruned: Model, round_to: int) -> list[str]:
+    """A warning when convolutions that ran in onnxruntime's blocked (NCHWc) kernels lost that
+    by pruning: widths off the CPU's channel block run in plain NCHW with reorders around them,
+    and a model at half the MACs can run slower than the original (digits VGG and ResNet at
+    macs=0.5: 1.3-1.5x the original's latency unaligned, 0.69-0.75x at --round-to 16)."""
+    from onnxprune.latency import channel_block
+
+    block = channel_block()
+    if round_to % block == 0:
+        return []
+
+    def widths(model: Model) -> dict[str, int]:
+        init = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        return {n.output[0]: init[n.input[1]][0] for n in model.graph.node
+                if n.op_type == "Conv" and len(n.input) > 1 and len(init.get(n.input[1], ())) == 4}
+
+    was, now = widths(original), widths(pruned)
+    off = [name for name, w in now.items() if w % block and was.get(name, 0) % block == 0 and name in was]
+    if not off:
+        return []
+    return [f"{len(off)} convolution(s) now have output channels off onnxruntime's {block}-channel block on this "
+            f"CPU, which can make the pruned model slower than the original; --round-to {block} keeps them aligned "
+            "(or --target latency=S, which aligns by default)"]
 
 
 def _missed_target(target: str, before: ModelStats, after: ModelStats, latency: LatencyCheck | None = None,

@@ -100,7 +100,8 @@ def test_a_failing_pass_names_the_passes_before_it():
 
 def test_the_report_says_what_its_inputs_were_inverted_from():
     _, with_bn = prune(nets.resnet(), 0.4, method="paoding", check=2)
-    assert with_bn.warnings == [] and with_bn.fidelity.inputs.endswith("distilled from BatchNorm statistics")
+    assert not [w for w in with_bn.warnings if "channel block" not in w]
+    assert with_bn.fidelity.inputs.endswith("distilled from BatchNorm statistics")
     # no BatchNorm: the classifier's logits alone, and the report says what that cannot vouch for
     _, logits_only = prune(nets.mlp(), 0.4, method="paoding", check=2)
     assert "distilled from class targets" in logits_only.fidelity.inputs
@@ -137,7 +138,21 @@ def test_grouped_convolutions_do_not_push_a_target_past_its_share():
     _, report = prune(model, method="paoding", target="macs=0.36", check=0)
     kept = report.after.macs / report.before.macs
     assert abs(kept - 0.36) <= 0.02 * 0.36, kept
-    assert not report.warnings
+    assert not any("target" in w for w in report.warnings)
+
+
+def test_the_report_warns_when_pruning_moves_convolutions_off_the_cpu_channel_block():
+    from onnxprune.latency import channel_block
+
+    block = channel_block()
+    blocks = [nets.conv_bn("s", "x", 3, 2 * block), nets.conv_bn("a", "s", 2 * block, 2 * block)]
+    tail = "  p = GlobalAveragePool(a)\n  f = Flatten(p)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n"
+    model = nets.from_text(nets.graph("(float[1,3,8,8] x) => (float[1,10] y)", blocks, tail,
+                                      f"float[10,{2 * block}] fc_w, float[10] fc_b"))
+    _, off = prune(model, 0.3, method="magnitude", check=0)
+    assert any(f"--round-to {block}" in w for w in off.warnings)
+    _, aligned = prune(model, 0.3, method="magnitude", check=0, round_to=block)
+    assert not any("block" in w for w in aligned.warnings)
 
 
 def test_a_target_share_replaces_the_ratio():
