@@ -37,7 +37,14 @@ from onnxprune.passes.planning import aligned_step, lowest, removal_count
 from onnxprune.passes.progressive import Paoding, run_batch
 from onnxprune.passes.sac import SoftActorCritic
 from onnxprune.passes.scoring import MagnitudeScorer
-from onnxprune.passes.similarity import SimilarityStats, cosine_matrix, model_eps, redundancy_order, similarity_stats
+from onnxprune.passes.similarity import (
+    SimilarityStats,
+    cosine_matrix,
+    least_squares_order,
+    model_eps,
+    redundancy_order,
+    similarity_stats,
+)
 
 from onnxprune.depgraph import ChannelGroup
 from onnxprune.evidence.plan_probes import MIN_OPSET
@@ -56,6 +63,11 @@ COEFFICIENT_RANGE = (0.0, 1.5)
 #: Cosine distances below this floor are the same reward (probe noise).
 DISTANCE_FLOOR = 1e-4
 STATE_DIM = 15
+#: Multiply-accumulates the search may spend on probe runs: the digits nets never reach it (a
+#: few 1e10 for 256 episodes); a model of several GMACs per sample runs fewer episodes, at
+#: least MIN_EPISODES.
+SEARCH_MACS = 2e13
+MIN_EPISODES = 32
 
 
 @dataclass
@@ -106,9 +118,6 @@ class Environment:
         self.goal = goal
         options = [_options(g, budget.round_to) for g in groups]
         self.wall = ActionWall(self.cost, goal, options)
-        with stage("similarity"):
-            self.layers = _layers(analysis, groups, order)
-        _static_features(self.layers, analysis.shapes, self.cost)
         touching = np.array([self.cost.touching(j) for j in range(len(groups))])
         rest = np.concatenate([np.cumsum(touching[::-1])[::-1][1:], [0.0]])
         self.rest = rest / max(rest.max(), 1e-12)
@@ -122,6 +131,9 @@ class Environment:
         max_batch = max(probes, run_batch(analysis, per_sample, probes) // 2)
         with stage("statistics"):
             self.rows = PlanRows(analysis, groups, reconstruction, budget.compensate, budget.seed)
+        with stage("similarity"):
+            self.layers = _layers(analysis, groups, order, self.rows)
+        _static_features(self.layers, analysis.shapes, self.cost)
         with stage("probe model"):
             self.probe = self.rows.probe(groups, inputs, max_batch)
 
@@ -183,16 +195,21 @@ def _options(group: ChannelGroup, round_to: int) -> np.ndarray:
     return np.concatenate([[0], group.size - kept]).astype(np.int64)
 
 
-def _layers(analysis, groups: list[ChannelGroup], order: str) -> list[Layer]:
+def _layers(analysis, groups: list[ChannelGroup], order: str, rows: PlanRows) -> list[Layer]:
     """Similarity, clusters and removal order of every group (on the weights as analysed).
-    ``order``: "magnitude" (lowest L2 norm of the group's weights first) or "redundancy"
-    (:func:`~onnxprune.passes.similarity.redundancy_order`)."""
+    ``order``: "magnitude" (lowest L2 norm of the group's weights first) or "coverage" (the
+    unit best covered by the kept ones first: by every kept channel with least-squares
+    reconstruction, :func:`~onnxprune.passes.similarity.least_squares_order`, else by its
+    most similar kept unit, :func:`~onnxprune.passes.similarity.redundancy_order`)."""
     vectors = [unit_vectors(g, Corrections()) for g in groups]
     coses = [cosine_matrix(v, g.balance) for v, g in zip(vectors, groups)]
     eps = model_eps(coses)
     layers = []
     for g, v, cos in zip(groups, vectors, coses):
-        if order == "redundancy":
+        spaces = rows.coverage(g) if order == "coverage" else []
+        if spaces:
+            rank = least_squares_order(spaces, consumer_weight_norms(g))
+        elif order == "coverage":
             rank = redundancy_order(cos, consumer_weight_norms(g) * unit_variance(g, analysis.moments))
         else:
             rank = np.argsort(np.argsort(MagnitudeScorer().score(g), kind="stable"), kind="stable")
@@ -265,7 +282,7 @@ class AutoDfp(Method):
     reconstruction = "least-squares"
 
     def __init__(self, episodes: int = 256, batch: int = 16, warmup: int = 64, probes: int = 32,
-                 updates: int = 256, order: str = "magnitude"):
+                 updates: int = 256, order: str | None = None):
         self.episodes, self.batch, self.warmup = episodes, batch, warmup
         self.probes, self.updates, self.order = probes, updates, order
 
@@ -303,7 +320,11 @@ class AutoDfp(Method):
         groups = self._groups(analysis, budget)
         if not groups:
             return None
-        return Environment(analysis, budget, groups, self.probes, self.reconstruction_for(analysis, budget), self.order)
+        reconstruction = self.reconstruction_for(analysis, budget)
+        # coverage by every kept channel beat magnitude with least squares; coverage by one
+        # look-alike lost to it with pair merges (docs/methods.md)
+        order = self.order or ("coverage" if reconstruction == "least-squares" else "magnitude")
+        return Environment(analysis, budget, groups, self.probes, reconstruction, order)
 
     def _groups(self, analysis, budget: Budget) -> list[ChannelGroup]:
         """The probeable groups (others are left alone), in graph order."""
@@ -322,10 +343,11 @@ class AutoDfp(Method):
         """Warm-up episodes with random actions, then the agent's; every batch scored in one
         probe run, the agent trained on it. Returns the best episode and every distance."""
         rng = np.random.default_rng(seed)
+        total = self._episodes(env)
         agent = SoftActorCritic(STATE_DIM, env.action_dim, np.random.default_rng([seed, 1]))
         best, trace, scale = None, [], None
-        while len(trace) < self.episodes:
-            size = min(self.batch, self.episodes - len(trace))
+        while len(trace) < total:
+            size = min(self.batch, total - len(trace))
             if len(trace) < self.warmup:
                 episodes = [env.rollout(lambda s: rng.uniform(-1, 1, env.action_dim)) for _ in range(size)]
             else:  # the first of each batch is the policy's mean action
@@ -343,9 +365,15 @@ class AutoDfp(Method):
                 for _ in range(min(self.updates, size * len(env.layers))):
                     agent.update()
             if progress:
-                progress("autodfp episodes", len(trace), self.episodes)
+                progress("autodfp episodes", len(trace), total)
         logger.info("autodfp: best cosine distance %.5f of %d episodes", best.distance, len(trace))
         return best, trace
+
+    def _episodes(self, env: Environment) -> int:
+        """The episode count: ``episodes``, fewer where their probe runs would pass SEARCH_MACS."""
+        batch = next(iter(env.analysis.input_shapes.values()))[0] if env.analysis.input_shapes else 1
+        per_episode = 2 * env.probe.probes * env.analysis.macs / max(batch, 1)  # the substitutions cost about a model
+        return int(min(self.episodes, max(MIN_EPISODES, SEARCH_MACS // max(per_episode, 1))))
 
     @staticmethod
     def _remember(agent: SoftActorCritic, episode: Episode, reward: float) -> None:

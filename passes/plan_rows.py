@@ -93,6 +93,21 @@ class PlanRows:
         m = self.analysis.moments.get(*space)
         return np.zeros(self.analysis.shapes[space[0]][space[1]]) if m is None else np.asarray(m.mean, np.float64)
 
+    def coverage(self, group: ChannelGroup) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        """Per consumer space of ``group`` with a covariance: (covariance, the ridge the
+        estimates use there, the unit of each channel or -1), for the coverage order."""
+        out = []
+        for space, atoms in self.atoms[group.id].items():
+            st = self.stats.get(space)
+            if st is None or st.cov is None:
+                continue
+            unit = np.full(len(st.mean), -1, dtype=np.int64)
+            for u, channels in enumerate(atoms):
+                unit[channels] = u
+            factor = max(st.ridge or RIDGE, RIDGE_PER_POSITION * len(st.mean) / max(st.count, 1))
+            out.append((st.cov, factor * max(float(np.mean(np.diag(st.cov))), 1e-12), unit))
+        return out
+
     def probe(self, groups: list[ChannelGroup], inputs: dict, max_batch: int) -> PlanProbe:
         estimated = [s for s, st in self.stats.items() if st.cov is not None]
         a = self.analysis

@@ -11,7 +11,7 @@ from onnxprune.passes.autodfp import AutoDfp, Episode
 from onnxprune.passes.cost import MacModel
 from onnxprune.passes.methods import Budget
 from onnxprune.passes.sac import Adam, Mlp, SoftActorCritic
-from onnxprune.passes.similarity import cosine_matrix, dbscan, redundancy_order
+from onnxprune.passes.similarity import cosine_matrix, dbscan, least_squares_order, redundancy_order
 
 from onnxprune import prune
 from onnxprune.analysis import analyse
@@ -38,6 +38,25 @@ def test_redundancy_order_takes_one_of_a_pair_of_look_alikes_first_and_keeps_the
     assert first in (0, 1)
     # the other twin lost its look-alike: one of the 2-3 pair goes before it
     assert rank[1 - first] > min(rank[2], rank[3])
+
+
+def test_least_squares_order_is_greedy_on_what_the_kept_channels_leave_unexplained():
+    """Downdating the precision as units go gives the ranks of refitting on the kept channels
+    at every step (brute force); one of a pair of twins goes first."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    x[:, 1] = x[:, 0] + 0.01 * rng.normal(size=200)  # units 0 and 1 are twins
+    cov = np.cov(x.T)
+    weight, lam = rng.uniform(0.5, 2.0, 6), 0.05
+    unit = np.arange(6)
+    rank = least_squares_order([(cov, lam, unit)], weight)
+    kept, brute = list(range(6)), []
+    while kept:
+        inv = np.linalg.inv(cov[np.ix_(kept, kept)] + lam * np.eye(len(kept)))
+        saliency = weight[kept] * np.maximum(1 / np.diag(inv) - lam, 0)
+        brute.append(kept.pop(int(np.argmin(saliency))))
+    assert list(np.argsort(rank)) == brute
+    assert brute[0] in (0, 1)
 
 
 def test_cosine_matrix_keeps_merges_inside_conv_group_blocks():

@@ -34,6 +34,9 @@ from onnxprune.ir import Model, ModelEditor, make_batch_dynamic, session
 
 #: GatherElements, what a plan row needs, came with opset 11.
 MIN_OPSET = 11
+#: Bytes of mixing matrices one run may feed: a wide model's [C, C] per estimated space per
+#: plan adds up (resnet50: about 200 MB a plan), so its runs take fewer plans.
+MIX_BYTES = 2**28
 
 Space = tuple[str, int]
 
@@ -152,7 +155,8 @@ class PlanProbe:
         :class:`Substitution` for "consumer" and "norm" spaces, a :class:`Mixing` for
         "estimate" ones (a space a plan leaves out reads itself); in onnxruntime runs of at
         most ``max_batch`` samples."""
-        per_run = max(1, self.max_batch // self.probes)
+        per_plan = sum(4 * self.channels[s] ** 2 for s in self.estimated)
+        per_run = max(1, min(self.max_batch // self.probes, MIX_BYTES // max(per_plan, 1)))
         results = []
         for start in range(0, len(plans), per_run):
             chunk = plans[start:start + per_run]
