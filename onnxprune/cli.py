@@ -25,6 +25,7 @@ METHODS = {
     "random": "uniformly random channels, seeded (the floor)",
     "paoding": "PAODING: progressive pair merging decided by measured impact on the output layer",
     "srdfp": "SRDFP: progressive, simulated annealing on robustness of the output deviation",
+    "autodfp": "AutoDFP: a Soft Actor-Critic agent picks each group's kept share and merge coefficient",
 }
 
 
@@ -98,7 +99,7 @@ class _Parser(argparse.ArgumentParser):
 #: What ``onnxprune IN OUT`` runs (tests/test_cli.py checks it is onnxprune.pipeline.DEFAULT_METHOD).
 DEFAULT_METHOD = "paoding"
 #: The methods that allocate (match the uniform plan's MACs by default).
-ALLOCATING = ("paoding", "srdfp")
+ALLOCATING = ("paoding", "srdfp", "autodfp")
 
 
 def _target(args) -> str:
@@ -119,7 +120,7 @@ def _prune_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=_ratio,
                       help="share of each group's channels to remove, in (0, 1) (default 0.4); methods that allocate "
-                           "(paoding, srdfp) remove at least the MACs this uniform plan removes")
+                           "(paoding, srdfp, autodfp) remove at least the MACs this uniform plan removes")
     size.add_argument("--target", metavar="KIND=SHARE",
                       help="instead of --ratio: what to keep, macs=S, params=S or latency=S (S in (0, 1), a share "
                            "of the model's; latency as onnxruntime runs it on this machine, predicted by a cost "

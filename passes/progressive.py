@@ -64,7 +64,7 @@ RUN_MACS = 1.5e11
 RUN_BYTES = 1.5e9
 
 
-def _run_batch(analysis, per_sample: float, probes: int) -> int:
+def run_batch(analysis, per_sample: float, probes: int) -> int:
     """Samples per probe run: as many as RUN_MACS buy and RUN_BYTES of activations hold (a
     detector at 640x640 holds ~100 MB of activations per sample), 2048 at most; at least one
     row of ``probes``."""
@@ -190,7 +190,7 @@ class Progressive(Method):
                     cost=cost, goal=goal, steps=steps, plans=plans, plan=plan,
                     reconstructor=reconstructor, norms={g.id: consumer_weight_norms(g) for g in groups},
                     probe_inputs=analysis.probe_inputs(probes, budget.seed), row_limit=row_limit,
-                    run_batch=_run_batch(analysis, per_sample, probes), scheduled=scheduled,
+                    run_batch=run_batch(analysis, per_sample, probes), scheduled=scheduled,
                     rng=np.random.default_rng(budget.seed),
                     free=[g for g in groups if g.id not in scheduled])
 

@@ -121,7 +121,7 @@ class ProbeModel:
     def _masked(self, sparse: bool) -> Model:
         graph, template, moments, estimates = self._source
         edit = ModelEditor.from_graph(graph.copy(), template)
-        self.output = _probe_output(edit)
+        self.output = probe_output(edit)
         spaces = self._add_masks(edit, moments, estimates, sparse)
         if sparse:
             self.sparse_spaces = spaces
@@ -436,7 +436,7 @@ def consumer_nodes(group: ChannelGroup) -> dict[tuple, set[str]]:
     return spaces
 
 
-def _probe_output(edit: ModelEditor) -> str:
+def probe_output(edit: ModelEditor) -> str:
     """The first output, or the logits in front of a final Softmax (more sensitive)."""
     name = edit.outputs[0]
     for node in edit.nodes():
