@@ -167,9 +167,9 @@ class PlanRows:
         corrections = reconstructor.apply(plan)
         out = {}
         for tensor, bn in self.norms.items():
-            var = corrections.values.get(bn.inputs[4].name)
-            if var is None:
+            if bn.inputs[4].name not in corrections.patches:
                 continue
+            var = corrections.read(bn.inputs[4])
             eps = float(bn.attrs.get("epsilon", 1e-5))
             old = np.asarray(bn.inputs[4].values, np.float64)
             gain = np.sqrt((old + eps) / (np.asarray(var, np.float64) + eps))
