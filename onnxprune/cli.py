@@ -49,24 +49,24 @@ def _range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^63), got {value}")
-    return value
+def _integer(low: int, high: int, bounds: str):
+    """An argparse type: an integer in [low, high]; ``bounds`` says the range in the error."""
+    kind = "a positive integer" if low == 1 else "a non-negative integer"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got '{text}'") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {value}")
+        return value
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
-    if not 0 <= value <= 100_000:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 100000], got {value}")
-    return value
+_seed = _integer(0, 2**63 - 1, "an integer in [0, 2^63)")
+_count = _integer(0, 100_000, "an integer in [0, 100000]")
+_positive = _integer(1, 2**20, "a positive integer up to 2^20")
 
 
 def _finite(low: float, high: float):
@@ -79,16 +79,6 @@ def _finite(low: float, high: float):
             raise argparse.ArgumentTypeError(f"expected a number in [{low:g}, {high:g}], got {text}")
         return value
     return parse
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if not 1 <= value <= 2**20:
-        raise argparse.ArgumentTypeError(f"expected a positive integer up to 2^20, got {value}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
