@@ -5,7 +5,16 @@ import numpy as np
 import pytest
 
 from onnxprune import prune
-from onnxprune.evidence.statistics import RIDGE, RIDGE_GRID, ChannelStats, cross_validated_ridge, measure
+from onnxprune.evidence.statistics import (
+    MAX_CHANNELS,
+    MAX_POSITIONS,
+    RIDGE,
+    RIDGE_GRID,
+    ChannelStats,
+    _Moments,
+    cross_validated_ridge,
+    measure,
+)
 from onnxprune.ir import session
 from onnxprune.pipeline import analyse
 from onnxprune.plan import GroupPlan, PruningPlan
@@ -71,6 +80,39 @@ def test_measured_statistics_match_numpy():
     ridges = {}
     stats = measure(analysis.graph, analysis.model, analysis.probe_inputs(16, 0), [("x", 1)], ridges=ridges)
     assert stats["x", 1].ridge == ridges["x", 1] >= RIDGE
+
+
+def _reference_moments(runs, axis):
+    """Sum, count and second moment the plain way: positions as rows, strided per run, the
+    positions with a non-finite channel dropped."""
+    total, count, second = 0.0, 0, 0.0
+    for out in runs:
+        x = np.moveaxis(out.astype(np.float64), axis, -1).reshape(-1, out.shape[axis])
+        x = x[np.isfinite(x).all(axis=1)]
+        if len(x) > MAX_POSITIONS:
+            x = x[:: int(np.ceil(len(x) / MAX_POSITIONS))]
+        wide = x.shape[1] > MAX_CHANNELS
+        total, count, second = total + x.sum(0), count + len(x), second + ((x * x).sum(0) if wide else x.T @ x)
+    return total, count, second
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 6, 9, 9), 1), ((4, 5, 7), 2), ((2, 3, 64, 160), 1),
+                                         ((4, MAX_CHANNELS + 3), 1), ((4, 1500), 1)])
+def test_moments_are_the_plain_moments_whatever_the_layout(shape, axis):
+    """Channels first or last, positions strided past MAX_POSITIONS, runs buffered before the
+    product (1500 channels, 4 positions a run), squares only past MAX_CHANNELS, and one run
+    with overflowing positions: the same numbers as rows of positions multiplied out."""
+    rng = np.random.default_rng(0)
+    runs = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    runs[1].reshape(-1)[7] = np.inf
+    acc = _Moments(shape[axis])
+    for out in runs:
+        acc.add(out, axis)
+    total, second = acc.finish()
+    want_total, want_count, want_second = _reference_moments(runs, axis)
+    assert acc.count == want_count
+    np.testing.assert_allclose(total, want_total, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(second, want_second, rtol=1e-9, atol=1e-9)
 
 
 def _redundant_mlp():

@@ -148,42 +148,98 @@ def measure(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray],
     count = len(next(iter(inputs.values())))
     ridges = {} if ridges is None else ridges
     folds = 2 if count >= 2 * chunk else 1
-    sums: dict[tuple[str, int], list] = {}
-    prods: dict[tuple[str, int], list] = {}
-    seen: dict[tuple[str, int], list] = {}
+    moments: dict[tuple[str, int], list[_Moments]] = {}
+    widths: dict[tuple[str, int], int] = {}
     for start in range(0, count, chunk):
         fold = (start // chunk) % folds
         feeds = {k: v[start:start + chunk] for k, v in inputs.items()}
         outs = dict(zip(names, sess.run(names, feeds)))
         for tensor, axis in spaces:
-            x = np.moveaxis(np.asarray(outs[tensor], np.float64), axis, -1)
-            x = x.reshape(-1, x.shape[-1])
-            x = x[np.isfinite(x).all(axis=1)]  # overflowing positions (random weights) say nothing
-            if len(x) > MAX_POSITIONS:
-                x = x[:: int(np.ceil(len(x) / MAX_POSITIONS))]
             key = (tensor, axis)
-            if not len(x):
-                continue
-            for acc, value in ((sums, x.sum(axis=0)), (seen, len(x)),
-                               (prods, x.T @ x if x.shape[1] <= MAX_CHANNELS else (x * x).sum(axis=0))):
-                acc.setdefault(key, [0] * folds)[fold] += value
+            out = np.asarray(outs[tensor])
+            widths[key] = out.shape[axis]
+            acc = moments.setdefault(key, [_Moments(out.shape[axis]) for _ in range(folds)])
+            acc[fold].add(out, axis)
     stats = {}
     for key in spaces:
-        if key not in seen:  # nothing finite was seen: no estimate, no compensation
-            width = np.asarray(outs[key[0]]).shape[key[1]]
-            stats[key] = ChannelStats(np.zeros(width), np.zeros(width), None, 0)
+        folded = [m.finish() for m in moments[key]]
+        seen = [m.count for m in moments[key]]
+        if not sum(seen):  # nothing finite was seen: no estimate, no compensation
+            stats[key] = ChannelStats(np.zeros(widths[key]), np.zeros(widths[key]), None, 0)
             continue
-        n = max(sum(seen[key]), 1)
-        mean = sum(sums[key]) / n
-        second = sum(prods[key]) / n
+        n = sum(seen)
+        mean = sum(f[0] for f in folded) / n
+        second = sum(f[1] for f in folded) / n
         if second.ndim == 2:
             cov = second - np.outer(mean, mean)
             cov = (cov + cov.T) / 2
-            if key not in ridges and folds == 2 and min(seen[key]) > 0:
-                ridges[key] = cross_validated_ridge([(s / m, p / m) for s, p, m in
-                                                     zip(sums[key], prods[key], seen[key])])
+            if key not in ridges and folds == 2 and min(seen) > 0:
+                ridges[key] = cross_validated_ridge([(s / m, p / m) for (s, p), m in zip(folded, seen)])
             stats[key] = ChannelStats(mean, np.maximum(np.diag(cov), 0.0), cov, n, ridges.get(key))
         else:
             stats[key] = ChannelStats(mean, np.maximum(second - mean**2, 0.0), None, n)
     return stats
 
+
+class _Moments:
+    """Sum and second moment (``X^T X``, or the squares alone past MAX_CHANNELS) of the
+    positions of one tensor's channels, accumulated run by run in float64.
+
+    A run's positions are kept as a ``[channels, positions]`` block (channels-first layouts
+    need no transposing copy) or ``[positions, channels]`` (channels last), evenly strided to
+    MAX_POSITIONS. Blocks are buffered until they hold about as many positions as channels,
+    then multiplied in one product: a flattened feature map of 2048 channels seen 4 positions
+    at a time would otherwise rewrite its whole 2048 x 2048 moment per run."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        self.count = 0
+        self.sum = np.zeros(channels)
+        self.prod = np.zeros((channels, channels) if channels <= MAX_CHANNELS else channels)
+        self._blocks: list[tuple[np.ndarray, bool]] = []  # (block, channels last)
+        self._buffered = 0
+
+    def add(self, out: np.ndarray, axis: int) -> None:
+        axis %= out.ndim
+        if not np.isfinite(out).all():
+            # Overflowing positions (random weights) say nothing: drop them, position by position.
+            x = np.moveaxis(out, axis, -1).reshape(-1, self.channels)
+            x = x[np.isfinite(x).all(axis=1)]
+            block, last = x, True
+        elif axis == out.ndim - 1:
+            block, last = out.reshape(-1, self.channels), True
+        else:  # [lead, C, trail] -> [C, lead * trail], positions in the same (row-major) order
+            lead = int(np.prod(out.shape[:axis], dtype=np.int64))
+            block = out.reshape(lead, self.channels, -1).transpose(1, 0, 2).reshape(self.channels, -1)
+            last = False
+        positions = block.shape[0] if last else block.shape[1]
+        if positions > MAX_POSITIONS:
+            step = int(np.ceil(positions / MAX_POSITIONS))
+            block = block[::step] if last else block[:, ::step]
+            positions = block.shape[0] if last else block.shape[1]
+        if not positions:
+            return
+        self._blocks.append((np.asarray(block, np.float64), last))
+        self._buffered += positions
+        self.count += positions
+        if self._buffered >= max(self.channels, 1024):
+            self._flush()
+
+    def _flush(self) -> None:
+        for last in (False, True):
+            blocks = [b for b, at_end in self._blocks if at_end == last]
+            if not blocks:
+                continue
+            x = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0 if last else 1)
+            x = x.T if last else x  # [C, positions], a view
+            self.sum += x.sum(axis=1)
+            if self.prod.ndim == 2:
+                self.prod += x @ x.T  # symmetric: one rank-k update
+            else:
+                self.prod += np.einsum("ij,ij->i", x, x)
+        self._blocks, self._buffered = [], 0
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sum, second moment)`` over every position added."""
+        self._flush()
+        return self.sum, self.prod
