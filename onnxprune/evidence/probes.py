@@ -251,7 +251,7 @@ class ProbeModel:
         edit.extend(b, first=True)
         edit.set_outputs([self.output])
         try:
-            grad_session = session(input_gradient_model(edit.finish()))
+            grad_session = session(input_gradient_model(edit.finish()), once=True)
             feeds = dict(self.inputs)
             feeds[_ALL_MASKS] = np.ones((self.probes, start), np.float32)
             for group in self.groups:
