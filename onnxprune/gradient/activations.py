@@ -16,7 +16,7 @@ def _positive(b, x):
 @rule("Relu")
 def _relu(b, n, g):
     x = n.input[0]  # g * (x > 0): a multiply by the cast mask runs twice as fast as Where
-    return [b.add("Mul", [g[0], b.add("Cast", [_positive(b, x)], to=b.static.elem(x))])]
+    return [b.add("Mul", [b.compact(g[0], x), b.add("Cast", [_positive(b, x)], to=b.static.elem(x))])]
 
 
 @rule("LeakyRelu")

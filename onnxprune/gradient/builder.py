@@ -89,7 +89,7 @@ def _backpropagate(b: Emitter, nodes: list[onnx.NodeProto], target: str, seed: s
         gin = list(GRADIENT_RULES[op_key(node)](b, node, gout))
         gin += [None] * (len(node.input) - len(gin))
         for i, (name, gi) in enumerate(zip(node.input, gin)):
-            if not b.needs(name):
+            if not b.needs(name) or (gi is None and name in node.input[:i]):  # x*x: one part for both
                 continue
             if gi is None:
                 raise GradientUnsupported(f"{node.op_type} {node.name!r}: no gradient for input {i}")
@@ -101,10 +101,14 @@ def _backpropagate(b: Emitter, nodes: list[onnx.NodeProto], target: str, seed: s
 
 
 def _total(b: Emitter, grads: dict[str, list[str]], name: str) -> str | None:
-    """The gradient of ``name``: the sum of its parts (one Sum node, emitted once)."""
+    """The gradient of ``name``: the sum of its parts (one Sum node, emitted once). Sum
+    broadcasts: a part broadcast from a reduction is added unexpanded, as long as one part
+    is full-sized."""
     parts = grads.get(name)
     if not parts:
         return None
     if len(parts) > 1:
+        if any(p not in b.broadcasts for p in parts):
+            parts = [b.compact(p) for p in parts]
         grads[name] = [b.add("Sum", parts)]
     return grads[name][0]

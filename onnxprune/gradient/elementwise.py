@@ -34,8 +34,11 @@ def _sub(b, n, g):
 @rule("Mul")
 def _mul(b, n, g):
     (a, c), ys = n.input, b.static.shape(n.output[0])
-    return [reduce_to(b, b.add("Mul", [g[0], c]), a, ys) if b.needs(a) else None,
-            reduce_to(b, b.add("Mul", [g[0], a]), c, ys) if b.needs(c) else None]
+    if a == c:  # a square: one product, 2 g a (the second input's part is the same tensor's)
+        return [reduce_to(b, b.add("Mul", [b.add("Mul", [b.compact(g[0], a), b.scalar(2.0, a)]), a]), a, ys)
+                if b.needs(a) else None]
+    return [reduce_to(b, b.add("Mul", [b.compact(g[0], c), c]), a, ys) if b.needs(a) else None,
+            reduce_to(b, b.add("Mul", [b.compact(g[0], a), a]), c, ys) if b.needs(c) else None]
 
 
 @rule("Div")

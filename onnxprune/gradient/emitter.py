@@ -36,6 +36,9 @@ class Emitter(NodeEmitter):
         self.static = static
         self.needed = set(needed)
         self._const_cache: dict = {}
+        #: Gradients broadcast from a reduction: expanded name -> (unexpanded, forward tensor
+        #: whose shape it was expanded to). See :meth:`expand_like` and :meth:`compact`.
+        self.broadcasts: dict[str, tuple[str, str]] = {}
 
     def needs(self, name: str) -> bool:
         """Whether ``name`` is on the input->output path, so needs a gradient."""
@@ -77,6 +80,28 @@ class Emitter(NodeEmitter):
         flat = [self.add("Reshape", [t, self.i64([-1])]) for t in (indices, values)]
         scattered = self.add("ScatterElements", [zeros] + flat, axis=0, reduction=reduction)
         return self.reshape_like(scattered, x)
+
+    def expand_like(self, g: str, x: str) -> str:
+        """``g`` broadcast to the shape of the forward tensor ``x``, remembered: a consumer that
+        broadcasts anyway can read ``g`` itself (:meth:`compact`)."""
+        out = self.add("Expand", [g, self.add("Shape", [x])])
+        self.broadcasts[out] = (g, x)
+        return out
+
+    def compact(self, g: str, full: str | None = None) -> str:
+        """``g``, or what it was expanded from when the elementwise op reading it broadcasts
+        to the full shape anyway: ``full`` is a forward tensor of that shape read by the same
+        op (None: another operand is a gradient of the same tensor, so it is full already).
+        A reduction's gradient (ReduceMean in every BatchNorm-matching term) then never
+        materialises its broadcast copy."""
+        if g not in self.broadcasts:
+            return g
+        small, like = self.broadcasts[g]
+        if full is None:
+            return small
+        have, want = self.static.shape(full), self.static.shape(like)
+        known = have is not None and want is not None and all(d is not None for d in have)
+        return small if known and list(have) == list(want) else g
 
     def reshape_like(self, g: str, x: str) -> str:
         return self.add("Reshape", [g, self.add("Shape", [x])])

@@ -28,4 +28,4 @@ def _reduce(b, n, g):
     if n.op_type == "ReduceMean":  # divided while it is small, then broadcast
         count = b.add("Cast", [b.add("Div", [b.add("Size", [x]), b.add("Size", [y])])], to=b.static.elem(x))
         G = b.add("Div", [G, count])
-    return [b.add("Expand", [G, b.add("Shape", [x])])]
+    return [b.expand_like(G, x)]

@@ -36,6 +36,6 @@ def unary(derivative: Callable[[Emitter, str, str], str]) -> Rule:
     """Rule for y = f(x) given ``derivative(b, x, y) -> f'(x)``: dx = g * f'(x)."""
 
     def unary_rule(b: Emitter, n: onnx.NodeProto, g: list) -> list:
-        return [b.add("Mul", [g[0], derivative(b, n.input[0], n.output[0])])]
+        return [b.add("Mul", [b.compact(g[0], n.output[0]), derivative(b, n.input[0], n.output[0])])]
 
     return unary_rule
