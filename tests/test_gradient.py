@@ -125,6 +125,12 @@ CASES = {
                                                   pads=[2, 1, 1, 0]),
     "conv_stride1_pads_beyond_kernel": lambda: _conv((2, 5, 5), (3, 2, 2, 2), pads=[3, 0, 0, 2]),
     "conv_depthwise_1d": lambda: _conv((3, 9), (3, 1, 3), group=3, strides=[2]),
+    # strided grouped convs take the spread-gradient Conv: dilated, unequal strides, a crop
+    "conv_depthwise_stride_dilation": lambda: _conv((4, 9, 8), (4, 1, 3, 2), group=4, strides=[2, 3],
+                                                    dilations=[2, 1], pads=[2, 0, 1, 1]),
+    "conv_depthwise_stride_crop": lambda: _conv((3, 7, 8), (3, 1, 1, 2), group=3, strides=[3, 3]),
+    "conv_groups_stride_past_kernel_pad": lambda: _conv((4, 6, 6), (4, 2, 2, 2), group=2, strides=[2, 2],
+                                                        pads=[2, 2, 0, 0]),
     "conv_opset9": lambda: _conv((2, 6, 6), (3, 2, 3, 3), opset=9, strides=[2, 2], pads=[1, 1, 1, 1]),
 }
 
