@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick bench-validation bench-latency models lint clean thirdparty
+.PHONY: install demo test bench bench-quick bench-speed bench-validation bench-latency models lint clean thirdparty
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m pip install --quiet -e '.[plot]'
 	$(BIN)/python bench/run.py --quick
+
+# The command as a user runs it: each method's wall seconds and peak RSS against magnitude's.
+bench-speed: install
+	$(BIN)/python bench/speed.py
 
 # What onnxprune reports against real fidelity on the test splits (bench/results/validation.json).
 bench-validation: install
