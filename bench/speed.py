@@ -28,20 +28,8 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-SETS = {"models": ROOT / "models", "validation": ROOT / "models" / "validation"}
-MODELS_RANGE = (0.0, 1.0)
-
-
-def entries(sets: list[str], names: list[str]) -> list[dict]:
-    out = []
-    for set_name in sets:
-        folder = SETS[set_name]
-        for e in json.loads((folder / "manifest.json").read_text()):
-            if e.get("exporter", "torchscript") != "torchscript" or (names and e["name"] not in names):
-                continue
-            out.append({"set": set_name, "name": e["name"], "path": folder / e["file"],
-                        "input_range": tuple(e.get("input_range", MODELS_RANGE))})
-    return out
+sys.path.insert(0, str(ROOT / "bench"))
+from validation import SETS, entries  # noqa: E402  (the same manifests, the TorchScript exports)
 
 
 def run_cli(args: list[str]) -> tuple[float, float, int, str]:
@@ -72,12 +60,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for e in entries(args.sets, args.models):
             lo, hi = e["input_range"]
-            size_mb = os.path.getsize(e["path"]) / 2**20
+            path = e["folder"] / e["file"]
+            size_mb = os.path.getsize(path) / 2**20
             for method in args.methods:
                 best = None
                 for _ in range(args.repeats):
                     out = Path(tmp) / f"{e['set']}_{e['name']}_{method}.onnx"
-                    cli = [str(e["path"]), str(out), "--ratio", str(args.ratio), "--method", method,
+                    cli = [str(path), str(out), "--ratio", str(args.ratio), "--method", method,
                            f"--input-range={lo},{hi}", "--force"]
                     seconds, peak, code, tail = run_cli(cli)
                     if best is None or seconds < best[0]:
