@@ -108,6 +108,9 @@ class _Run:
     rng: np.random.Generator
     removed: int = 0
     rows_measured: int = 0
+    #: False once the first-order pass could not be built: what stops it (an op without a
+    #: backward rule, shapes inference cannot reach) is the model's, so later steps skip it.
+    first_order: bool = True
     free: list[ChannelGroup] = field(default_factory=list)
 
     @property
@@ -142,6 +145,7 @@ class Progressive(Method):
                 progress(f"{self.name} steps", t + 1, run.steps)
         run.plan.groups = [gp for gp in run.plans.values() if gp.remove]
         run.plan.details["probe_rows"] = run.rows_measured
+        run.plan.details["first_order"] = run.first_order
         run.plan.corrections = run.reconstructor.corrections
         return run.plan
 
@@ -231,8 +235,12 @@ class Progressive(Method):
                                analysis.prior, analysis.input_shapes, inputs=run.probe_inputs, estimates=estimates,
                                max_batch=run.run_batch)
         # Cheap stage: closed-form saliency times the first-order estimate (one backward run).
-        with stage("first order"):
-            taylor = probe.first_order() or {}
+        taylor = {}
+        if run.first_order:
+            with stage("first order"):
+                taylor = probe.first_order()
+            run.first_order = taylor is not None
+            taylor = taylor or {}
         pools = {g.id: self._pool(g, run.plans[g.id], quota[g.id], run.norms[g.id] * taylor.get(g.id, 1.0),
                                   analysis, corrections, residual.get(g.id))
                  for g in active}
