@@ -450,6 +450,24 @@ def _():
     return classifier(nodes, "c", x, inits, opset=18), x
 
 
+@_case("broadcast_gradients_read_unexpanded")  # the BatchNorm-matching term: x feeds a mean, x - mean, a Sigmoid
+def _():
+    x = rand(3, 4, 5, 5)
+    nodes = [node("ReduceMean", ["x", "ax"], "m"), node("Sub", ["x", "m"], "c"), node("Mul", ["c", "c"], "sq"),
+             node("ReduceMean", ["sq", "ax"], "v"), node("Sqrt", ["v"], "sd"), node("Sigmoid", ["x"], "r"),
+             node("ReduceMean", ["r", "ax"], "rm"), node("Exp", ["rm"], "e"), node("Mul", ["r", "sd"], "rs"),
+             node("Mul", ["x", "e"], "xe"), node("Add", ["rs", "xe"], "t")]
+    # per-sample statistics: the finite-difference check perturbs each sample alone
+    return classifier(nodes, "t", x, {"ax": np.array([2, 3])}, opset=18), x
+
+
+def test_reduction_gradients_are_read_unexpanded():
+    """Every ReduceMean's gradient above reaches consumers that broadcast anyway (Sum, Mul, a
+    square, a unary rule): no Expand is left in the gradient graph."""
+    model, _ = CASES["broadcast_gradients_read_unexpanded"]()
+    assert not [n for n in input_gradient_model(model).graph.node if n.op_type == "Expand"]
+
+
 @_case("symbolic_feature_dims")  # no static shapes: dynamic broadcast reduction, Split sizes, class count
 def _():
     x = rand(3, 5)
