@@ -115,7 +115,8 @@ def _strided_grouped(b, g: str, wv: np.ndarray, x: str, y: str, kernel: list[int
     # and that Mul run on contiguous rows; a Pad or a one-hot Mul spreading the elements
     # (innermost axis 1) ran slower than the grouped ConvTranspose it replaces.
     scales = b.const(np.array([1.0, 1.0] + [float(st) for st in s], np.float32))
-    u = b.add("Resize", [g, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",
+    roi = "" if b.opset.version >= 13 else b.const(np.zeros(0, np.float32))  # required, and unused, before 13
+    u = b.add("Resize", [g, roi, scales], mode="nearest", coordinate_transformation_mode="asymmetric",
               nearest_mode="floor")
     mask = np.zeros([o * st for o, st in zip(ys, s)], b.static.np_dtype(x))
     mask[tuple(slice(None, None, st) for st in s)] = 1.0
