@@ -49,19 +49,24 @@ def _range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _integer(low: int, high: int, bounds: str):
-    """An argparse type: an integer in [low, high]; ``bounds`` says the range in the error."""
-    kind = "a positive integer" if low == 1 else "a non-negative integer"
+def _bounded(convert, low, high, kind: str, bounds: str):
+    """An argparse type: ``convert(text)`` in [low, high]; ``kind`` and ``bounds`` say what was
+    expected when the text does not convert or the value falls outside."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind}, got '{text}'") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {bounds}, got {value}")
+        if not low <= value <= high:  # an integer is shown as read, a number as written
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {value if convert is int else text}")
         return value
     return parse
+
+
+def _integer(low: int, high: int, bounds: str):
+    """An integer in [low, high]; ``bounds`` says the range in the error."""
+    return _bounded(int, low, high, "a positive integer" if low == 1 else "a non-negative integer", bounds)
 
 
 _seed = _integer(0, 2**63 - 1, "an integer in [0, 2^63)")
@@ -70,15 +75,8 @@ _positive = _integer(1, 2**20, "a positive integer up to 2^20")
 
 
 def _finite(low: float, high: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected a number in [{low:g}, {high:g}], got {text}")
-        return value
-    return parse
+    """A number in [low, high]."""
+    return _bounded(float, low, high, "a number", f"a number in [{low:g}, {high:g}]")
 
 
 class _Parser(argparse.ArgumentParser):
