@@ -603,3 +603,21 @@ def test_helper_ops_take_parameters_as_the_opset_wants(opset):
     as_input = {n.op_type: len(n.input) > 1 for n in b.nodes}
     assert as_input == {"ReduceSum": opset >= 13, "ReduceMean": opset >= 18, "Unsqueeze": opset >= 13,
                         "Squeeze": opset >= 13, "Slice": opset >= 10, "Pad": opset >= 11}
+
+
+def test_shape_probe_feeds_every_input_and_fills_only_the_gaps():
+    """A model with a second float input beside its data (a probe model's masks) is run with
+    both fed, at batches 2 and 3, and the gap comes back batch-symbolic."""
+    from onnxprune.gradient.probe import _gaps, probe_shapes
+
+    model = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "net (float[N,4] x, float[N,4] m) => (float[N,3] y) {\n"
+        "  xm = Mul(x, m)\n  h = MatMul(xm, w)\n  y = Relu(h)\n}")
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((4, 3), np.float32), "w"))
+    static = StaticInfo(model, Opset(17))
+    assert static.types["h"][1] == ["N", 3]
+    static.types["h"] = (TensorProto.FLOAT, None)  # as if inference had not reached it
+    assert _gaps(static) == ["h"]
+    probe_shapes(static)
+    assert static.types["h"][1] == ["N", 3] and not _gaps(static)

@@ -25,46 +25,67 @@ def _incomplete(dims: list | None, sym: str) -> bool:
     return dims is None or any(d is None or (isinstance(d, str) and d != sym) for d in dims)
 
 
+def _gaps(static: StaticInfo) -> list[str]:
+    """Node outputs whose shape is unknown, or has dims other than static ones or the batch."""
+    sym = batch_symbol(static)
+    return [o for node in static.model.graph.node for o in node.output
+            if o and _incomplete(static.types.get(o, (0, None))[1], sym)]
+
+
 def has_shape_gaps(static: StaticInfo) -> bool:
     """Whether some node output has an unknown shape, or dims other than static or the batch."""
-    sym = batch_symbol(static)
-    for node in static.model.graph.node:
-        for o in node.output:
-            dims = static.types.get(o, (0, None))[1] if o else []
-            if _incomplete(dims, sym):
-                return True
-    return False
+    return bool(_gaps(static))
 
 
 def _run_exposed(static: StaticInfo, dims: list, dynamic: bool) -> tuple[list[str], list[dict]] | None:
-    """Every tensor's value on random inputs, at batch 2 and 3 if the batch is dynamic."""
-
+    """The values of the tensors shape inference left gaps in, on random inputs, at batch 2 and
+    3 if the batch is dynamic. Only those are outputs: exposing every tensor would hand back
+    every activation (resnet50 at 224x224: ~1 GB at batches 2 and 3 together), where a Reshape
+    at the head is typically all that is missing. The session runs twice, unoptimised."""
     m = onnx.ModelProto()
     m.CopyFrom(static.model)
     present = {o.name for o in m.graph.output}
-    for node in m.graph.node:
-        for o in node.output:
-            if o and o not in present:
-                m.graph.output.append(onnx.ValueInfoProto(name=o))
-                present.add(o)
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(static.x_elem))
+    for name in _gaps(static):
+        if name not in present:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
     rng = np.random.default_rng(0)
     try:
-        sess = session(m)
+        sess = session(m, once=True)
         names = [o.name for o in sess.get_outputs()]
         runs = []
         for batch in ((2, 3) if dynamic else (dims[0],)):
-            feed = rng.uniform(0, 1, [batch] + dims[1:]).astype(dtype)
-            runs.append(dict(zip(names, sess.run(names, {static.x: feed}))))
+            feeds = _feeds(static, batch, rng)
+            if feeds is None:
+                return None
+            runs.append(dict(zip(names, sess.run(names, feeds))))
     except Exception as exc:  # noqa: BLE001 - probing is best effort
         logger.debug("shape probe failed: %s", exc)
         return None
     return names, runs
 
 
+def _feeds(static: StaticInfo, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+    """Dummy values for every data input at ``batch`` (the batch symbol's value): uniform in
+    [0, 1) for floats, zeros otherwise (the masks and merges of a probe model, say, beside its
+    data input); None when an input has a dim no one knows."""
+    sym, feeds = batch_symbol(static), {}
+    for value in static.model.graph.input:
+        if value.name in static.init:
+            continue
+        elem, dims = static.types.get(value.name, (static.x_elem, None))
+        if dims is None or not all(isinstance(d, int) or d == sym for d in dims):
+            return None
+        shape = [batch if d == sym else d for d in dims]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem or static.x_elem))
+        feeds[value.name] = (rng.uniform(0, 1, shape) if np.issubdtype(dtype, np.floating)
+                             else np.zeros(shape)).astype(dtype)
+    return feeds
+
+
 def probe_shapes(static: StaticInfo) -> None:
     """Fill the gaps shape inference left in ``static.types`` by running the model on dummy
-    inputs with every tensor exposed: batch 2 and 3 tell batch-proportional dims from fixed
+    inputs with those tensors exposed: batch 2 and 3 tell batch-proportional dims from fixed
     ones."""
     dims = static.types.get(static.x, (0, None))[1]
     if not dims or not all(isinstance(d, int) and d > 0 for d in dims[1:]):

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.gradient.errors import GradientUnsupported
 from onnxprune.gradient.protos import attrs, constant_value
 from onnxprune.ir import Opset
+from onnxprune.ir.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def inferred_types(model: onnx.ModelProto) -> dict[str, tuple[int, list | None]]
     """Element type and dims (int, symbol or None) of every tensor shape inference knows."""
     g = model.graph
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = infer_shapes(model)
         vis = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
     except Exception as exc:  # noqa: BLE001 - shape inference is best effort
         logger.debug("shape inference failed: %s", exc)

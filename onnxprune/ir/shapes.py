@@ -36,6 +36,33 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference (with data propagation) over a weightless view of ``model``: its
+    large float initializers become typed inputs (inference reads their dims, never their
+    bytes, and serialising them for it cost four copies of a 100 MB model), its small and
+    integer ones (shape tensors) stay constants, and the view is IR 4 with only its real
+    inputs. An IR 3 model lists every initializer as an input, where inference would take it
+    for data and leave a Reshape to a stored shape unshaped; an initializer missing from an
+    IR 3 model's inputs would leave its consumers unshaped (onnxruntime runs both)."""
+    inits = {t.name for t in model.graph.initializer}
+    view = onnx.ModelProto(ir_version=max(model.ir_version, 4))
+    view.opset_import.extend(model.opset_import)
+    view.functions.extend(model.functions)
+    graph = view.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    graph.input.extend(i for i in model.graph.input if i.name not in inits)
+    for t in model.graph.initializer:
+        kind = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).kind if t.data_type else "O"
+        if kind == "f" and math.prod(t.dims) > _SKELETON_MAX:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            graph.initializer.append(t)
+    return onnx.shape_inference.infer_shapes(view, data_prop=True)
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """A real graph input: its name, dimensions (None where not fixed; None for all when the
@@ -211,7 +238,7 @@ def resolve_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape],
                 dims.add().dim_value = d
     del fixed.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+        inferred = infer_shapes(fixed)
     except Exception as exc:  # inference is best effort; onnxruntime is the ground truth
         logger.debug("shape inference failed: %s", exc)
         inferred = fixed
@@ -263,7 +290,7 @@ def _branch_values(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     flat.graph.node.extend(nodes)
     flat.graph.initializer.extend(inits)
     try:
-        inferred = onnx.shape_inference.infer_shapes(flat, data_prop=True)
+        inferred = infer_shapes(flat)
     except Exception as exc:
         logger.debug("shape inference of the flattened branches failed: %s", exc)
         return []
