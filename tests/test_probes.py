@@ -161,3 +161,61 @@ def test_single_unit_rows_run_the_sparse_form_and_equal_the_dense_one(source):
     scale = np.abs(dense).max()
     np.testing.assert_allclose(sparse, dense[:-1], atol=1e-5 * scale, rtol=1e-4)
     assert np.abs(dense[-1] - probe.base).max() > 0
+
+
+def _caffe2_style_net():
+    """An IR 3, opset 9 classifier as old converters wrote them: every initializer listed as a
+    graph input, and the head's Reshape to a stored [1, C] shape."""
+    from onnx import helper, numpy_helper
+
+    blocks = [nets.conv_bn("c1", "x", 3, 8), nets.conv_bn("c2", "c1", 8, 12)]
+    tail = ("  p = GlobalAveragePool(c2)\n  f = Reshape(p, flat)\n  h = Gemm<transB=1>(f, fc_w, fc_b)\n"
+            "  y = Softmax(h)\n")
+    model = nets.from_text(nets.graph("(float[1,3,8,8] x) => (float[1,10] y)", blocks, tail,
+                                      "int64[2] flat, float[10,12] fc_w, float[10] fc_b"), opset=9)
+    flat = next(t for t in model.graph.initializer if t.name == "flat")
+    flat.CopyFrom(numpy_helper.from_array(np.array([1, 12], np.int64), "flat"))
+    model.ir_version = 3
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    return model
+
+
+def test_first_order_on_an_opset_9_model_with_initializers_as_inputs():
+    """Inference reads the stored Reshape shape (IR 3 lists it as an input), the masks are cut
+    with opset 9's attribute Slice, and the loss finds the class count."""
+    from onnxprune.ir.shapes import infer_shapes
+
+    model = _caffe2_style_net()
+    inputs = [i.name for i in model.graph.input]
+    inferred = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in infer_shapes(model).graph.value_info}
+    assert inferred["f"] == [1, 12] and inferred["h"] == [1, 10]
+    assert [i.name for i in model.graph.input] == inputs and model.ir_version == 3  # left as it was
+    analysis = analyse(model, input_range=(0.0, 1.0))
+    groups = analysis.dep.prunable_groups()
+    probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
+                       analysis.input_shapes, inputs=analysis.probe_inputs(4, 0))
+    taylor = probe.first_order()
+    assert taylor is not None and set(taylor) == {g.id for g in groups}
+    assert all(np.all(np.isfinite(v)) and v.shape == (g.size,) for g in groups for v in [taylor[g.id]])
+
+
+def test_opset_9_masks_read_units_as_opset_17_gathers_do():
+    """Before opset 11 a unit-to-channel map is a one-hot MatMul (the first order differentiates
+    it; a Gather's gradient needs ScatterElements): rows measure the same either way."""
+    blocks = [nets.conv_bn("c1", "x", 3, 8), nets.conv_bn("c2", "m", 8, 12)]
+    tail = ("  m = MaxPool<kernel_shape=[2,2], strides=[2,2]>(c1)\n  m2 = MaxPool<kernel_shape=[2,2], strides=[2,2]>(c2)\n"
+            "  f = Flatten(m2)\n  h = Gemm<transB=1>(f, fc1_w, fc1_b)\n  y = Gemm<transB=1>(h, fc2_w, fc2_b)\n")
+    text = nets.graph("(float[1,3,16,16] x) => (float[1,10] y)", blocks, tail,
+                      "float[20,192] fc1_w, float[20] fc1_b, float[10,20] fc2_w, float[10] fc2_b")
+    out = []
+    for opset in (9, 17):
+        analysis = analyse(nets.from_text(text, opset=opset), input_range=(0.0, 1.0))
+        group = next(g for g in analysis.dep.prunable_groups() if g.size == 12)  # read as blocks by the Gemm
+        probe = ProbeModel(analysis.graph, analysis.model, [group], analysis.moments, analysis.prior,
+                           analysis.input_shapes, inputs=analysis.probe_inputs(4, 0))
+        masks = np.ones((3, group.size), np.float32)
+        masks[1, 2], masks[2, 7] = 0, 0
+        out.append(probe.run({mask_name(group): masks}))
+        assert probe.first_order() is not None
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-6)

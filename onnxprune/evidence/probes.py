@@ -45,10 +45,21 @@ _PROBE_NAMES = "onnxprune_probe_{n}"
 _ALL_MASKS = "onnxprune_masks"
 
 
-def _gather(b: NodeEmitter, name: str, index: str, pad_value: float) -> str:
-    """Unit-level [N, U] to space-level [N, C]: padded column U for foreign atoms."""
-    padded = b.pad(name, [0, 0, 0, 1], np.float32(pad_value))
-    return b.add("Gather", [padded, index], axis=1)
+def _gather(b: NodeEmitter, name: str, index: np.ndarray, units: int, pad_value: float) -> str:
+    """Unit-level [N, U] to space-level [N, C]: column ``index[c]`` of ``name``, ``pad_value``
+    where ``index[c]`` is U (atoms of other groups). Before opset 11 it is a product with a
+    one-hot [U, C] matrix instead of a Gather: the gradient of a Gather (the first-order pass
+    differentiates the masks) scatters, and ScatterElements came with opset 11."""
+    if index.size == units and np.array_equal(index, np.arange(units)):  # the group is the space
+        return name
+    if b.opset.version >= 11:
+        padded = b.pad(name, [0, 0, 0, 1], np.float32(pad_value))
+        return b.add("Gather", [padded, b.const(index)], axis=1)
+    picked = b.add("MatMul", [name, b.const((index[None, :] == np.arange(units)[:, None]).astype(np.float32))])
+    foreign = index >= units
+    if pad_value == 0 or not foreign.any():
+        return picked
+    return b.add("Add", [picked, b.const(pad_value * foreign.astype(np.float32))])
 
 
 @dataclass
@@ -224,6 +235,7 @@ class ProbeModel:
                     block = np.full((stop - start, group.size), default, np.float32) if m is None else m[start:stop]
                     feeds[name] = np.repeat(block.astype(np.float32), self.probes, axis=0)
             (y,) = run_session.run([self.output], feeds)
+            self._output_shape = y.shape  # samples first
             self.runs += stop - start
             results.append(y.reshape(stop - start, self.probes, -1).astype(np.float64))
         return np.concatenate(results)
@@ -240,16 +252,30 @@ class ProbeModel:
         # Every group's mask is a slice of one input, the first: what the gradient is taken of.
         edit = ModelEditor(self.dense_model())
         edit.remove_inputs(mask_name(group) for group in self.groups)
+        # Its width left open, which keeps the builder from running this model to probe shapes
+        # inference left out (at batches 2 and 3: 2.7 GB more on resnet50 at 224x224).
         edit.add_input(_ALL_MASKS, np.float32, ["N", None], first=True)
         b = edit.emitter(_PROBE_NAMES)
         start, spans = 0, {}
         for group in self.groups:
             spans[group.id] = (start, start + group.size)
-            starts, ends, axes = b.i64([start]), b.i64([start + group.size]), b.i64([1])
-            b.emit("Slice", [_ALL_MASKS, starts, ends, axes], [mask_name(group)])
             start += group.size
+        # One Split (its gradient is a Concat at every opset; a Slice's needs Pad or Scatter forms).
+        sizes = [group.size for group in self.groups]
+        if b.opset.params_as_inputs("Split"):
+            b.emit("Split", [_ALL_MASKS, b.i64(sizes)], [mask_name(g) for g in self.groups], axis=1)
+        else:
+            b.emit("Split", [_ALL_MASKS], [mask_name(g) for g in self.groups], axis=1, split=sizes)
         edit.extend(b, first=True)
-        edit.set_outputs([self.output])
+        # Typed as measured, and the masked tensors as analysed: shape inference loses the batch
+        # of a head's Reshape to a stored shape, and with it the shapes of the masks' arithmetic
+        # and the class count the loss needs.
+        tensors, shapes = self.graph.tensors(), self._source[2].shapes
+        dtype = getattr(tensors.get(self.output), "dtype", None) or np.float32
+        edit.set_outputs([self.output], dtype, ["N", *self._output_shape[1:]])
+        for name in {t for group in self.groups for t, _ in consumer_nodes(group)}:  # batch-major: probeable
+            if name in shapes:
+                edit.declare(name, getattr(tensors.get(name), "dtype", None) or np.float32, ["N", *shapes[name][1:]])
         try:
             grad_session = session(input_gradient_model(edit.finish()), once=True)
             feeds = dict(self.inputs)
@@ -258,7 +284,14 @@ class ProbeModel:
                 for name in (merge_src_name(group), merge_dst_name(group)):
                     feeds[name] = np.zeros((self.probes, group.size), np.float32)
             feeds[LABELS] = self.base.argmax(axis=-1).astype(np.int64)
-            (grad,) = grad_session.run([INPUT_GRAD], feeds)
+            wanted = {i.name for i in grad_session.get_inputs()}  # merges no row reads are pruned away
+            feeds = {k: v for k, v in feeds.items() if k in wanted}
+            # Probes apart are the same gradient (each one's loss reads its own row of masks):
+            # runs a third of a forward run's samples, as a reverse pass holds about three
+            # times the activations (resnet50 at 224x224: one probe a run, not four).
+            per_run = max(1, self.max_batch // 3)
+            grad = np.concatenate([grad_session.run([INPUT_GRAD], {k: v[lo:lo + per_run] for k, v in feeds.items()})[0]
+                                   for lo in range(0, self.probes, per_run)])
         except Exception as exc:  # no backward rule, or a graph the builder cannot read
             logger.info("no first-order estimate: %s", str(exc).splitlines()[0])
             return None
@@ -284,21 +317,23 @@ def _dense_fill(b: NodeEmitter, tensor: str, axis: int, rank: int, entries, mean
     :func:`_estimable`. Rows may remove any number of units; the estimate costs a CxC product
     at every position."""
     size = len(mean)
-    shape = [-1] + [1] * (axis - 1) + [size] + [1] * (rank - axis - 1)
+    # Dim 0 copied (0), not inferred (-1): shape inference then keeps the batch symbol through
+    # the masks' arithmetic, which the first-order pass's gradient graph needs.
+    shape = [0] + [1] * (axis - 1) + [size] + [1] * (rank - axis - 1)
     needs_mean = estimate is None or any(single for _, _, single in entries)
     mean_c = b.const(mean.reshape(shape[1:])) if needs_mean else None
     value = _estimate(b, tensor, axis, rank, estimate) or mean_c  # what a removed slot reads
     x = tensor
     for group, index, single in entries:
-        idx = b.const(index)
-        mask = _gather(b, mask_name(group), idx, 1.0)
+        mask = _gather(b, mask_name(group), index, group.size, 1.0)
         mb = b.add("Reshape", [mask, b.const(np.array(shape, np.int64))])
         kept = b.add("Mul", [x, mb])
         fill = b.add("Sub", [value, b.add("Mul", [value, mb])])
         x = b.add("Add", [kept, fill])
         if single:
-            src = b.add("Reshape", [_gather(b, merge_src_name(group), idx, 0.0), b.const(np.array(shape, np.int64))])
-            dst = b.add("Reshape", [_gather(b, merge_dst_name(group), idx, 0.0), b.const(np.array(shape, np.int64))])
+            to = b.const(np.array(shape, np.int64))
+            src = b.add("Reshape", [_gather(b, merge_src_name(group), index, group.size, 0.0), to])
+            dst = b.add("Reshape", [_gather(b, merge_dst_name(group), index, group.size, 0.0), to])
             # u's slot reads s * x_v (what the merged weights see) minus its mean.
             moved = b.reduce_sum(b.add("Mul", [tensor, dst]), [axis])
             lost = b.reduce_sum(b.add("Mul", [dst, mean_c]), [axis])
@@ -329,7 +364,7 @@ def _sparse_fill(b: NodeEmitter, tensor: str, axis: int, rank: int, entries, mea
     onehot = (per[None, :] == np.arange(width)[:, None]).astype(np.float32)  # [K, C]
     removed = None
     for group, index, _ in entries:
-        r = b.add("Sub", [b.const(np.array(1.0, np.float32)), _gather(b, mask_name(group), b.const(index), 1.0)])
+        r = b.add("Sub", [b.const(np.array(1.0, np.float32)), _gather(b, mask_name(group), index, group.size, 1.0)])
         removed = r if removed is None else b.add("Add", [removed, r])
     sel = b.add("Mul", [b.add("Reshape", [removed, b.const(np.array([0, 1, size], np.int64))]), b.const(onehot)])
     sel_t = b.add("Transpose", [sel], perm=[0, 2, 1])  # [N, C, K]
@@ -356,7 +391,7 @@ def _sparse_fill(b: NodeEmitter, tensor: str, axis: int, rank: int, entries, mea
         for group, index, one in entries:
             if not one:
                 continue
-            d = _gather(b, merge_dst_name(group), b.const(index), 0.0)
+            d = _gather(b, merge_dst_name(group), index, group.size, 0.0)
             dst = d if dst is None else b.add("Add", [dst, d])
             s = b.reduce_sum(merge_src_name(group), [1])
             src = s if src is None else b.add("Add", [src, s])

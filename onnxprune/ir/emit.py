@@ -179,19 +179,27 @@ class ModelEditor:
         del self.model.graph.input[:]
         self.model.graph.input.extend(kept)
 
-    def add_output(self, name: str, dtype: DTypeLike | None = None) -> None:
-        """Make ``name`` an output, of element type ``dtype`` if given (else untyped)."""
+    def declare(self, name: str, dtype: DTypeLike, dims: Sequence[int | str | None]) -> None:
+        """Record what ``name`` holds (a value_info) where shape inference cannot work it out."""
+        self.model.graph.value_info.append(
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), list(dims)))
+
+    def add_output(self, name: str, dtype: DTypeLike | None = None,
+                   dims: Sequence[int | str | None] | None = None) -> None:
+        """Make ``name`` an output, of element type ``dtype`` and ``dims`` if given (else untyped;
+        declared dims stand where shape inference cannot reach)."""
         if dtype is None:
             value = helper.make_empty_tensor_value_info(name)
         else:
-            value = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
+            value = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims)
         self.model.graph.output.append(value)
 
-    def set_outputs(self, names: Sequence[str], dtype: DTypeLike | None = None) -> None:
+    def set_outputs(self, names: Sequence[str], dtype: DTypeLike | None = None,
+                    dims: Sequence[int | str | None] | None = None) -> None:
         """Make ``names`` the only outputs (see :meth:`add_output`)."""
         del self.model.graph.output[:]
         for name in names:
-            self.add_output(name, dtype)
+            self.add_output(name, dtype, dims)
 
     def replace_input(self, node: str, old: str, new: str) -> None:
         """Make the node called ``node`` read ``new`` wherever it read ``old``."""
