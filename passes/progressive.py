@@ -46,6 +46,7 @@ from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
 from onnxprune.evidence.probes import Impact, ProbeModel, probeable, stacks_samples
 from onnxprune.intervals import DeviationIntervals, Unsupported, width_and_entropy
+from onnxprune.ir import release_memory
 from onnxprune.plan import GroupPlan, PruningPlan
 from onnxprune.profiling import stage
 from onnxprune.rewrite import corrected
@@ -259,6 +260,8 @@ class Progressive(Method):
         run.rows_measured += probe.runs
         with stage("commit"):
             run.reconstructor.apply(run.plan, steps={t}, zero_removed=True)
+        del probe  # its sessions and corrected weights: freed before the heap is handed back
+        release_memory()
 
     def _choose(self, run: _Run, active, pools, impact, quota, want, step_goal) -> dict[int, list[Candidate]]:
         """Scheduled groups take their quota each; the others compete for the step's budget,

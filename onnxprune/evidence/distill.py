@@ -29,7 +29,17 @@ import numpy as np
 
 from onnxprune.evidence.priors import InputPrior
 from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
-from onnxprune.ir import Model, ModelEditor, NodeEmitter, copy_model, graph_inputs, make_batch_dynamic, session
+from onnxprune.ir import (
+    SHRINK_ARENA,
+    Model,
+    ModelEditor,
+    NodeEmitter,
+    copy_model,
+    graph_inputs,
+    make_batch_dynamic,
+    release_memory,
+    session,
+)
 from onnxprune.profiling import advance
 
 logger = logging.getLogger(__name__)
@@ -95,7 +105,8 @@ class Distiller:
         for t in range(1, steps + 1):  # Adam on the input
             shift = tuple(int(s) for s in rng.integers(-JITTER, JITTER + 1, 2)) if image else (0, 0)
             try:
-                (grad,) = self.session.run([INPUT_GRAD], {self.name: _roll(x, shift), **feeds})
+                (grad,) = self.session.run([INPUT_GRAD], {self.name: _roll(x, shift), **feeds},
+                                           SHRINK_ARENA if t == steps else None)
             except Exception as exc:  # a model that does not batch: fall back to noise
                 logger.info("distillation stopped: %s", str(exc).splitlines()[0])
                 return None
@@ -109,6 +120,7 @@ class Distiller:
             if prior.low is not None:
                 x = np.clip(x, prior.low, prior.high)
             advance(label, t, steps)
+        release_memory()  # the arena the last run shrank, and the steps' arrays
         return x.astype(np.float32)
 
 

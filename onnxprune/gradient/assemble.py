@@ -41,8 +41,23 @@ def assemble(model: onnx.ModelProto, x: str, new_nodes: list[onnx.NodeProto], ne
     inputs = [v for v in g.input if v.name == x or v.name in need] + [labels]
     inits = [t for t in list(g.initializer) + new_inits if t.name in need]
     value_info = [v for v in g.value_info if v.name in need]
-    graph = helper.make_graph(keep, g.name or "gradient", inputs, [loss, grad], inits, value_info=value_info)
+    # Everything but the graph copied from ``model``, the graph filled in place: copying the
+    # model whole and then a made graph over it held three copies of the weights at once.
     out = onnx.ModelProto()
-    out.CopyFrom(model)
-    out.graph.CopyFrom(graph)
+    for desc, value in model.ListFields():
+        if desc.name == "graph":
+            continue
+        if isinstance(value, (bytes, str, int, float)):
+            setattr(out, desc.name, value)
+        elif hasattr(value, "extend"):  # repeated: opset_import, functions, metadata_props, ...
+            getattr(out, desc.name).extend(value)
+        else:
+            getattr(out, desc.name).CopyFrom(value)
+    graph = out.graph
+    graph.name = g.name or "gradient"
+    graph.node.extend(keep)
+    graph.input.extend(inputs)
+    graph.output.extend([loss, grad])
+    graph.initializer.extend(inits)
+    graph.value_info.extend(value_info)
     return out

@@ -23,7 +23,7 @@ from onnxprune.ir.inputs import sample_axes, stack_samples
 from onnxprune.ir.io import keep_ir_version, load_model, load_model_info, save_model
 from onnxprune.ir.opsets import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE, Opset
 from onnxprune.ir.reference import evaluate_node, np_dtype, template_for
-from onnxprune.ir.runtime import Session, session
+from onnxprune.ir.runtime import SHRINK_ARENA, Session, release_memory, session
 from onnxprune.ir.shapes import (
     InputSpec,
     Shape,
@@ -46,12 +46,12 @@ from onnxprune.ir.validate import check_runs, check_structure
 Model = onnx.ModelProto
 
 __all__ = [
-    "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
+    "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "SHRINK_ARENA", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
     "NodeView", "OpChain", "Opset", "Session", "Shape", "check_model", "check_runs", "check_structure",
     "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "graph_inputs",
     "holding", "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model",
     "load_model_info",
     "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
-    "random_inputs", "resolve_shapes", "sample_axes", "save_model", "session", "signature", "skeleton",
+    "random_inputs", "release_memory", "resolve_shapes", "sample_axes", "save_model", "session", "signature", "skeleton",
     "stack_samples", "template_for", "to_model", "toposort_nodes",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 
 import numpy as np
@@ -78,6 +80,32 @@ def session(model: onnx.ModelProto, threads: int = 0, once: bool = False) -> ort
         lean = weights_as_inputs(model, big)
         sess = _ProfiledSession(lean.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return LeanSession(sess, weights)
+
+
+#: Run options that hand a session's arena back once the run is done (onnxruntime keeps what a
+#: run grew its arena to until the session dies): for the last of a series of large runs.
+SHRINK_ARENA = ort.RunOptions()
+SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+def _trimmer():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_malloc_trim = _trimmer()
+
+
+def release_memory() -> None:
+    """Return the heap freed since the last call to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere). Sessions and arrays freed within a progressive step leave their pages with the
+    allocator, which keeps them: on resnet50 at 224x224 the process held 1.8 GB after planning
+    where 1.1 GB was live."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
