@@ -4,7 +4,10 @@ Each run is one ``prune`` call at the uniform-0.4 MAC budget (``--budget macs``)
 process, timed by :mod:`onnxprune.profiling`; start-up (importing onnxprune) is measured in
 a fresh interpreter. Prints one table per model and writes bench/results/profile.json.
 
-    python bench/profile.py [--models mlp resnet resnet50] [--methods magnitude paoding srdfp]
+    python bench/profile.py [--models mlp resnet resnet50] [--methods magnitude paoding srdfp] [--memory]
+
+``--memory`` adds each stage's peak resident memory (Linux: the kernel's high-water mark, read
+and reset at every stage boundary; see :func:`onnxprune.profiling.track_memory`).
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["magnitude", "paoding", "srdfp"])
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "profile.json"))
+    parser.add_argument("--memory", action="store_true", help="peak resident memory per stage")
     args = parser.parse_args()
+    if args.memory and not profiling.track_memory(True):
+        parser.error("--memory needs Linux's /proc/self/clear_refs")
     console = Console()
     results = {"startup": startup_seconds(), "runs": []}
     console.print({k: round(v, 3) for k, v in results["startup"].items()})
@@ -71,19 +77,24 @@ def main() -> None:
             _, report = prune(model, args.ratio, method=method, target="macs", input_range=input_range, check=8)
             seconds = time.perf_counter() - t0
             prof = profiling.reset()
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            # With --memory the high-water mark is reset at every stage, so getrusage's figure
+            # is no longer the process's: the profile's own whole-run peak stands instead.
+            rss = prof.peak_rss[()] / 2**20 if args.memory else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             table = Table(title=f"{name} {method}: {seconds:.2f} s, MACs kept "
-                          f"{report.after.macs / report.before.macs:.1%}, peak RSS so far {rss:.0f} MB",
+                          f"{report.after.macs / report.before.macs:.1%}, peak RSS {'of the run' if args.memory else 'so far'} "
+                          f"{rss:.0f} MB",
                           title_justify="left")
-            for col in ("stage", "calls", "self s", "total s"):
+            for col in ("stage", "calls", "self s", "total s") + (("peak MB",) if args.memory else ()):
                 table.add_column(col, justify="left" if col == "stage" else "right")
-            for label, calls, own, total in prof.rows():
-                table.add_row(label, str(calls), f"{own:.2f}", f"{total:.2f}")
+            for (label, calls, own, total), path in zip(prof.rows(), prof.paths()):
+                peak = (f"{prof.peak_rss.get(path, 0) / 2**20:.0f}",) if args.memory else ()
+                table.add_row(label, str(calls), f"{own:.2f}", f"{total:.2f}", *peak)
             console.print(table)
             results["runs"].append({"model": name, "method": method, "seconds": seconds,
                                     "macs": report.before.macs, "macs_kept": report.after.macs / report.before.macs,
                                     "stages": {"/".join(p): s for p, s in prof.seconds.items()},
-                                    "by_stage": prof.by_leaf()})
+                                    "by_stage": prof.by_leaf(),
+                                    "peak_rss_mb": {"/".join(p): b / 2**20 for p, b in prof.peak_rss.items()}})
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
 

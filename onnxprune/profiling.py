@@ -46,6 +46,10 @@ class Profile:
             out[path[-1]] = out.get(path[-1], 0.0) + s
         return out
 
+    def paths(self) -> list[tuple[str, ...]]:
+        """Every stage path, parents before children, in the order of :meth:`rows`."""
+        return sorted({path[:i] for path in self.seconds for i in range(1, len(path) + 1)})
+
     def rows(self) -> list[tuple[str, int, float, float]]:
         """(indented name, calls, exclusive seconds, inclusive seconds) in tree order."""
         inclusive: dict[tuple[str, ...], float] = {}
@@ -53,7 +57,7 @@ class Profile:
             for i in range(1, len(path) + 1):
                 inclusive[path[:i]] = inclusive.get(path[:i], 0.0) + s
         return [("  " * (len(p) - 1) + p[-1], self.calls.get(p, 0), self.seconds.get(p, 0.0), inclusive[p])
-                for p in sorted(inclusive)]
+                for p in self.paths()]
 
 
 _stack: list[_Frame] = []
