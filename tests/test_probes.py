@@ -219,3 +219,16 @@ def test_opset_9_masks_read_units_as_opset_17_gathers_do():
         out.append(probe.run({mask_name(group): masks}))
         assert probe.first_order() is not None
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_first_order_factor_is_off_where_units_cannot_merge():
+    """A conv map read flattened into blocks cannot merge a unit into another; paoding plans
+    such nets without the first-order factor (it measured worse there), others with it."""
+    from onnxprune.evidence.probes import mergeable
+
+    flat = analyse(nets.vgg_flatten(), input_range=(0.0, 1.0))
+    assert not all(mergeable(g) for g in flat.dep.prunable_groups())
+    assert all(mergeable(g) for g in analyse(nets.resnet(), input_range=(0.0, 1.0)).dep.prunable_groups())
+    for model, used in ((nets.vgg_flatten(), False), (nets.mobile_net(), True)):
+        _, report = prune(model, 0.3, method="paoding", input_range=(0.0, 1.0), check=0)
+        assert report.plan.details["first_order"] is used

@@ -462,6 +462,17 @@ def stacks_samples(model: Model, input_shapes: dict, prior: InputPrior) -> bool:
     return joint.shape == together.shape and bool(np.allclose(joint, together, rtol=1e-3, atol=1e-4))
 
 
+def mergeable(group: ChannelGroup) -> bool:
+    """Whether some consumer reads each of the group's units as one channel (where a probe row
+    can merge a unit into another); not so for a conv map read flattened into blocks of
+    features, or an attention head read as its head_dim channels."""
+    for space in consumer_nodes(group):
+        _, unit = group.atoms[space]
+        if len(np.unique(unit)) == len(unit):
+            return True
+    return False
+
+
 def consumer_nodes(group: ChannelGroup) -> dict[tuple, set[str]]:
     """The tensors (and channel axes) the group's consumers read, with the nodes reading each."""
     spaces: dict[tuple, set[str]] = {}
