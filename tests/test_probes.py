@@ -61,17 +61,22 @@ def test_impact_measures():
     assert impact.top1[1] == 0.5 and impact.margin[1] > 0 and impact.width[1] > 0
 
 
+def _first_order_over_every_group(analysis, probes: int):
+    """(groups, probe model over all of them, its first-order estimate, checked present)."""
+    groups = analysis.dep.prunable_groups()
+    probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
+                       analysis.input_shapes, inputs=analysis.probe_inputs(probes, 0))
+    taylor = probe.first_order()
+    assert taylor is not None and set(taylor) == {g.id for g in groups}
+    return groups, probe, taylor
+
+
 def test_first_order_estimate_ranks_like_measured_removals():
     from pathlib import Path
 
     from onnxprune.pipeline import analyse as analyse_path
     path = Path(__file__).resolve().parent.parent / "models" / "resnet.onnx"
-    analysis = analyse_path(path, input_range=(0.0, 1.0))
-    groups = analysis.dep.prunable_groups()
-    probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
-                       analysis.input_shapes, inputs=analysis.probe_inputs(16, 0))
-    taylor = probe.first_order()
-    assert taylor is not None and set(taylor) == {g.id for g in groups}
+    groups, probe, taylor = _first_order_over_every_group(analyse_path(path, input_range=(0.0, 1.0)), 16)
     group = max(groups, key=lambda g: g.size)
     masks = np.ones((group.size, group.size), np.float32)
     np.fill_diagonal(masks, 0)
@@ -191,12 +196,7 @@ def test_first_order_on_an_opset_9_model_with_initializers_as_inputs():
     inferred = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in infer_shapes(model).graph.value_info}
     assert inferred["f"] == [1, 12] and inferred["h"] == [1, 10]
     assert [i.name for i in model.graph.input] == inputs and model.ir_version == 3  # left as it was
-    analysis = analyse(model, input_range=(0.0, 1.0))
-    groups = analysis.dep.prunable_groups()
-    probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
-                       analysis.input_shapes, inputs=analysis.probe_inputs(4, 0))
-    taylor = probe.first_order()
-    assert taylor is not None and set(taylor) == {g.id for g in groups}
+    groups, _, taylor = _first_order_over_every_group(analyse(model, input_range=(0.0, 1.0)), 4)
     assert all(np.all(np.isfinite(v)) and v.shape == (g.size,) for g in groups for v in [taylor[g.id]])
 
 
