@@ -11,6 +11,7 @@ from onnx import helper
 
 from onnxprune.gradient.static import StaticInfo
 from onnxprune.ir.runtime import session
+from onnxprune.ir.shapes import random_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +67,19 @@ def _run_exposed(static: StaticInfo, dims: list, dynamic: bool) -> tuple[list[st
 
 
 def _feeds(static: StaticInfo, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
-    """Dummy values for every data input at ``batch`` (the batch symbol's value): uniform in
-    [0, 1) for floats, zeros otherwise (the masks and merges of a probe model, say, beside its
-    data input); None when an input has a dim no one knows."""
-    sym, feeds = batch_symbol(static), {}
+    """Seeded dummy values (:func:`~onnxprune.ir.random_inputs`) for every data input at
+    ``batch`` (the batch symbol's value): a probe model's masks and merges beside its data
+    input, a control scalar at the value it is compared with; None when an input has a dim no
+    one knows."""
+    sym, shapes = batch_symbol(static), {}
     for value in static.model.graph.input:
         if value.name in static.init:
             continue
-        elem, dims = static.types.get(value.name, (static.x_elem, None))
+        dims = static.types.get(value.name, (0, None))[1]
         if dims is None or not all(isinstance(d, int) or d == sym for d in dims):
             return None
-        shape = [batch if d == sym else d for d in dims]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem or static.x_elem))
-        feeds[value.name] = (rng.uniform(0, 1, shape) if np.issubdtype(dtype, np.floating)
-                             else np.zeros(shape)).astype(dtype)
-    return feeds
+        shapes[value.name] = tuple(batch if d == sym else d for d in dims)
+    return random_inputs(static.model, shapes, rng)
 
 
 def probe_shapes(static: StaticInfo) -> None:
