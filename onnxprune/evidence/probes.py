@@ -163,8 +163,7 @@ class ProbeModel:
                 local, unit = group.atoms[space]
                 index = np.full(moments.shapes[space[0]][space[1]], group.size, dtype=np.int64)
                 index[local] = unit  # atoms of other groups read the padded column
-                single = len(np.unique(unit)) == len(unit)
-                per_space.setdefault(space, []).append((group, index, single))
+                per_space.setdefault(space, []).append((group, index, _single(group, space)))
                 consumers.setdefault(space, set()).update(names)
         b = edit.emitter(_PROBE_NAMES)
         sparse_spaces = []
@@ -466,11 +465,13 @@ def mergeable(group: ChannelGroup) -> bool:
     """Whether some consumer reads each of the group's units as one channel (where a probe row
     can merge a unit into another); not so for a conv map read flattened into blocks of
     features, or an attention head read as its head_dim channels."""
-    for space in consumer_nodes(group):
-        _, unit = group.atoms[space]
-        if len(np.unique(unit)) == len(unit):
-            return True
-    return False
+    return any(_single(group, space) for space in consumer_nodes(group))
+
+
+def _single(group: ChannelGroup, space: tuple) -> bool:
+    """Whether ``space`` reads each of the group's units as one channel."""
+    _, unit = group.atoms[space]
+    return len(np.unique(unit)) == len(unit)
 
 
 def consumer_nodes(group: ChannelGroup) -> dict[tuple, set[str]]:
