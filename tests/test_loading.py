@@ -183,3 +183,19 @@ def test_serialized_size_is_byte_size_without_encoding_the_weights(monkeypatch, 
     assert runtime.lean_weights(model)
     assert runtime.serialized_size(model) == model.ByteSize()
     check_model(model)  # the checker on the skeleton accepts a valid model
+
+
+def test_a_name_that_is_not_utf8_is_a_damaged_file(tmp_path):
+    """protobuf hands a string field it cannot decode back as bytes; loading refuses the file
+    (exit 2 at the CLI) rather than failing later in whatever sets that name."""
+    from onnxprune.errors import UserError
+    from onnxprune.ir import load_model
+
+    model = nets.mlp()
+    model.graph.name = "Zq9xname"
+    data = model.SerializeToString()
+    assert data.count(b"Zq9xname") == 1
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(data.replace(b"Zq9xname", b"\x80q9xname"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_model(path)

@@ -252,6 +252,10 @@ def _check_reads(graph: onnx.GraphProto, outer: set[str]) -> None:
 def check_structure(model: onnx.ModelProto, where: str) -> None:
     """Refuse a malformed model with a UserError; normalise a valid but awkward one in place."""
     _check_ir_version(model, where)
+    bad = next(_undecodable(model), None)
+    if bad is not None:
+        raise UserError(f"{where}: damaged: a text field holds bytes that are not UTF-8 ({bad[:40]!r}); "
+                        "ONNX stores names and attributes as UTF-8")
     if model.functions:
         names = ", ".join(sorted({f.name for f in model.functions}))
         try:
@@ -270,6 +274,24 @@ def check_structure(model: onnx.ModelProto, where: str) -> None:
         logger.info("nodes were not in topological order: sorted")
     _check_reads(model.graph, set())
     _checker(model, where)
+
+
+def _undecodable(message) -> Iterator[bytes]:
+    """Every string field of ``message`` (and of the messages in it) that protobuf could not
+    decode as UTF-8: it hands those back as bytes, and the first tool to set one as a name
+    fails. Bytes fields (weights' data) are never read, so no weight is copied."""
+    for desc in message.DESCRIPTOR.fields:
+        if desc.type not in (desc.TYPE_STRING, desc.TYPE_MESSAGE):
+            continue
+        repeated = desc.label == desc.LABEL_REPEATED if hasattr(desc, "label") else desc.is_repeated
+        if not repeated and not message.HasField(desc.name):
+            continue
+        value = getattr(message, desc.name)
+        for item in value if repeated else [value]:
+            if desc.type == desc.TYPE_MESSAGE:
+                yield from _undecodable(item)
+            elif isinstance(item, bytes):
+                yield item
 
 
 def _checker(model: onnx.ModelProto, where: str) -> None:
