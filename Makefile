@@ -36,9 +36,11 @@ bench-quick: install
 	$(BIN)/python -m pip install --quiet -e '.[plot]'
 	$(BIN)/python bench/run.py --quick
 
-# The command as a user runs it: each method's wall seconds and peak RSS against magnitude's.
+# The command as a user runs it: each method's wall seconds and peak RSS against magnitude's,
+# on both digits sets and the resnet50 light model (after `make thirdparty`, add real models:
+# python bench/speed.py --sets --thirdparty ppocr-cls orientation ppocr-rec).
 bench-speed: install
-	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/speed.py --light resnet50
 
 # What onnxprune reports against real fidelity on the test splits (bench/results/validation.json).
 bench-validation: install

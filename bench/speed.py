@@ -9,7 +9,14 @@ from the kernel's accounting of the child). Start-up, loading, the check and wri
 it is the command as a user runs it. Writes bench/results/speed.json.
 
     python bench/speed.py [--sets models validation] [--models vgg resnet] \\
-        [--methods magnitude paoding] [--ratio 0.4] [--repeats 1]
+        [--methods magnitude paoding] [--ratio 0.4] [--repeats 1] [--light resnet50]
+
+``--light NAME ...`` adds light models of the onnx wheel (``tests/light_models.py``: real
+architectures, seeded random weights), written to a temporary file and pruned the same way,
+without an input range (their priors are the default). ``--thirdparty NAME ...`` adds the
+real third-party models of ``bench/thirdparty.py`` (fetched once by ``make thirdparty`` into
+``build/thirdparty``), with their input shapes. A run past ``--timeout`` seconds is stopped
+and recorded as such.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,43 +40,119 @@ sys.path.insert(0, str(ROOT / "bench"))
 from validation import SETS, entries  # noqa: E402  (the same manifests, the TorchScript exports)
 
 
-def run_cli(args: list[str]) -> tuple[float, float, int, str]:
-    """``(seconds, peak RSS in MB, exit code, last line of stderr)`` of one onnxprune process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "onnxprune.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    stderr = proc.stderr.read()  # stdout goes nowhere: reading one pipe cannot deadlock
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - t0
-    tail = (stderr.strip().splitlines() or [""])[-1]
-    return seconds, usage.ru_maxrss / 1024, proc.returncode, tail
+def light_entries(names: list[str], folder: Path) -> list[dict]:
+    """The named light models, materialised into ``folder`` as files a user would pass."""
+    if not names:
+        return []
+    sys.path.insert(0, str(ROOT / "tests"))
+    from light_models import materialise
+
+    from onnxprune.ir import save_model
+
+    out = []
+    for name in names:
+        model = materialise(name)
+        # IR 3 wants every initializer listed as a graph input, and the materialised weights
+        # are not: the file says IR 4, as a valid file of the same model would.
+        model.ir_version = max(model.ir_version, 4)
+        save_model(model, folder / f"{name}.onnx")
+        out.append({"set": "light", "name": name, "folder": folder, "file": f"{name}.onnx", "input_range": None})
+    return out
+
+
+def thirdparty_entries(names: list[str]) -> list[dict]:
+    """The named models of bench/thirdparty.py, where ``make thirdparty`` fetched them."""
+    if not names:
+        return []
+    from thirdparty import MODELS, ZOO
+
+    out = []
+    for name in names:
+        if name not in ZOO:
+            raise SystemExit(f"no third-party model {name!r}; known: {', '.join(ZOO)}")
+        entry = ZOO[name]
+        if not (MODELS / entry["file"]).exists():
+            raise SystemExit(f"{MODELS / entry['file']} is missing: run `make thirdparty` first")
+        shapes = [f"--input-shape={k}:{','.join(map(str, v))}" for k, v in entry["shapes"].items()]
+        out.append({"set": "thirdparty", "name": name, "folder": MODELS, "file": entry["file"],
+                    "input_range": None, "args": shapes})
+    return out
+
+
+#: Runs the command in the child and writes the child's own peak resident set (VmHWM, in
+#: kB) to the file named by $ONNXPRUNE_BENCH_PEAK at exit. wait4's ru_maxrss cannot be used
+#: alone: Linux carries the forking parent's resident set over exec into the child's figure
+#: (this bench, with a light model loaded, read 463 MB for an argument error).
+LAUNCHER = """
+import atexit, os, runpy, sys
+def _peak():
+    with open('/proc/self/status') as status, open(os.environ['ONNXPRUNE_BENCH_PEAK'], 'w') as out:
+        out.write(next(line.split()[1] for line in status if line.startswith('VmHWM:')))
+atexit.register(_peak)
+sys.argv = ['onnxprune', *sys.argv[1:]]
+runpy.run_module('onnxprune.cli', run_name='__main__')
+"""
+
+
+def run_cli(args: list[str], timeout: float | None = None) -> tuple[float, float, int, str]:
+    """``(seconds, peak RSS in MB, exit code, last line of stderr)`` of one onnxprune process;
+    past ``timeout`` seconds it is killed and the code is -9 (its peak then from wait4)."""
+    with tempfile.TemporaryFile("w+") as err, tempfile.NamedTemporaryFile("r") as peak_file:
+        t0 = time.perf_counter()
+        # stderr to a file, not a pipe: nothing to drain while waiting.
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *args], stdout=subprocess.DEVNULL,
+                                stderr=err, text=True, cwd=ROOT,
+                                env={**os.environ, "ONNXPRUNE_BENCH_PEAK": peak_file.name})
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        if timer:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = (err.read().strip().splitlines() or [""])[-1]
+        written = peak_file.read().strip()
+    peak_mb = int(written) / 1024 if written else usage.ru_maxrss / 1024
+    if proc.returncode == -9 and timeout and seconds >= timeout:
+        tail = f"stopped after {timeout:.0f} s"
+    return seconds, peak_mb, proc.returncode, tail
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    parser.add_argument("--sets", nargs="*", choices=list(SETS), default=list(SETS),
+                        help="digits sets (none: `--sets` alone, with --light or --thirdparty)")
     parser.add_argument("--models", nargs="*", default=[])
     parser.add_argument("--methods", nargs="+", default=["magnitude", "paoding"])
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--repeats", type=int, default=1, help="runs per method and model (the fastest counts)")
+    parser.add_argument("--light", nargs="*", default=[], metavar="NAME",
+                        help="light models of the onnx wheel to add (e.g. resnet50)")
+    parser.add_argument("--thirdparty", nargs="*", default=[], metavar="NAME",
+                        help="third-party models of bench/thirdparty.py to add (after `make thirdparty`)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is stopped")
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
     args = parser.parse_args()
     console = Console()
     rows = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for e in entries(args.sets, args.models):
-            lo, hi = e["input_range"]
+        chosen = entries(args.sets, args.models) + light_entries(args.light, Path(tmp)) \
+            + thirdparty_entries(args.thirdparty)
+        for e in chosen:
             path = e["folder"] / e["file"]
             size_mb = os.path.getsize(path) / 2**20
             for method in args.methods:
                 best = None
                 for _ in range(args.repeats):
                     out = Path(tmp) / f"{e['set']}_{e['name']}_{method}.onnx"
-                    cli = [str(path), str(out), "--ratio", str(args.ratio), "--method", method,
-                           f"--input-range={lo},{hi}", "--force"]
-                    seconds, peak, code, tail = run_cli(cli)
+                    cli = [str(path), str(out), "--ratio", str(args.ratio), "--method", method, "--force",
+                           *e.get("args", [])]
+                    if e["input_range"] is not None:
+                        cli.append("--input-range={},{}".format(*e["input_range"]))
+                    seconds, peak, code, tail = run_cli(cli, args.timeout)
                     if best is None or seconds < best[0]:
                         best = (seconds, peak, code, tail)
                 seconds, peak, code, tail = best
