@@ -6,6 +6,11 @@ a fresh interpreter. Prints one table per model and writes bench/results/profile
 
     python bench/profile.py [--models mlp resnet resnet50] [--methods magnitude paoding srdfp] [--memory]
 
+A name is a net of ``models/`` (``vgg``), of the validation zoo (``validation/resnext``, with
+its input range from the manifest), a real third-party model of ``bench/thirdparty.py``
+(``thirdparty/orientation``, after ``make thirdparty``), or a light model of the onnx wheel
+(``resnet50``).
+
 ``--memory`` adds each stage's peak resident memory (Linux: the kernel's high-water mark, read
 and reset at every stage boundary; see :func:`onnxprune.profiling.track_memory`).
 """
@@ -35,11 +40,28 @@ SMALL = {"mlp": "models/mlp.onnx", "resnet": "models/resnet.onnx", "vgg": "model
 
 
 def _load(name: str):
+    """``(model, input range, input shapes)``."""
     if name in SMALL:
-        return load_model(ROOT / SMALL[name]), (0.0, 1.0)
+        return load_model(ROOT / SMALL[name]), (0.0, 1.0), None
+    if name.startswith("thirdparty/"):
+        sys.path.insert(0, str(ROOT / "bench"))
+        from thirdparty import MODELS, ZOO
+
+        entry = ZOO.get(name.split("/", 1)[1])
+        if entry is None or not (MODELS / entry["file"]).exists():
+            raise SystemExit(f"no fetched third-party model {name!r} (make thirdparty)")
+        return load_model(MODELS / entry["file"]), None, entry["shapes"]
+    if name.startswith("validation/"):
+        sys.path.insert(0, str(ROOT / "bench"))
+        from validation import entries
+
+        (e,) = entries(["validation"], [name.split("/", 1)[1]]) or [None]
+        if e is None:
+            raise SystemExit(f"no validation net {name!r} (see models/validation/manifest.json)")
+        return load_model(e["folder"] / e["file"]), e["input_range"], None
     from light_models import materialise
 
-    return materialise(name), None
+    return materialise(name), None, None
 
 
 def startup_seconds(repeats: int = 3) -> dict[str, float]:
@@ -70,11 +92,12 @@ def main() -> None:
     results = {"startup": startup_seconds(), "runs": []}
     console.print({k: round(v, 3) for k, v in results["startup"].items()})
     for name in args.models:
-        model, input_range = _load(name)
+        model, input_range, shapes = _load(name)
         for method in args.methods:
             profiling.reset()
             t0 = time.perf_counter()
-            _, report = prune(model, args.ratio, method=method, target="macs", input_range=input_range, check=8)
+            _, report = prune(model, args.ratio, method=method, target="macs", input_range=input_range,
+                              input_shapes=shapes, check=8)
             seconds = time.perf_counter() - t0
             prof = profiling.reset()
             # With --memory the high-water mark is reset at every stage, so getrusage's figure
