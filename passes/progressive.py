@@ -53,10 +53,16 @@ from onnxprune.rewrite import corrected
 
 logger = logging.getLogger(__name__)
 
-#: Multiply-accumulates a progressive step may spend on probe rows (about 4 s on 2 cores);
-#: small models never reach it, resnet50 at 224x224 measures ~18 rows of 4 probes a step
-#: (the first-order and least-squares saliencies rank the rest).
-ROW_MACS = 3e11
+#: Multiply-accumulates that set the probe count: 16 probes while 64 rows of them stay under
+#: it, fewer (4 at least) above; resnet50 at 224x224 measures 4.
+PROBE_MACS = 3e11
+#: Multiply-accumulates a progressive step may spend on probe rows, at least one row per
+#: group; the unmeasured candidates get their group's measured impact per unit of saliency.
+#: The digits nets stay under it (the most: the zoo ResNeXt's 388 rows of its 461), real
+#: models do not: at 3e11 (PROBE_MACS) models that run slowly per MAC spent minutes there
+#: (a 16 MMAC text-line classifier: 283 rows of 16 probes a step, 99 s of its 120; a 154 MMAC
+#: page classifier 121 rows, now 17).
+ROW_MACS = 4e10
 #: Multiply-accumulates per onnxruntime run: a big model's batch streams its activations through
 #: memory, so larger runs are slower per sample (resnet50 at 224x224: 96 ms per sample in runs
 #: of 288, 55 ms in runs of 32); small models still run up to 2048 samples at once.
@@ -188,7 +194,7 @@ class Progressive(Method):
         reconstructor = Reconstructor.for_analysis(analysis, groups, budget.seed)
         # Large models measure fewer probes and rows per step: about ROW_MACS per step.
         per_sample = max(cost.base / max(batch, 1), 1)  # a probe input is one item of the analysed batch
-        probes = int(np.clip(ROW_MACS / (64 * per_sample), 4, self.probes))
+        probes = int(np.clip(PROBE_MACS / (64 * per_sample), 4, self.probes))
         row_limit = max(len(groups), int(ROW_MACS / (probes * per_sample)))
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
         # Grouped convolutions need equal removals per block, and --round-to aligned counts:

@@ -76,6 +76,31 @@ def test_mac_budget_matches_the_uniform_ratio():
     assert abs(matched.after.macs - uniform.after.macs) < 0.03 * uniform.before.macs
 
 
+def test_a_binding_row_budget_measures_few_rows_per_group_and_still_meets_the_target(monkeypatch):
+    """Where a step's rows would pass ROW_MACS (real models, wide and slow per MAC), each group
+    measures its best-nominated candidates in proportion to its pool, at least one, and the
+    rest are estimated: the rows stay near one per group, and the plan still reaches its MACs."""
+    from onnxprune.passes import measurement, progressive
+
+    counted = []
+    real = measurement.measured_counts
+
+    def counting(groups, pools, limit):
+        out = real(groups, pools, limit)
+        counted.append((sum(len(pools[g.id]) for g in groups), sum(out.values()), len(groups), limit))
+        assert all(out[g.id] >= 1 for g in groups)
+        return out
+
+    monkeypatch.setattr(progressive, "ROW_MACS", 1.0)
+    monkeypatch.setattr(measurement, "measured_counts", counting)
+    _, report = prune(MODELS / "resnet.onnx", 0.4, method="paoding", target="macs", input_range=(0.0, 1.0), check=1)
+    assert counted and all(rows <= limit + active for _, rows, active, limit in counted)
+    assert all(limit == report.plan.details["row_limit"] for *_, limit in counted)
+    assert sum(pool for pool, *_ in counted) > 2 * sum(rows for _, rows, *_ in counted)  # most went unmeasured
+    _, uniform = prune(MODELS / "resnet.onnx", 0.4, method="magnitude", check=0)
+    assert abs(report.after.macs - uniform.after.macs) < 0.03 * uniform.before.macs
+
+
 def test_progressive_methods_build_probes_for_old_opsets():
     # Pad and ReduceSum took attributes, not inputs, before opsets 11 and 13 (Caffe2 exports).
     model = nets.from_text(
