@@ -59,9 +59,9 @@ PROBE_MACS = 3e11
 #: Multiply-accumulates a progressive step may spend on probe rows, at least one row per
 #: group; the unmeasured candidates get their group's measured impact per unit of saliency.
 #: The digits nets stay under it (the most: the zoo ResNeXt's 388 rows of its 461), real
-#: models do not: at 3e11 (PROBE_MACS) models that run slowly per MAC spent minutes there
-#: (a 16 MMAC text-line classifier: 283 rows of 16 probes a step, 99 s of its 120; a 154 MMAC
-#: page classifier 121 rows, now 17).
+#: models do not: at 3e11 (PROBE_MACS: ~4 s of resnet50's dense convs, ~20 s of depthwise
+#: ones) a 16 MMAC text-line classifier measured 283 rows of 16 probes a step, 99 s of its
+#: 120, and a 154 MMAC page classifier 121 rows (now 153 and 17).
 ROW_MACS = 4e10
 #: Multiply-accumulates per onnxruntime run: a big model's batch streams its activations through
 #: memory, so larger runs are slower per sample (resnet50 at 224x224: 96 ms per sample in runs
