@@ -85,6 +85,20 @@ def test_first_order_estimate_ranks_like_measured_removals():
     assert np.corrcoef(rank(taylor[group.id]), rank(exact))[0, 1] > 0.3
 
 
+def test_impacts_taken_in_blocks_of_rows_are_the_same_numbers(monkeypatch):
+    """Wide output layers (a recogniser's steps x characters) are scored a block of rows at a
+    time, which must not change a single number."""
+    from onnxprune.evidence import probes
+
+    rng = np.random.default_rng(0)
+    outputs, base = rng.standard_normal((7, 3, 50)), rng.standard_normal((3, 50))
+    whole = impacts(outputs, base)
+    monkeypatch.setattr(probes, "IMPACT_ELEMENTS", 2 * 3 * 50)  # blocks of two rows, the last one alone
+    blocked = impacts(outputs, base)
+    for field in whole.__dataclass_fields__:
+        assert np.array_equal(getattr(whole, field), getattr(blocked, field)), field
+
+
 def test_a_least_squares_probe_row_equals_the_reconstructed_model(monkeypatch):
     from onnxprune.passes.candidates import least_squares_estimates
     from onnxprune.passes.reconstruct import consumer_spaces
