@@ -84,25 +84,28 @@ IMPACT_ELEMENTS = 1 << 22
 
 def impacts(outputs: np.ndarray, base: np.ndarray) -> Impact:
     """``outputs`` [R, P, O] against ``base`` [P, O], in float64, rows taken a block at a time
-    (every measure is per row, so blocks give the same numbers)."""
+    (every measure is per row, so blocks give the same numbers; what depends on ``base``
+    alone is computed once)."""
+    base_norm = np.linalg.norm(base, axis=-1)[None] + 1e-12
+    top = base.argmax(axis=-1)
+    # The runner-up's value: partition finds the same element a sort would.
+    base_margin = base.max(axis=-1) - np.partition(base, -2, axis=-1)[:, -2] if base.shape[-1] > 1 else None
+    reference = (base, base_norm, top, base_margin)
     per_row = max(int(np.prod(outputs.shape[1:])), 1)
     block = max(1, IMPACT_ELEMENTS // per_row)
     if len(outputs) <= block:
-        return _impacts(outputs.astype(np.float64, copy=False), base)
-    parts = [_impacts(outputs[i:i + block].astype(np.float64), base) for i in range(0, len(outputs), block)]
+        return _impacts(outputs.astype(np.float64, copy=False), *reference)
+    parts = [_impacts(outputs[i:i + block].astype(np.float64), *reference) for i in range(0, len(outputs), block)]
     return Impact(*(np.concatenate([getattr(p, f) for p in parts]) for f in Impact.__dataclass_fields__))
 
 
-def _impacts(outputs: np.ndarray, base: np.ndarray) -> Impact:
+def _impacts(outputs: np.ndarray, base: np.ndarray, base_norm: np.ndarray, top: np.ndarray,
+             base_margin: np.ndarray | None) -> Impact:
     delta = outputs - base[None]
-    base_norm = np.linalg.norm(base, axis=-1)[None] + 1e-12
     rel_l2 = (np.linalg.norm(delta, axis=-1) / base_norm).mean(axis=1)
     cos = (outputs * base[None]).sum(-1) / (np.linalg.norm(outputs, axis=-1) * base_norm + 1e-12)
-    top = base.argmax(axis=-1)
     changed = (outputs.argmax(axis=-1) != top[None]).mean(axis=1)
-    if base.shape[-1] > 1:
-        second = np.sort(base, axis=-1)[:, -2]
-        base_margin = base.max(axis=-1) - second
+    if base_margin is not None:
         picked = np.take_along_axis(outputs, top[None, :, None], axis=-1)[..., 0]
         others = np.where(np.arange(base.shape[-1])[None, None] == top[None, :, None], -np.inf, outputs)
         margin = (base_margin[None] - (picked - others.max(axis=-1))).mean(axis=1)
