@@ -8,6 +8,7 @@ from onnx import TensorProto, helper
 
 from onnxprune.gradient.loss import INPUT_GRAD, LABELS, LOSS
 from onnxprune.gradient.protos import graph_refs
+from onnxprune.ir.runtime import copy_without
 
 
 def _needed_nodes(nodes: list[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], set[str]]:
@@ -43,16 +44,7 @@ def assemble(model: onnx.ModelProto, x: str, new_nodes: list[onnx.NodeProto], ne
     value_info = [v for v in g.value_info if v.name in need]
     # Everything but the graph copied from ``model``, the graph filled in place: copying the
     # model whole and then a made graph over it held three copies of the weights at once.
-    out = onnx.ModelProto()
-    for desc, value in model.ListFields():
-        if desc.name == "graph":
-            continue
-        if isinstance(value, (bytes, str, int, float)):
-            setattr(out, desc.name, value)
-        elif hasattr(value, "extend"):  # repeated: opset_import, functions, metadata_props, ...
-            getattr(out, desc.name).extend(value)
-        else:
-            getattr(out, desc.name).CopyFrom(value)
+    out = copy_without(model, "graph")
     graph = out.graph
     graph.name = g.name or "gradient"
     graph.node.extend(keep)

@@ -21,7 +21,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxprune.errors import UserError
-from onnxprune.ir.runtime import session
+from onnxprune.ir.runtime import session, without_initializers
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +44,14 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     inputs. An IR 3 model lists every initializer as an input, where inference would take it
     for data and leave a Reshape to a stored shape unshaped; an initializer missing from an
     IR 3 model's inputs would leave its consumers unshaped (onnxruntime runs both)."""
+    big = [t for t in model.graph.initializer if math.prod(t.dims) > _SKELETON_MAX and t.data_type
+           and np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).kind == "f"]
+    view = without_initializers(model, {t.name for t in big})
+    view.ir_version = max(model.ir_version, 4)
     inits = {t.name for t in model.graph.initializer}
-    view = onnx.ModelProto(ir_version=max(model.ir_version, 4))
-    view.opset_import.extend(model.opset_import)
-    view.functions.extend(model.functions)
-    graph = view.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    graph.input.extend(i for i in model.graph.input if i.name not in inits)
-    for t in model.graph.initializer:
-        kind = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).kind if t.data_type else "O"
-        if kind == "f" and math.prod(t.dims) > _SKELETON_MAX:
-            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            graph.initializer.append(t)
+    del view.graph.input[:]
+    view.graph.input.extend(i for i in model.graph.input if i.name not in inits)
+    view.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big)
     return onnx.shape_inference.infer_shapes(view, data_prop=True)
 
 
