@@ -45,12 +45,10 @@ def _load(name: str):
         return load_model(ROOT / SMALL[name]), (0.0, 1.0), None
     if name.startswith("thirdparty/"):
         sys.path.insert(0, str(ROOT / "bench"))
-        from thirdparty import MODELS, ZOO
+        from thirdparty import fetched
 
-        entry = ZOO.get(name.split("/", 1)[1])
-        if entry is None or not (MODELS / entry["file"]).exists():
-            raise SystemExit(f"no fetched third-party model {name!r} (make thirdparty)")
-        return load_model(MODELS / entry["file"]), None, entry["shapes"]
+        path, entry = fetched(name.split("/", 1)[1])
+        return load_model(path), None, entry["shapes"]
     if name.startswith("validation/"):
         sys.path.insert(0, str(ROOT / "bench"))
         from validation import entries

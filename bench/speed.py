@@ -64,17 +64,13 @@ def thirdparty_entries(names: list[str]) -> list[dict]:
     """The named models of bench/thirdparty.py, where ``make thirdparty`` fetched them."""
     if not names:
         return []
-    from thirdparty import MODELS, ZOO
+    from thirdparty import fetched
 
     out = []
     for name in names:
-        if name not in ZOO:
-            raise SystemExit(f"no third-party model {name!r}; known: {', '.join(ZOO)}")
-        entry = ZOO[name]
-        if not (MODELS / entry["file"]).exists():
-            raise SystemExit(f"{MODELS / entry['file']} is missing: run `make thirdparty` first")
+        path, entry = fetched(name)
         shapes = [f"--input-shape={k}:{','.join(map(str, v))}" for k, v in entry["shapes"].items()]
-        out.append({"set": "thirdparty", "name": name, "folder": MODELS, "file": entry["file"],
+        out.append({"set": "thirdparty", "name": name, "folder": path.parent, "file": path.name,
                     "input_range": None, "args": shapes})
     return out
 

@@ -97,6 +97,17 @@ ZOO = {
 
 
 # -- fetching -------------------------------------------------------------------------------------
+def fetched(name: str) -> tuple[Path, dict]:
+    """The file of the ZOO model ``name`` where ``make thirdparty`` put it, and its entry; a
+    clear exit when the name is unknown or the file was not fetched."""
+    if name not in ZOO:
+        raise SystemExit(f"no third-party model {name!r}; known: {', '.join(ZOO)}")
+    path = MODELS / ZOO[name]["file"]
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `make thirdparty` first")
+    return path, ZOO[name]
+
+
 def fetch() -> None:
     wheels = CACHE / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
