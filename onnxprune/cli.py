@@ -10,13 +10,22 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from onnxprune import __version__
 from onnxprune.errors import FidelityError, OnnxPruneError, UserError
 from onnxprune.profiling import stage
-from onnxprune.writer import Interrupted, Transaction, check_target, handle_signals, remove_live_temporaries, same_file
+from onnxprune.writer import (
+    Interrupted,
+    Transaction,
+    check_target,
+    handle_signals,
+    interrupted_by,
+    remove_live_temporaries,
+    same_file,
+)
 
 #: --method's choices and what each does (tests/test_cli.py checks them against the registry,
 #: which is not imported here: ``--help`` and argument errors must not pay for the pipeline).
@@ -418,15 +427,21 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"onnxprune: {kind}: {_one_line(exc)}", error=True)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        remove_live_temporaries()
-        _say("onnxprune: interrupted; nothing written", error=True)
-        return 128 + (exc.signum if isinstance(exc, Interrupted) else 2)
+        return _interrupted(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
     except Exception as exc:  # a bug: say so, keep the traceback for those who ask
+        if interrupted_by() is not None:  # the signal's exception came back as another one
+            return _interrupted(interrupted_by())
         if os.environ.get("ONNXPRUNE_DEBUG"):
             raise
         _say(f"onnxprune: internal error (a bug, please report it; ONNXPRUNE_DEBUG=1 shows the traceback): "
              f"{type(exc).__name__}: {_one_line(exc)}", error=True)
         return 1
+
+
+def _interrupted(signum: int) -> int:
+    remove_live_temporaries()
+    _say("onnxprune: interrupted; nothing written", error=True)
+    return 128 + int(signum)
 
 
 def _one_line(exc: BaseException) -> str:

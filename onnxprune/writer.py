@@ -37,9 +37,21 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+#: The signals that arrived (see :func:`interrupted_by`).
+_RECEIVED: list[int] = []
+
+
 def _on_signal(signum, frame):  # pragma: no cover - exercised through subprocesses
+    _RECEIVED.append(signum)
     remove_live_temporaries()
     raise Interrupted(signum)
+
+
+def interrupted_by() -> int | None:
+    """The signal that interrupted this run, if one did. The :class:`Interrupted` it raised may
+    not come back as itself: raised while a C extension initialises (onnxruntime imported
+    mid-run), it surfaces as that module's ``ImportError: initialization failed``."""
+    return _RECEIVED[0] if _RECEIVED else None
 
 
 def handle_signals() -> None:

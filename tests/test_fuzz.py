@@ -184,6 +184,28 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path, capsys)
     mine.unlink()
 
 
+def test_a_signal_that_comes_back_as_another_exception_is_still_an_interruption(tmp_path, monkeypatch, capsys):
+    """SIGTERM while a C extension initialises (onnxruntime imported mid-run) surfaces as that
+    module's ImportError, not as the handler's exception: still exit 143, nothing written, no
+    "internal error" (the fresh-clone suite met it once, at 0.8 s)."""
+    from onnxprune import cli, writer
+
+    monkeypatch.setattr(writer, "_RECEIVED", [])
+
+    def import_interrupted(argv):
+        try:
+            writer._on_signal(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    monkeypatch.setattr(cli, "run_prune", import_interrupted)
+    src = fuzz_corpus.save(nets.mlp(), tmp_path / "in.onnx")
+    assert main([str(src), str(tmp_path / "out.onnx"), *fuzz_corpus.RATIO]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted; nothing written" in err and "internal error" not in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
 @pytest.mark.parametrize("sig,delay", [(signal.SIGTERM, 0.05), (signal.SIGTERM, 0.8), (signal.SIGTERM, 1.6),
                                        (signal.SIGKILL, 1.2)])
 def test_signal_at_a_random_moment_leaves_nothing_half_written(tmp_path, sig, delay):
