@@ -10,7 +10,11 @@ the Spearman correlation of reported and real cosine across rows and the largest
 Writes bench/results/validation.json.
 
     python bench/validation.py [--sets models validation] [--models resnet vit] \\
-        [--ratios 0.2 0.4] [--methods paoding magnitude]
+        [--ratios 0.2 0.4] [--methods paoding magnitude] [--fold-batchnorm]
+
+``--fold-batchnorm``: every net with its BatchNorms folded into the convolutions before it (as
+many exporters ship them: bench/folding.py); the same function with no running statistics to
+invert. Its rows are the sets "models-folded" and "validation-folded".
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from folding import fold_batchnorm
 from rich.console import Console
 from rich.table import Table
 
@@ -72,15 +77,19 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> float:
     return acc
 
 
-def run(sets, names, budgets, methods, console: Console, calibrated: bool = False) -> tuple[list[dict], list[dict]]:
+def run(sets, names, budgets, methods, console: Console, calibrated: bool = False,
+        folded: bool = False) -> tuple[list[dict], list[dict]]:
     """``budgets``: ratios (floats) and target shares ("macs=0.5"); each method at its default
     budget kind. ``calibrated``: with the manifest's 64 unlabelled calibration samples (models
-    without one are skipped)."""
+    without one are skipped). ``folded``: each model with its BatchNorms folded away."""
     rows, failures = [], []
     for e in entries(sets, names):
         if calibrated and not e.get("calibration"):
             continue
         model = load_model(e["folder"] / e["file"])
+        if folded:
+            model = fold_batchnorm(model)
+            e = {**e, "set": f"{e['set']}-folded"}
         x, y = load_npz(e["folder"] / e["data"])
         calibration = load_calibration(e["folder"] / e["calibration"], input_specs(model)) if calibrated else None
         base_logits = logits(model, x)
@@ -203,11 +212,14 @@ def main() -> None:
     parser.add_argument("--calibration", action="store_true",
                         help="plan with the manifest's 64 unlabelled calibration samples (models that have them)")
     parser.add_argument("--methods", nargs="+", default=["paoding", "magnitude"])
+    parser.add_argument("--fold-batchnorm", action="store_true",
+                        help="fold every BatchNorm into the layer before it first (no statistics left to invert)")
     parser.add_argument("--out", default=str(RESULTS / "validation.json"))
     args = parser.parse_args()
     console = Console(width=170, stderr=True)
     started = time.perf_counter()
-    rows, failures = run(args.sets, args.models, [*args.ratios, *args.targets], args.methods, console, args.calibration)
+    rows, failures = run(args.sets, args.models, [*args.ratios, *args.targets], args.methods, console, args.calibration,
+                       args.fold_batchnorm)
     stats = summary(rows)
     out = Console(width=170)
     out.print(table(rows))
