@@ -1,0 +1,58 @@
+"""Model inversion: what synthetic inputs are driven towards when a net has no BatchNorm."""
+
+from __future__ import annotations
+
+import nets
+import numpy as np
+
+from onnxprune import prune
+from onnxprune.evidence.distill import Distiller
+from onnxprune.evidence.priors import InputPrior
+from onnxprune.ir import ModelEditor, session
+
+#: A conv net as exporters ship it with BatchNorm folded: biased convs straight into ReLUs. The
+#: second conv's bias is pushed far negative so that, on noise, its channels sit mostly off.
+FOLDED = ("net (float[N,1,12,12] x, float[8,1,3,3] c1_w, float[8] c1_b, float[8,8,3,3] c2_w, float[8] c2_b, "
+          "float[10,8] fc_w, float[10] fc_b) => (float[N,10] y) {\n"
+          "  c1 = Conv<pads=[1,1,1,1]>(x, c1_w, c1_b)\n  r1 = Relu(c1)\n"
+          "  c2 = Conv<pads=[1,1,1,1]>(r1, c2_w, c2_b)\n  r2 = Relu(c2)\n"
+          "  g = GlobalAveragePool(r2)\n  f = Flatten(g)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n}")
+
+
+def _folded_net():
+    model = nets.from_text(FOLDED)
+    bias = next(t for t in model.graph.initializer if t.name == "c2_b")
+    bias.float_data[:] = []
+    bias.raw_data = np.full(8, -1.0, np.float32).tobytes()
+    return model
+
+
+def _imbalance(model, x: np.ndarray) -> float:
+    """Mean over both pre-activations and their channels of (mean / deviation)^2."""
+    edit = ModelEditor(model)
+    edit.set_outputs(["c1", "c2"])
+    total = 0.0
+    for a in session(edit.finish()).run(None, {"x": x}):
+        m, s = a.mean(axis=(0, 2, 3)), a.std(axis=(0, 2, 3))
+        total += float(np.mean(m**2 / (s**2 + 1e-6)))
+    return total / 2
+
+
+def test_a_net_without_batchnorm_is_inverted_to_centre_its_pre_activations():
+    model = _folded_net()
+    shapes = {"x": (16, 1, 12, 12), "c1": (16, 8, 12, 12), "c2": (16, 8, 12, 12), "y": (16, 10)}
+    d = Distiller(model, shapes, classes=10)
+    assert d.objective.balance and d.objective.classes == 0  # no class targets on a conv net
+    assert d.objective.source == "centred pre-activations"
+    prior = InputPrior.uniform(0.0, 1.0)
+    rng = np.random.default_rng(0)
+    start = prior.sample((16, 1, 12, 12), rng).astype(np.float32)
+    x = d.distill((16, 1, 12, 12), prior, np.random.default_rng(0), steps=80)
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    assert _imbalance(model, x) < 0.5 * _imbalance(model, start)
+
+
+def test_the_report_says_a_folded_net_was_inverted_without_batchnorm_statistics():
+    _, report = prune(_folded_net(), 0.4, method="paoding", check=2)
+    assert report.fidelity.inputs.endswith("distilled from centred pre-activations")
+    assert len(report.warnings) == 1 and "no BatchNorm statistics (folded" in report.warnings[0]
