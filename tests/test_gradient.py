@@ -490,6 +490,61 @@ def _():
     return make_model(nodes, ["N", 5], opset=13), x
 
 
+def _resize_case(opset, op="Resize", x_shape=(2, 3, 5), **attrs):
+    """A conv, then ``op``; scales (or sizes) as its last constant input."""
+    x = rand(2, *x_shape)
+    sizes = attrs.pop("sizes", None)
+    scales = attrs.pop("scales", None)
+    ins, inits = ["c"], {"W": rand(3, x_shape[0], 3, 3, seed=1)}
+    if op == "Upsample":
+        ins, inits["sc"] = ins + ["sc"], np.asarray(scales, np.float32)
+    elif opset == 10:
+        ins, inits["sc"] = ins + ["sc"], np.asarray(scales, np.float32)
+    elif sizes is not None:  # the batch is in the sizes: only runs at this batch
+        ins, inits["sz"] = ins + ["", "", "sz"], np.asarray(sizes, np.int64)
+    else:
+        ins, inits["sc"] = ins + ["", "sc"], np.asarray(scales, np.float32)
+    nodes = [node("Conv", ["x", "W"], "c", pads=[1, 1, 1, 1]), node(op, ins, "r", **attrs)]
+    return classifier(nodes, "r", x, inits, opset), x
+
+
+# nearest and linear, every coordinate transformation that maps output to input positions
+_case("resize_nearest_half_pixel")(lambda: _resize_case(13, scales=[1, 1, 2, 2], mode="nearest"))
+_case("resize_nearest_asymmetric_floor_x3")(lambda: _resize_case(
+    13, scales=[1, 1, 3, 2], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"))
+_case("resize_linear_pytorch_half_pixel")(lambda: _resize_case(
+    13, scales=[1, 1, 2, 1.5], mode="linear", coordinate_transformation_mode="pytorch_half_pixel"))
+_case("resize_opset10_nearest")(lambda: _resize_case(10, scales=[1, 1, 2, 2], mode="nearest"))
+_case("upsample_opset9_linear")(lambda: _resize_case(9, op="Upsample", scales=[1, 1, 2, 2], mode="linear"))
+
+
+@pytest.mark.parametrize("x_shape, sizes, attrs", [
+    ((2, 3, 5), [2, 3, 7, 11], {"mode": "nearest", "nearest_mode": "ceil"}),
+    ((2, 3, 5), [2, 3, 9, 10], {"mode": "linear"}),
+    ((2, 6, 7), [2, 3, 4, 3], {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
+])
+def test_resize_to_sizes_matches_finite_differences(x_shape, sizes, attrs):
+    """Sizes (the batch among them) instead of scales: the scale is output / input. The model
+    runs at its one batch, so the differences are taken one element at a time."""
+    model, x = _resize_case(13, x_shape=x_shape, sizes=sizes, **attrs)
+    y = np.arange(len(x)) % N_CLASSES
+    _, grad = graph_gradient(model, x, y)
+    h = 1e-2
+    fd = np.zeros(x.size)
+    for i in range(x.size):
+        step = np.zeros(x.size, np.float32)
+        step[i] = h
+        up, down = (reference_loss(model, (x.ravel() + d).reshape(x.shape), y).sum() for d in (step, -step))
+        fd[i] = (up - down) / (2 * h)
+    assert np.abs(grad.ravel() - fd).max() / np.abs(fd).max() < 2e-3
+
+
+def test_resize_refuses_what_is_not_a_fixed_interpolation():
+    model, _ = _resize_case(13, scales=[1, 1, 2, 2], mode="cubic")
+    with pytest.raises(GradientUnsupported, match="mode 'cubic'"):
+        input_gradient_model(model)
+
+
 @_case("fixed_batch_one")
 def _():
     x = rand(1, 2, 4, 4)

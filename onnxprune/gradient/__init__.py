@@ -29,14 +29,23 @@ Modules:
 - :mod:`.registry` -- :data:`GRADIENT_RULES` and the :func:`~.registry.rule` decorator;
 - rules by op family: :mod:`.activations`, :mod:`.elementwise` (with :mod:`.broadcast`),
   :mod:`.linear`, :mod:`.pooling` (with :mod:`.windows`), :mod:`.normalization`,
-  :mod:`.reduce`, :mod:`.shape`;
+  :mod:`.reduce`, :mod:`.resize`, :mod:`.shape`;
 - :mod:`.assemble` -- the final model.
 """
 
 from __future__ import annotations
 
 # The rule modules fill GRADIENT_RULES as they are imported.
-from onnxprune.gradient import activations, elementwise, linear, normalization, pooling, reduce, shape  # noqa: F401
+from onnxprune.gradient import (  # noqa: F401
+    activations,
+    elementwise,
+    linear,
+    normalization,
+    pooling,
+    reduce,
+    resize,
+    shape,
+)
 from onnxprune.gradient.builder import input_gradient_model
 from onnxprune.gradient.errors import GradientUnsupported
 from onnxprune.gradient.loss import INPUT_GRAD, LABELS, LOSS, output_kind

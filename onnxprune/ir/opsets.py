@@ -27,6 +27,7 @@ AVAILABLE_SINCE = {
     "ScatterElements.reduction": 16,  # scatter-add
     "Gemm.optional_C": 11,
     "Softmax.one_axis": 13,  # before 13, Softmax coerces to 2-D at `axis` (default 1)
+    "Resize.coordinate_transformation_mode": 11,  # opset-10 Resize indexes the input at o / scale
 }
 
 
