@@ -59,7 +59,10 @@ DISTILL_STEPS = (20, 150)
 #: net whose BatchNorms were folded away): far from converged at 150 steps, where planning on
 #: it loses most of what more steps give (digits ResNet, folded, paoding at ratio 0.4, three
 #: seeds: accuracy 0.36 at 123 steps, 0.73 at 300). It buys steps, not inputs: the pool is
-#: sized by EVIDENCE_MACS as for any other, since the inversion runs it as one batch.
+#: sized by EVIDENCE_MACS as for any other, since the inversion runs it as one batch. A model
+#: too large for even STATISTICS_INPUTS[0] inputs is not inverted this way (noise within the
+#: prior, as before): on the two detectors this reaches (ddddocr-det, a YOLOv8n) it cost 1.5-2x
+#: the time and 2.2x the memory and matched no more boxes.
 BALANCE_MACS = 2e12
 BALANCE_STEPS = (20, 300)
 
@@ -152,9 +155,10 @@ class Analysis:
             if not np.issubdtype(dtype, np.floating):
                 inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
                 continue
-            if distiller is not None and distiller.usable and self.sample_axes[name] == 0:
-                per_sample = 3 * self.macs / max(self.input_shapes[name][0], 1)  # forward and backward
-                most = max(MIN_POOL, int(EVIDENCE_MACS / (per_sample * DISTILL_STEPS[0])))  # memory: one batch
+            per_sample = 3 * self.macs / max(self.input_shapes[name][0], 1)  # forward and backward
+            most = max(MIN_POOL, int(EVIDENCE_MACS / (per_sample * DISTILL_STEPS[0])))  # memory: one batch
+            if distiller is not None and self.sample_axes[name] == 0 and not (
+                    distiller.objective.balance and most < STATISTICS_INPUTS[0]) and distiller.usable:
                 few = (min(count, most), *shape[1:])
                 budget, bounds = (BALANCE_MACS, BALANCE_STEPS) if distiller.objective.balance else \
                     (EVIDENCE_MACS, DISTILL_STEPS)

@@ -56,3 +56,25 @@ def test_the_report_says_a_folded_net_was_inverted_without_batchnorm_statistics(
     _, report = prune(_folded_net(), 0.4, method="paoding", check=2)
     assert report.fidelity.inputs.endswith("distilled from centred pre-activations")
     assert len(report.warnings) == 1 and "no BatchNorm statistics (folded" in report.warnings[0]
+
+
+def test_a_detector_neck_declared_with_symbolic_height_and_width_is_inverted():
+    """Upsampling (Resize) has a backward rule, and the inversion runs at the analysed input
+    size, so a net declared ``[N, 3, height, width]`` with an FPN-style upsample still distils."""
+    from onnxprune.pipeline import analyse
+
+    text = ("net (float[N,1,H,W] x, float[4,1,3,3] c1_w, float[4] c1_b, float[4,4,3,3] c2_w, float[4] c2_b, "
+            "float[4] sc, float[10,4] fc_w, float[10] fc_b) => (float[N,10] y) {\n"
+            "  c1 = Conv<pads=[1,1,1,1], strides=[2,2]>(x, c1_w, c1_b)\n  r1 = Relu(c1)\n"
+            "  u = Resize<mode=\"nearest\", coordinate_transformation_mode=\"asymmetric\", nearest_mode=\"floor\">"
+            "(r1, , sc)\n  c2 = Conv<pads=[1,1,1,1]>(u, c2_w, c2_b)\n  r2 = Relu(c2)\n"
+            "  g = GlobalAveragePool(r2)\n  f = Flatten(g)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n}")
+    model = nets.from_text(text)
+    scales = next(t for t in model.graph.initializer if t.name == "sc")
+    scales.float_data[:] = []
+    scales.raw_data = np.array([1, 1, 2, 2], np.float32).tobytes()
+    analysis = analyse(model, input_shapes={"x": (1, 1, 12, 12)})
+    assert analysis.distiller.usable
+    inputs = analysis.synthetic(8, 0)
+    assert inputs.source == "distilled from centred pre-activations"
+    assert inputs.arrays["x"].shape == (8, 1, 12, 12)

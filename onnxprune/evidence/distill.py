@@ -42,6 +42,7 @@ from onnxprune.ir import (
     ModelEditor,
     NodeEmitter,
     copy_model,
+    fix_input_dims,
     graph_inputs,
     make_batch_dynamic,
     release_memory,
@@ -80,20 +81,27 @@ class Objective:
 
 
 class Distiller:
-    """The inversion of one model: its gradient session, built once, and the Adam loop."""
+    """The inversion of one model: its objective, its gradient session (built once, when first
+    needed: a caller may decide from the objective alone not to invert), and the Adam loop."""
 
     def __init__(self, model: Model, shapes: dict[str, tuple], classes: int = 0):
         self.name = graph_inputs(model)[0].name
         batched = copy_model(model)
+        fix_input_dims(batched, shapes)  # inverted at the analysis shapes: the reverse pass may need them static
         make_batch_dynamic(batched)
-        aux, self.objective = _inversion_model(batched, shapes, classes)
-        self.session = None
-        if aux is None:
-            return
-        try:
-            self.session = session(input_gradient_model(aux))
-        except Exception as exc:  # no gradient graph (GradientUnsupported) or no session: use plain noise
-            logger.info("no gradient graph for distillation: %s", exc)
+        self._aux, self.objective = _inversion_model(batched, shapes, classes)
+        self._session = None
+
+    @property
+    def session(self):
+        """The gradient session; None when the model has no gradient graph or nothing to invert."""
+        if self._aux is not None:
+            aux, self._aux = self._aux, None
+            try:
+                self._session = session(input_gradient_model(aux))
+            except Exception as exc:  # no gradient graph (GradientUnsupported) or no session: use plain noise
+                logger.info("no gradient graph for distillation: %s", exc)
+        return self._session
 
     @property
     def usable(self) -> bool:

@@ -12,6 +12,7 @@ from onnxprune.ir.emit import ModelEditor, NodeEmitter, NodeView
 from onnxprune.ir.export import (
     check_model,
     copy_model,
+    fix_input_dims,
     import_graph,
     make_batch_dynamic,
     signature,
@@ -48,7 +49,7 @@ Model = onnx.ModelProto
 __all__ = [
     "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "SHRINK_ARENA", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
     "NodeView", "OpChain", "Opset", "Session", "Shape", "check_model", "check_runs", "check_structure",
-    "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "graph_inputs",
+    "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "fix_input_dims", "graph_inputs",
     "holding", "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model",
     "load_model_info",
     "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",

@@ -155,6 +155,20 @@ def make_batch_dynamic(model: onnx.ModelProto, batch: int = 1, reshapes: bool = 
                 inits[node.input[1]].CopyFrom(numpy_helper.from_array(fixed, node.input[1]))
 
 
+def fix_input_dims(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+    """In place: the inputs named in ``shapes`` get its dims after the first (the batch stays
+    as declared), so that shape inference knows every spatial size of a model declared with
+    symbolic height and width."""
+    for value in graph_inputs(model):
+        shape = shapes.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if shape is None or len(shape) != len(dims):
+            continue
+        for dim, size in list(zip(dims, shape))[1:]:
+            if isinstance(size, int) and size > 0:
+                dim.dim_value = size
+
+
 def toposort_nodes(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeProto]:
     """``nodes`` in an order where every input is ready before it is read (``ready`` holds the
     names available from the start: graph inputs, initializers)."""
