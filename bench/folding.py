@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.ir import toposort_nodes
+
 
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every inference BatchNormalization folded or made affine."""
@@ -43,7 +45,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         added.extend(_affine(node, scale, shift, graph))
     del graph.node[:]
-    graph.node.extend(_ordered(kept + added, graph))
+    graph.node.extend(toposort_nodes(kept + added, {i.name for i in graph.input} | {t.name for t in graph.initializer}))
     used = {n for node in graph.node for n in node.input}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -108,21 +110,3 @@ def _rank(graph: onnx.GraphProto, tensor: str) -> int:
         if v.name == tensor and v.type.tensor_type.HasField("shape"):
             return len(v.type.tensor_type.shape.dim)
     return 4
-
-
-def _ordered(nodes: list, graph: onnx.GraphProto) -> list:
-    """``nodes`` in an order where every input is produced before it is read."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    out, pending = [], list(nodes)
-    while pending:
-        rest = []
-        for node in pending:
-            if all(n in ready for n in node.input):
-                out.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ValueError("the folded graph has a cycle or a dangling input")
-        pending = rest
-    return out
