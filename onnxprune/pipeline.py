@@ -361,15 +361,15 @@ def _evidence_warnings(held_out: SyntheticInputs) -> list[str]:
     if held_out.kind != "synthetic":
         return []
     if not held_out.source.startswith("distilled"):
-        return ["the model has no BatchNorm statistics or class logits to distil inputs from: planning and the "
-                "fidelity row used noise from the input prior, which can read near 1 while real inputs disagree; "
-                "give --calibration, or check the result with onnxprune eval"]
+        return ["no inputs were distilled (no BatchNorm statistics, and nothing else to invert or a model too large "
+                "to invert without them): planning and the fidelity row used noise from the input prior, which can "
+                "read near 1 while real inputs disagree; give --calibration, or check the result with onnxprune eval"]
     warnings = []
     if "centred pre-activations" in held_out.source:
         warnings.append("the model has no BatchNorm statistics (folded into its convolutions?): inputs were "
                         "inverted to centre every channel before its activation, as BatchNorm training leaves "
                         "them, which says nothing of their scale; the fidelity row can read higher than real "
-                        "inputs would (digits nets with folded BatchNorm: up to 0.3 higher); give --calibration, "
+                        "inputs would (digits nets with folded BatchNorm: up to 0.25 higher); give --calibration, "
                         "or check the result with onnxprune eval")
     elif "BatchNorm" not in held_out.source:
         warnings.append("inputs were inverted from the class logits alone (no BatchNorm statistics to match): "

@@ -156,9 +156,9 @@ def make_batch_dynamic(model: onnx.ModelProto, batch: int = 1, reshapes: bool = 
 
 
 def fix_input_dims(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
-    """In place: the inputs named in ``shapes`` get its dims after the first (the batch stays
-    as declared), so that shape inference knows every spatial size of a model declared with
-    symbolic height and width."""
+    """In place: each input named in ``shapes`` takes its dims after the first from there (the
+    batch stays as declared), so that shape inference knows every spatial size of a model
+    declared with symbolic height and width."""
     for value in graph_inputs(model):
         shape = shapes.get(value.name)
         dims = value.type.tensor_type.shape.dim
