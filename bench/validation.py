@@ -88,14 +88,15 @@ def run(sets, names, budgets, methods, console: Console, calibrated: bool = Fals
             continue
         model = load_model(e["folder"] / e["file"])
         x, y = load_npz(e["folder"] / e["data"])
+        base_logits = logits(model, x)
         if folded:
-            original, model = logits(model, x), fold_batchnorm(model)
-            drift = float(np.abs(logits(model, x) - original).max() / np.abs(original).max())
+            original, model = base_logits, fold_batchnorm(model)
+            base_logits = logits(model, x)
+            drift = float(np.abs(base_logits - original).max() / np.abs(original).max())
             if drift > 1e-4:  # folding must not change the function
                 raise AssertionError(f"{e['name']}: folding BatchNorm moved the logits by {drift:.1e}")
             e = {**e, "set": f"{e['set']}-folded"}
         calibration = load_calibration(e["folder"] / e["calibration"], input_specs(model)) if calibrated else None
-        base_logits = logits(model, x)
         base_acc = accuracy(model, x, y, base_logits)
         for method in methods:
             for budget in budgets:

@@ -33,20 +33,19 @@ def _resize(b, n, g):
     legacy = n.op_type == "Upsample" or not b.opset.has("Resize.coordinate_transformation_mode")
     transform = "asymmetric" if legacy else _text(a.get("coordinate_transformation_mode", "half_pixel"))
     rounding = "floor" if legacy else _text(a.get("nearest_mode", "round_prefer_floor"))
-    xs, ys = b.static.shape(x), b.static.shape(y)
-    if xs is None or ys is None or len(xs) not in (3, 4) or len(ys) != len(xs) or \
-            not all(isinstance(d, int) for d in xs[2:] + ys[2:]) or xs[1] != ys[1]:
+    xs, ys = b.static.spatial(x), b.static.spatial(y)
+    if xs is None or ys is None or len(xs) not in (1, 2) or len(ys) != len(xs) or \
+            b.static.shape(x)[1] != b.static.shape(y)[1]:
         raise GradientUnsupported(f"{n.op_type} {n.name!r}: spatial shapes unknown, or it resizes batch or channels")
-    scales = _scales(b, n, len(xs))
+    scales = _scales(b, n, len(xs) + 2)
     grad = g[0]
     dtype = b.static.np_dtype(x)
-    for axis in range(2, len(xs)):
-        lin, lout = xs[axis], ys[axis]
-        scale = scales[axis] if scales is not None else lout / lin
+    for i, (lin, lout) in enumerate(zip(xs, ys)):
+        scale = scales[i + 2] if scales is not None else lout / lin
         if lin == lout and scale == 1:
             continue
         m = interpolation_matrix(lin, lout, scale, mode, transform, rounding).astype(dtype)  # [out, in]
-        if axis == len(xs) - 1:  # G [.., out] @ A [out, in]
+        if i == len(xs) - 1:  # G [.., out] @ A [out, in]
             grad = b.add("MatMul", [grad, b.const(m)])
         else:  # A^T [in, out] @ G [.., out, W]
             grad = b.add("MatMul", [b.const(np.ascontiguousarray(m.T)), grad])
