@@ -11,6 +11,9 @@ its input range from the manifest), a real third-party model of ``bench/thirdpar
 (``thirdparty/orientation``, after ``make thirdparty``), or a light model of the onnx wheel
 (``resnet50``).
 
+``--fold-batchnorm`` folds each model's BatchNorms into the layers before them first
+(bench/folding.py: as many exporters ship conv nets).
+
 ``--memory`` adds each stage's peak resident memory (Linux: the kernel's high-water mark, read
 and reset at every stage boundary; see :func:`onnxprune.profiling.track_memory`).
 """
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "profile.json"))
     parser.add_argument("--memory", action="store_true", help="peak resident memory per stage")
+    parser.add_argument("--fold-batchnorm", action="store_true", help="fold every BatchNorm first (bench/folding.py)")
     args = parser.parse_args()
     if args.memory and not profiling.track_memory(True):
         parser.error("--memory needs Linux's /proc/self/clear_refs")
@@ -91,6 +95,11 @@ def main() -> None:
     console.print({k: round(v, 3) for k, v in results["startup"].items()})
     for name in args.models:
         model, input_range, shapes = _load(name)
+        if args.fold_batchnorm:
+            sys.path.insert(0, str(ROOT / "bench"))
+            from folding import fold_batchnorm
+
+            model = fold_batchnorm(model)
         for method in args.methods:
             profiling.reset()
             t0 = time.perf_counter()
@@ -101,7 +110,7 @@ def main() -> None:
             # With --memory the high-water mark is reset at every stage, so getrusage's figure
             # is no longer the process's: the profile's own whole-run peak stands instead.
             rss = prof.peak_rss[()] / 2**20 if args.memory else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            table = Table(title=f"{name} {method}: {seconds:.2f} s, MACs kept "
+            table = Table(title=f"{name}{' (folded)' if args.fold_batchnorm else ''} {method}: {seconds:.2f} s, MACs kept "
                           f"{report.after.macs / report.before.macs:.1%}, peak RSS {'of the run' if args.memory else 'so far'} "
                           f"{rss:.0f} MB",
                           title_justify="left")
@@ -111,7 +120,7 @@ def main() -> None:
                 peak = (f"{prof.peak_rss.get(path, 0) / 2**20:.0f}",) if args.memory else ()
                 table.add_row(label, str(calls), f"{own:.2f}", f"{total:.2f}", *peak)
             console.print(table)
-            results["runs"].append({"model": name, "method": method, "seconds": seconds,
+            results["runs"].append({"model": name, "folded": args.fold_batchnorm, "method": method, "seconds": seconds,
                                     "macs": report.before.macs, "macs_kept": report.after.macs / report.before.macs,
                                     "stages": {"/".join(p): s for p, s in prof.seconds.items()},
                                     "by_stage": prof.by_leaf(),
