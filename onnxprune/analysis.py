@@ -55,16 +55,18 @@ MIN_POOL = 4
 INVERSION_BYTES = 2**28
 #: Adam steps of a distillation: as many as the budget buys, within these bounds.
 DISTILL_STEPS = (20, 150)
-#: The budget and step bounds of an inversion that can only centre pre-activations (a conv
-#: net whose BatchNorms were folded away): far from converged at 150 steps, where planning on
-#: it loses most of what more steps give (digits ResNet, folded, paoding at ratio 0.4, three
-#: seeds: accuracy 0.36 at 123 steps, 0.73 at 300). It buys steps, not inputs: the pool is
-#: sized by EVIDENCE_MACS as for any other, since the inversion runs it as one batch. A model
-#: too large for even STATISTICS_INPUTS[0] inputs is not inverted this way (noise within the
-#: prior, as before): on the two detectors this reaches (ddddocr-det, a YOLOv8n) it cost 1.5-2x
-#: the time and 2.2x the memory and matched no more boxes.
-BALANCE_MACS = 2e12
-BALANCE_STEPS = (20, 300)
+#: The budget and step bounds of an inversion that matches statistics inside the net (BatchNorm
+#: running statistics, or centred pre-activations where the BatchNorms were folded away). Both
+#: converge slowly, and planning on a half-converged pool loses what more steps give (paoding at
+#: ratio 0.4, `models/` conv nets, three seeds: with BatchNorm 0.859 at 20-150 steps, 0.884 at
+#: 200-300; folded, ResNet 0.36 at 123 steps, 0.73 at 300). It buys steps, not inputs: the pool
+#: is sized by EVIDENCE_MACS as for any other, since the inversion runs it as one batch. Only
+#: models small enough for EVIDENCE_MACS to buy STATISTICS_INPUTS[0] inputs get it; a larger one
+#: keeps DISTILL_STEPS with BatchNorm, and noise within the prior without (on the two folded
+#: detectors this reaches, ddddocr-det and a YOLOv8n, centring cost 1.5-2x the time and 2.2x the
+#: memory and matched no more boxes).
+CONVERGE_MACS = 2e12
+CONVERGE_STEPS = (20, 300)
 
 
 @dataclass
@@ -157,11 +159,12 @@ class Analysis:
                 continue
             per_sample = 3 * self.macs / max(self.input_shapes[name][0], 1)  # forward and backward
             most = max(MIN_POOL, int(EVIDENCE_MACS / (per_sample * DISTILL_STEPS[0])))  # memory: one batch
-            if distiller is not None and self.sample_axes[name] == 0 and not (
-                    distiller.objective.balance and most < STATISTICS_INPUTS[0]) and distiller.usable:
+            small = most >= STATISTICS_INPUTS[0]
+            if distiller is not None and self.sample_axes[name] == 0 and (small or not distiller.objective.balance) \
+                    and distiller.usable:
                 few = (min(count, most), *shape[1:])
-                budget, bounds = (BALANCE_MACS, BALANCE_STEPS) if distiller.objective.balance else \
-                    (EVIDENCE_MACS, DISTILL_STEPS)
+                converge = small and (distiller.objective.batchnorm or distiller.objective.balance)
+                budget, bounds = (CONVERGE_MACS, CONVERGE_STEPS) if converge else (EVIDENCE_MACS, DISTILL_STEPS)
                 steps = int(np.clip(budget / (per_sample * few[0]), *bounds))
                 with stage("distill"):
                     distilled = distiller.distill(few, prior, rng, steps=steps, label=f"distilling {few[0]} "
