@@ -58,8 +58,8 @@ DISTILL_STEPS = (20, 150)
 #: The budget and step bounds of an inversion that matches statistics inside the net (BatchNorm
 #: running statistics, or centred pre-activations where the BatchNorms were folded away). Both
 #: converge slowly, and planning on a half-converged pool loses what more steps give (paoding at
-#: ratio 0.4, `models/` conv nets, three seeds: with BatchNorm 0.859 at 20-150 steps, 0.884 at
-#: 200-300; folded, ResNet 0.36 at 123 steps, 0.73 at 300). It buys steps, not inputs: the pool
+#: ratio 0.4, `models/` conv nets, three seeds: with BatchNorm 0.859 at 123-150 steps, 0.884 at
+#: 300; folded, ResNet 0.36 at 123 steps, 0.73 at 300). It buys steps, not inputs: the pool
 #: is sized by EVIDENCE_MACS as for any other, since the inversion runs it as one batch. Only
 #: models small enough for EVIDENCE_MACS to buy STATISTICS_INPUTS[0] inputs get it; a larger one
 #: keeps DISTILL_STEPS with BatchNorm, and noise within the prior without (on the two folded
@@ -67,6 +67,14 @@ DISTILL_STEPS = (20, 150)
 #: memory and matched no more boxes).
 CONVERGE_MACS = 2e12
 CONVERGE_STEPS = (20, 300)
+#: ... for nets on small feature maps: at most this many activation elements a sample (every
+#: node's outputs). Larger maps make steps cost more than their multiply-accumulates say, and
+#: the two real classifiers this excludes showed no clear gain: PP-OCR's text-direction
+#: classifier (3.5M a sample at 48x192) took 3.8x as long at 300 steps and read 4/8 lines' top-1
+#: against 5/8 (cosine 0.74 -> 0.57; 0.48 at 45 steps), the page-orientation classifier (7.7M)
+#: 2.3x as long at 124 steps for 8/8 either way (cosine 0.984 -> 1.000). The digits nets of
+#: both sets write 0.08-0.38M, and gained.
+CONVERGE_ACTIVATIONS = 1e6
 
 
 @dataclass
@@ -163,9 +171,10 @@ class Analysis:
             if distiller is not None and self.sample_axes[name] == 0 and (small or not distiller.objective.balance) \
                     and distiller.usable:
                 few = (min(count, most), *shape[1:])
-                converge = small and (distiller.objective.batchnorm or distiller.objective.balance)
-                budget, bounds = (CONVERGE_MACS, CONVERGE_STEPS) if converge else (EVIDENCE_MACS, DISTILL_STEPS)
-                steps = int(np.clip(budget / (per_sample * few[0]), *bounds))
+                steps = int(np.clip(EVIDENCE_MACS / (per_sample * few[0]), *DISTILL_STEPS))
+                if small and (distiller.objective.batchnorm or distiller.objective.balance) and \
+                        self.activations / max(self.input_shapes[name][0], 1) <= CONVERGE_ACTIVATIONS:
+                    steps = int(np.clip(CONVERGE_MACS / (per_sample * few[0]), *CONVERGE_STEPS))
                 with stage("distill"):
                     distilled = distiller.distill(few, prior, rng, steps=steps, label=f"distilling {few[0]} "
                                                   + ("held-out inputs" if held_out else "inputs"))
@@ -219,6 +228,12 @@ class Analysis:
     def macs(self) -> int:
         """The model's multiply-accumulates as analysed (at least 1)."""
         return max(count_macs(self.model, self.shapes), 1)
+
+    @cached_property
+    def activations(self) -> int:
+        """Elements every node's outputs hold at the analysed shapes (those known; at least 1)."""
+        return max(sum(int(np.prod(self.shapes[t])) for node in self.model.graph.node for t in node.output
+                       if self.shapes.get(t) is not None and all(isinstance(d, int) for d in self.shapes[t])), 1)
 
     @property
     def moments(self) -> MomentPropagation:
