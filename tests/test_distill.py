@@ -83,27 +83,29 @@ def test_a_detector_neck_declared_with_symbolic_height_and_width_is_inverted():
 def test_statistics_are_matched_to_convergence_on_small_nets_and_class_targets_keep_the_short_budget(monkeypatch):
     """BatchNorm and centring inversions converge slowly (docs/methods.md, "Steps to
     convergence"): a small net's planning pool gets CONVERGE_STEPS' most, a class-target
-    inversion (the MLP) DISTILL_STEPS' most; a net whose activations pass CONVERGE_ACTIVATIONS
-    keeps what EVIDENCE_MACS buys, and a large BatchNorm net the short budget."""
+    inversion (the MLP) DISTILL_STEPS' most; a BatchNorm net whose activations pass
+    CONVERGE_ACTIVATIONS keeps what EVIDENCE_MACS buys, and a large BatchNorm net the short budget."""
     from onnxprune import analysis
 
     steps = []
     original = Distiller.distill
 
-    def record(self, shape, prior, rng, steps_=None, **kw):
-        steps.append((self.objective.source, kw.get("steps", steps_)))
+    def record(self, shape, prior, rng, **kw):
+        steps.append((self.objective.source, kw["steps"]))
         return original(self, shape, prior, rng, **kw)
 
-    monkeypatch.setattr(Distiller, "distill", lambda self, shape, prior, rng, **kw: record(self, shape, prior, rng, **kw))
+    monkeypatch.setattr(Distiller, "distill", record)
     for model in (nets.resnet(), _folded_net(), nets.mlp()):
         analysis.analyse(model).probe_inputs(16, 0)
     assert steps == [("BatchNorm statistics", analysis.CONVERGE_STEPS[1]),
                      ("centred pre-activations", analysis.CONVERGE_STEPS[1]),
                      ("class targets", analysis.DISTILL_STEPS[1])]
-    monkeypatch.setattr(analysis, "CONVERGE_ACTIVATIONS", 1.0)  # large feature maps: the budget of any pool
+    monkeypatch.setattr(analysis, "CONVERGE_ACTIVATIONS", 1.0)  # large feature maps: the budget of any pool...
     steps.clear()
-    analysis.analyse(nets.resnet()).probe_inputs(16, 0)
-    assert steps == [("BatchNorm statistics", analysis.DISTILL_STEPS[1])]
+    for model in (nets.resnet(), _folded_net()):
+        analysis.analyse(model).probe_inputs(16, 0)
+    assert steps == [("BatchNorm statistics", analysis.DISTILL_STEPS[1]),
+                     ("centred pre-activations", analysis.CONVERGE_STEPS[1])]  # ...but centring needs its steps
     monkeypatch.setattr(analysis, "EVIDENCE_MACS", 1.0)  # every model is large: 4 inputs, the short budget
     steps.clear()
     analysis.analyse(nets.resnet()).probe_inputs(16, 0)
