@@ -107,11 +107,34 @@ def _slice_new_biases(graph: gs.Graph, corrections: Corrections | None,
             bias.values = np.array(np.delete(np.asarray(bias.values), gone, axis=0), order="C")
 
 
+def _into_batchnorms(graph: gs.Graph, corrections: Corrections) -> Corrections:
+    """``corrections`` with the new biases of nodes whose output only an inference BatchNorm
+    reads moved into that BatchNorm's running mean (``BN(z + c)`` is ``BN(z)`` with the mean
+    less ``c``), so that compensation adds no parameters there; the graph's mean arrays are
+    replaced, never written into (a :func:`fork` shares them)."""
+    nodes = {n.name: n for n, _, _ in walk(graph)}
+    kept = {}
+    for name, values in corrections.biases.items():
+        out = nodes[name].outputs[0]
+        bn = out.outputs[0] if len(out.outputs) == 1 and out not in graph.outputs else None
+        mean = bn.inputs[3] if bn is not None and bn.op == "BatchNormalization" and len(bn.inputs) == 5 \
+            and bn.inputs[0] is out and not bn.attrs.get("training_mode", 0) else None
+        if isinstance(mean, gs.Constant) and len(mean.outputs) == 1 and mean.name not in corrections.patches \
+                and np.shape(mean.values) == np.shape(values):
+            mean.values = np.asarray(mean.values) - np.asarray(values, dtype=np.asarray(mean.values).dtype)
+        else:
+            kept[name] = values
+    return Corrections(corrections.patches, kept)
+
+
 def apply_plan(graph: gs.Graph, dep: DependencyGraph, plan: PruningPlan,
                corrections: Corrections | None = None) -> gs.Graph:
     """Put ``corrections`` in and remove the plan's channels from ``graph`` (the graph ``dep``
     was built on: a :func:`fork`), in place. A corrected weight is patched just before it is
-    sliced, one at a time: the rewrite holds one corrected copy at most, not one per weight."""
+    sliced, one at a time: the rewrite holds one corrected copy at most, not one per weight.
+    A new bias that a BatchNorm reads goes into its running mean instead."""
+    if corrections and corrections.biases:
+        corrections = _into_batchnorms(graph, corrections)
     if corrections:
         apply_corrections(graph, corrections, patches={})  # the new biases
     pending = dict(corrections.patches) if corrections else {}
