@@ -69,8 +69,8 @@ CONVERGE_MACS = 2e12
 CONVERGE_STEPS = (20, 300)
 #: ... with BatchNorm, for nets on small feature maps: at most this many activation elements a
 #: sample (every node's outputs; the centring inversion is useless short of convergence, and
-#: has its budget whatever the maps). Larger maps make steps cost more than their multiply-accumulates say, and
-#: the two real classifiers this excludes showed no clear gain: PP-OCR's text-direction
+#: has its budget whatever the maps). Larger maps make steps cost more than their
+#: multiply-accumulates say, and the two real classifiers this excludes showed no clear gain: PP-OCR's text-direction
 #: classifier (3.5M a sample at 48x192) took 3.8x as long at 300 steps and read 4/8 lines' top-1
 #: against 5/8 (cosine 0.74 -> 0.57; 0.48 at 45 steps), the page-orientation classifier (7.7M)
 #: 2.3x as long at 124 steps for 8/8 either way (cosine 0.984 -> 1.000). The digits nets of
@@ -166,15 +166,16 @@ class Analysis:
             if not np.issubdtype(dtype, np.floating):
                 inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
                 continue
-            per_sample = 3 * self.macs / max(self.input_shapes[name][0], 1)  # forward and backward
+            batch = max(self.input_shapes[name][0], 1)
+            per_sample = 3 * self.macs / batch  # forward and backward
             most = max(MIN_POOL, int(EVIDENCE_MACS / (per_sample * DISTILL_STEPS[0])))  # memory: one batch
             small = most >= STATISTICS_INPUTS[0]
             if distiller is not None and self.sample_axes[name] == 0 and (small or not distiller.objective.balance) \
                     and distiller.usable:
                 few = (min(count, most), *shape[1:])
                 steps = int(np.clip(EVIDENCE_MACS / (per_sample * few[0]), *DISTILL_STEPS))
-                if small and (distiller.objective.balance or (distiller.objective.batchnorm and self.activations
-                              / max(self.input_shapes[name][0], 1) <= CONVERGE_ACTIVATIONS)):
+                if small and (distiller.objective.balance or (
+                        distiller.objective.batchnorm and self.activations / batch <= CONVERGE_ACTIVATIONS)):
                     steps = int(np.clip(CONVERGE_MACS / (per_sample * few[0]), *CONVERGE_STEPS))
                 with stage("distill"):
                     distilled = distiller.distill(few, prior, rng, steps=steps, label=f"distilling {few[0]} "

@@ -119,9 +119,10 @@ def _into_batchnorms(graph: gs.Graph, corrections: Corrections) -> Corrections:
         bn = out.outputs[0] if len(out.outputs) == 1 and out not in graph.outputs else None
         mean = bn.inputs[3] if bn is not None and bn.op == "BatchNormalization" and len(bn.inputs) == 5 \
             and bn.inputs[0] is out and not bn.attrs.get("training_mode", 0) else None
-        if isinstance(mean, gs.Constant) and len(mean.outputs) == 1 and mean.name not in corrections.patches \
-                and np.shape(mean.values) == np.shape(values):
-            mean.values = np.asarray(mean.values) - np.asarray(values, dtype=np.asarray(mean.values).dtype)
+        current = np.asarray(mean.values) if isinstance(mean, gs.Constant) else None
+        if current is not None and len(mean.outputs) == 1 and mean.name not in corrections.patches \
+                and current.shape == np.shape(values):
+            mean.values = current - np.asarray(values, dtype=current.dtype)
         else:
             kept[name] = values
     return Corrections(corrections.patches, kept)

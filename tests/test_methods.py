@@ -32,8 +32,8 @@ def test_compensation_rescues_magnitude_pruning_on_vgg():
 
 
 def test_compensation_a_batchnorm_reads_goes_into_its_running_mean_not_a_new_bias():
-    # A BatchNorm net's convs have no bias; compensation gave them one (a digits ResNet at 0.4:
-    # 229 parameters the cost model did not count, params=0.6 landing at 61.2%).
+    # A BatchNorm net's convs have no bias; compensation gave them one, parameters the cost model
+    # did not count (the digits ResNet at 0.4: 229; this one at params=0.6 landed at 61.2%).
     model = nets.resnet()
     pruned, _ = prune(model, 0.4, method="magnitude", check=0)
     assert not [t.name for t in pruned.graph.initializer if t.name.endswith("_compensation")]
