@@ -243,9 +243,7 @@ def _pre_activations(edit: ModelEditor, shapes: dict[str, tuple]) -> list[str]:
 def _imbalance(b: NodeEmitter, x: str) -> str:
     """The mean over channels of ``(m / s)^2``: how far each channel of ``x`` (``[N, C, H, W]``)
     is from centred, its mean ``m`` and deviation ``s`` taken over the batch and positions."""
-    m = b.reduce_mean(x, [0, 2, 3])
-    centred = b.add("Sub", [x, m])
-    v = b.reduce_mean(b.add("Mul", [centred, centred]), [0, 2, 3])
+    m, v = _channel_moments(b, x, [0, 2, 3])
     z2 = b.add("Div", [b.add("Mul", [m, m]), b.add("Add", [v, _f32(b, 1e-6)])])
     return b.reduce_mean(z2, [0, 1, 2, 3], keepdims=0)
 
@@ -255,15 +253,19 @@ def _mismatch(b: NodeEmitter, x: str, rank: int, rm: np.ndarray, rv: np.ndarray)
     ``rm``, ``rv``: the mean over channels of ``((m - rm)^2 + (s - sqrt(rv))^2) / rv``, the
     statistics taken over the batch and every position."""
     shape = [1, -1] + [1] * (rank - 2)
-    axes = [0, *range(2, rank)]
-    m = b.reduce_mean(x, axes)
-    centred = b.add("Sub", [x, m])
-    v = b.reduce_mean(b.add("Mul", [centred, centred]), axes)
+    m, v = _channel_moments(b, x, [0, *range(2, rank)])
     inv = _f32(b, (1.0 / np.maximum(rv, 1e-6)).reshape(shape))
     dm = b.add("Sub", [m, _f32(b, rm.reshape(shape))])
     ds = b.add("Sub", [b.add("Sqrt", [b.add("Add", [v, _f32(b, 1e-6)])]), _f32(b, np.sqrt(rv).reshape(shape))])
     term = b.add("Mul", [b.add("Add", [b.add("Mul", [dm, dm]), b.add("Mul", [ds, ds])]), inv])
     return b.reduce_mean(term, list(range(rank)), keepdims=0)
+
+
+def _channel_moments(b: NodeEmitter, x: str, axes: list[int]) -> tuple[str, str]:
+    """Each channel's mean and (biased) variance over ``axes`` of ``x``, kept as broadcastable dims."""
+    m = b.reduce_mean(x, axes)
+    centred = b.add("Sub", [x, m])
+    return m, b.reduce_mean(b.add("Mul", [centred, centred]), axes)
 
 
 def _f32(b: NodeEmitter, value) -> str:
