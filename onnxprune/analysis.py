@@ -59,14 +59,16 @@ DISTILL_STEPS = (20, 150)
 #: running statistics, or centred pre-activations where the BatchNorms were folded away). Both
 #: converge slowly, and planning on a half-converged pool loses what more steps give (paoding at
 #: ratio 0.4, `models/` conv nets, three seeds: with BatchNorm 0.859 at 123-150 steps, 0.884 at
-#: 300; folded, ResNet 0.36 at 123 steps, 0.73 at 300). It buys steps, not inputs: the pool
+#: 300; folded, ResNet 0.36 at 123 steps, 0.73 at 300). Annealed (distill.ANNEALED_LR), 150
+#: steps converge further than 300 constant ones did, so 150 it is (BatchNorm nets 0.884 ->
+#: 0.901, folded 0.730 -> 0.745, in two thirds of the time). It buys steps, not inputs: the pool
 #: is sized by EVIDENCE_MACS as for any other, since the inversion runs it as one batch. Only
 #: models small enough for EVIDENCE_MACS to buy STATISTICS_INPUTS[0] inputs get it; a larger one
 #: keeps DISTILL_STEPS with BatchNorm, and noise within the prior without (on the two folded
 #: detectors this reaches, ddddocr-det and a YOLOv8n, centring cost 1.5-2x the time and 2.2x the
 #: memory and matched no more boxes).
 CONVERGE_MACS = 2e12
-CONVERGE_STEPS = (20, 300)
+CONVERGE_STEPS = (20, 150)
 #: ... with BatchNorm, for nets on small feature maps: at most this many activation elements a
 #: sample (every node's outputs; the centring inversion is useless short of convergence, and
 #: has its budget whatever the maps). Larger maps make steps cost more than their
@@ -174,11 +176,12 @@ class Analysis:
                     and distiller.usable:
                 few = (min(count, most), *shape[1:])
                 steps = int(np.clip(EVIDENCE_MACS / (per_sample * few[0]), *DISTILL_STEPS))
-                if small and (distiller.objective.balance or (
-                        distiller.objective.batchnorm and self.activations / batch <= CONVERGE_ACTIVATIONS)):
+                converge = small and (distiller.objective.balance or (
+                    distiller.objective.batchnorm and self.activations / batch <= CONVERGE_ACTIVATIONS))
+                if converge:
                     steps = int(np.clip(CONVERGE_MACS / (per_sample * few[0]), *CONVERGE_STEPS))
                 with stage("distill"):
-                    distilled = distiller.distill(few, prior, rng, steps=steps, label=f"distilling {few[0]} "
+                    distilled = distiller.distill(few, prior, rng, steps=steps, anneal=converge, label=f"distilling {few[0]} "
                                                   + ("held-out inputs" if held_out else "inputs"))
                 if distilled is not None:
                     inputs[name], capped = distilled.astype(dtype), count > most

@@ -82,31 +82,51 @@ def test_a_detector_neck_declared_with_symbolic_height_and_width_is_inverted():
 
 def test_statistics_are_matched_to_convergence_on_small_nets_and_class_targets_keep_the_short_budget(monkeypatch):
     """BatchNorm and centring inversions converge slowly (docs/methods.md, "Steps to
-    convergence"): a small net's planning pool gets CONVERGE_STEPS' most, a class-target
-    inversion (the MLP) DISTILL_STEPS' most; a BatchNorm net whose activations pass
-    CONVERGE_ACTIVATIONS keeps what EVIDENCE_MACS buys, and a large BatchNorm net the short budget."""
+    convergence"): a small net's planning pool gets CONVERGE_STEPS' most on an annealed step, a
+    class-target inversion (the MLP) DISTILL_STEPS' most on a constant one; a BatchNorm net whose
+    activations pass CONVERGE_ACTIVATIONS keeps what EVIDENCE_MACS buys, and a large BatchNorm
+    net the short budget."""
     from onnxprune import analysis
 
-    steps = []
+    runs = []
     original = Distiller.distill
 
     def record(self, shape, prior, rng, **kw):
-        steps.append((self.objective.source, kw["steps"]))
+        runs.append((self.objective.source, kw["steps"], kw["anneal"]))
         return original(self, shape, prior, rng, **kw)
 
     monkeypatch.setattr(Distiller, "distill", record)
     for model in (nets.resnet(), _folded_net(), nets.mlp()):
         analysis.analyse(model).probe_inputs(16, 0)
-    assert steps == [("BatchNorm statistics", analysis.CONVERGE_STEPS[1]),
-                     ("centred pre-activations", analysis.CONVERGE_STEPS[1]),
-                     ("class targets", analysis.DISTILL_STEPS[1])]
+    assert runs == [("BatchNorm statistics", analysis.CONVERGE_STEPS[1], True),
+                    ("centred pre-activations", analysis.CONVERGE_STEPS[1], True),
+                    ("class targets", analysis.DISTILL_STEPS[1], False)]
     monkeypatch.setattr(analysis, "CONVERGE_ACTIVATIONS", 1.0)  # large feature maps: the budget of any pool...
-    steps.clear()
+    runs.clear()
     for model in (nets.resnet(), _folded_net()):
         analysis.analyse(model).probe_inputs(16, 0)
-    assert steps == [("BatchNorm statistics", analysis.DISTILL_STEPS[1]),
-                     ("centred pre-activations", analysis.CONVERGE_STEPS[1])]  # ...but centring needs its steps
+    assert runs == [("BatchNorm statistics", analysis.DISTILL_STEPS[1], False),
+                    ("centred pre-activations", analysis.CONVERGE_STEPS[1], True)]  # ...but centring needs its steps
     monkeypatch.setattr(analysis, "EVIDENCE_MACS", 1.0)  # every model is large: 4 inputs, the short budget
-    steps.clear()
+    runs.clear()
     analysis.analyse(nets.resnet()).probe_inputs(16, 0)
-    assert steps == [("BatchNorm statistics", analysis.DISTILL_STEPS[0])]
+    assert runs == [("BatchNorm statistics", analysis.DISTILL_STEPS[0], False)]
+
+
+def test_an_annealed_step_matches_batchnorm_statistics_closer_than_a_constant_one():
+    """What CONVERGE_STEPS rests on: at the same steps, the annealed step (ANNEALED_LR on a
+    cosine) leaves the BatchNorm running statistics less mismatched than the constant one."""
+    from onnxprune.gradient import LABELS, LOSS
+    from onnxprune.pipeline import analyse
+
+    model = nets.resnet()
+    analysis = analyse(model)
+    d = analysis.distiller
+    shape = (32, *analysis.input_shapes[d.name][1:])
+
+    def mismatch(anneal: bool) -> float:
+        x = d.distill(shape, analysis.prior, np.random.default_rng(0), steps=60, anneal=anneal)
+        (loss,) = d.session.run([LOSS], {d.name: x, LABELS: np.zeros(shape[0], np.int64)})
+        return float(np.log(np.expm1(np.mean(loss))))  # the loss is log(1 + e^s): s back
+
+    assert mismatch(anneal=True) < mismatch(anneal=False)
