@@ -170,3 +170,15 @@ def test_a_target_out_of_reach_says_so():
     assert any("target macs=0.02 was not reached" in w for w in report.warnings)
     _, fine = prune(nets.mlp(), method="magnitude", target="macs=0.6", check=0)
     assert not any("not reached" in w for w in fine.warnings)
+
+
+def test_probe_rows_run_more_probes_where_feature_maps_are_small(monkeypatch):
+    """Rows are cheap on small maps and 16 probes left the plan to chance there (docs/methods.md,
+    "Probes a row"); on larger maps (CONVERGE_ACTIVATIONS passed) rows keep PROBES."""
+    from onnxprune.passes import progressive
+
+    _, report = prune(nets.resnet(), 0.4, method="paoding", check=0)
+    assert report.plan.details["probes"] == progressive.SMALL_MAP_PROBES
+    monkeypatch.setattr(progressive, "CONVERGE_ACTIVATIONS", 1.0)
+    _, report = prune(nets.resnet(), 0.4, method="paoding", check=0)
+    assert report.plan.details["probes"] == progressive.PROBES
