@@ -57,11 +57,14 @@ logger = logging.getLogger(__name__)
 #: Multiply-accumulates that set the probe count: PROBES while 64 rows of them stay under
 #: it, fewer (4 at least) above; resnet50 at 224x224 measures 4.
 PROBE_MACS = 3e11
-#: Probes a row runs at most: SMALL_MAP_PROBES on nets whose activations stay under
+#: Probes a row runs at most: SMALL_MAP_PROBES on nets inverted on their statistics
+#: (BatchNorm, or centring where it was folded) whose activations stay under
 #: analysis.CONVERGE_ACTIVATIONS elements a sample (rows are cheap there, and 16 probes left
 #: the planning to chance: `models/` ResNet, MobileNet and DenseNet at macs=0.35, three seeds,
-#: 0.859 on 16, 0.911 on 32, 0.904 on 64; docs/methods.md, "Probes a row"), PROBES on larger
-#: maps, where rows are most of the time (a text-line classifier: 99 s of 120).
+#: 0.859 on 16, 0.911 on 32, 0.904 on 64; docs/methods.md, "Probes a row"); PROBES on larger
+#: maps, where rows are most of the time (a text-line classifier: 99 s of 120), and on nets
+#: inverted from class targets, which lost with more (ViTs: `models/` 0.839 -> 0.824, the
+#: zoo's 0.736 -> 0.633).
 PROBES = 16
 SMALL_MAP_PROBES = 32
 #: How far past a target share's goal (a share of the goal's cost) a step may land: a unit
@@ -206,9 +209,10 @@ class Progressive(Method):
         reconstructor = Reconstructor.for_analysis(analysis, groups, budget.seed)
         # Large models measure fewer probes and rows per step: about ROW_MACS per step.
         per_sample = max(cost.base / max(batch, 1), 1)  # a probe input is one item of the analysed batch
-        small_maps = analysis.activations / max(batch, 1) <= CONVERGE_ACTIVATIONS
-        probes = int(np.clip(PROBE_MACS / (64 * per_sample), 4,
-                             self.probes or (SMALL_MAP_PROBES if small_maps else PROBES)))
+        objective = analysis.distiller.objective if analysis.distiller is not None else None
+        many = objective is not None and (objective.batchnorm or objective.balance) \
+            and analysis.activations / max(batch, 1) <= CONVERGE_ACTIVATIONS
+        probes = int(np.clip(PROBE_MACS / (64 * per_sample), 4, self.probes or (SMALL_MAP_PROBES if many else PROBES)))
         row_limit = max(len(groups), int(ROW_MACS / (probes * per_sample)))
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
         # Grouped convolutions need equal removals per block, and --round-to aligned counts:

@@ -172,13 +172,16 @@ def test_a_target_out_of_reach_says_so():
     assert not any("not reached" in w for w in fine.warnings)
 
 
-def test_probe_rows_run_more_probes_where_feature_maps_are_small(monkeypatch):
+def test_probe_rows_run_more_probes_on_small_nets_inverted_on_their_statistics(monkeypatch):
     """Rows are cheap on small maps and 16 probes left the plan to chance there (docs/methods.md,
-    "Probes a row"); on larger maps (CONVERGE_ACTIVATIONS passed) rows keep PROBES."""
+    "Probes a row"); nets inverted from class targets (the MLP) and larger maps (CONVERGE_ACTIVATIONS
+    passed) keep PROBES."""
     from onnxprune.passes import progressive
 
     _, report = prune(nets.resnet(), 0.4, method="paoding", check=0)
     assert report.plan.details["probes"] == progressive.SMALL_MAP_PROBES
+    _, report = prune(nets.mlp(), 0.4, method="paoding", check=0)
+    assert report.plan.details["probes"] == progressive.PROBES
     monkeypatch.setattr(progressive, "CONVERGE_ACTIVATIONS", 1.0)
     _, report = prune(nets.resnet(), 0.4, method="paoding", check=0)
     assert report.plan.details["probes"] == progressive.PROBES
