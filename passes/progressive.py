@@ -154,7 +154,7 @@ class Progressive(Method):
     reconstruction = "least-squares"
 
     def __init__(self, probes: int | None = None, nominate: float = 3.0, allocate: bool = True):
-        self.probes = probes  # None: PROBES or SMALL_MAP_PROBES, by the model's activations
+        self.probes = probes  # None: PROBES or SMALL_MAP_PROBES, by the model's inversion and maps
         self.nominate = nominate
         self.allocate = allocate  # False: every group loses the uniform count (only which units is measured)
 
@@ -389,7 +389,7 @@ class Progressive(Method):
             # that lands nearest the goal, if nearer than stopping here
             left = cost.total() - goal
             landing = [(abs(cost.marginal(by_id[gid])[pools[gid][r].unit] - left), gid, r) for gid, r in keys
-                       if free(gid, pools[gid][r]) and pools[gid][r] not in taken[gid]]
+                       if free(gid, pools[gid][r]) and all(t.unit != pools[gid][r].unit for t in taken[gid])]
             if landing and min(landing)[0] < left:
                 _, gid, r = min(landing)
                 take(gid, pools[gid][r])

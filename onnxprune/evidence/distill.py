@@ -68,8 +68,8 @@ JITTER = 2
 #: `models/` MLP and ViT at ratio 0.4, three seeds, 0.973 and 0.839 planned on inputs made at
 #: 0.05, 0.961 and 0.776 at ANNEALED_LR). Matching statistics inside the net converges slowly:
 #: there a larger first step, annealed to zero on a half cosine over the run, reaches in 150
-#: steps a lower mismatch than the constant step does in 300 (docs/methods.md, "Steps to
-#: convergence").
+#: steps a lower mismatch than the constant step does in 300 (docs/methods.md, "Annealed
+#: steps").
 LR = 0.05
 ANNEALED_LR = 0.4
 
