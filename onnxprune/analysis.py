@@ -168,18 +168,15 @@ class Analysis:
             if not np.issubdtype(dtype, np.floating):
                 inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
                 continue
-            batch = max(self.input_shapes[name][0], 1)
-            per_sample = 3 * self.macs / batch  # forward and backward
+            per_sample = 3 * self.macs / max(self.input_shapes[name][0], 1)  # forward and backward
             most = max(MIN_POOL, int(EVIDENCE_MACS / (per_sample * DISTILL_STEPS[0])))  # memory: one batch
             small = most >= STATISTICS_INPUTS[0]
             if distiller is not None and self.sample_axes[name] == 0 and (small or not distiller.objective.balance) \
                     and distiller.usable:
                 few = (min(count, most), *shape[1:])
-                steps = int(np.clip(EVIDENCE_MACS / (per_sample * few[0]), *DISTILL_STEPS))
-                converge = small and (distiller.objective.balance or (
-                    distiller.objective.batchnorm and self.activations / batch <= CONVERGE_ACTIVATIONS))
-                if converge:
-                    steps = int(np.clip(CONVERGE_MACS / (per_sample * few[0]), *CONVERGE_STEPS))
+                converge = small and (distiller.objective.balance or (distiller.objective.batchnorm and self.small_maps))
+                budget, bounds = (CONVERGE_MACS, CONVERGE_STEPS) if converge else (EVIDENCE_MACS, DISTILL_STEPS)
+                steps = int(np.clip(budget / (per_sample * few[0]), *bounds))
                 with stage("distill"):
                     distilled = distiller.distill(few, prior, rng, steps=steps, anneal=converge, label=f"distilling {few[0]} "
                                                   + ("held-out inputs" if held_out else "inputs"))
@@ -239,6 +236,13 @@ class Analysis:
         """Elements every node's outputs hold at the analysed shapes (those known; at least 1)."""
         return max(sum(int(np.prod(self.shapes[t])) for node in self.model.graph.node for t in node.output
                        if self.shapes.get(t) is not None and all(isinstance(d, int) for d in self.shapes[t])), 1)
+
+    @property
+    def small_maps(self) -> bool:
+        """Whether a sample's activations stay within CONVERGE_ACTIVATIONS elements: inversion
+        steps and probe rows cost about what their multiply-accumulates say."""
+        batch = max(next(iter(self.input_shapes.values()))[0], 1) if self.input_shapes else 1
+        return self.activations / batch <= CONVERGE_ACTIVATIONS
 
     @property
     def moments(self) -> MomentPropagation:

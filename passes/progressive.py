@@ -42,7 +42,6 @@ from onnxprune.passes.methods import Budget, Method, Progress
 from onnxprune.passes.planning import removal_count
 from onnxprune.passes.reconstruct import Reconstructor, consumer_spaces, removed_atoms
 
-from onnxprune.analysis import CONVERGE_ACTIVATIONS
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
 from onnxprune.evidence.probes import Impact, ProbeModel, mergeable, probeable, stacks_samples
@@ -210,8 +209,7 @@ class Progressive(Method):
         # Large models measure fewer probes and rows per step: about ROW_MACS per step.
         per_sample = max(cost.base / max(batch, 1), 1)  # a probe input is one item of the analysed batch
         objective = analysis.distiller.objective if analysis.distiller is not None else None
-        many = objective is not None and (objective.batchnorm or objective.balance) \
-            and analysis.activations / max(batch, 1) <= CONVERGE_ACTIVATIONS
+        many = objective is not None and (objective.batchnorm or objective.balance) and analysis.small_maps
         probes = int(np.clip(PROBE_MACS / (64 * per_sample), 4, self.probes or (SMALL_MAP_PROBES if many else PROBES)))
         row_limit = max(len(groups), int(ROW_MACS / (probes * per_sample)))
         plan.details.update(probes=probes, row_limit=row_limit, unprobed_groups=len(candidates) - len(groups))
@@ -388,7 +386,8 @@ class Progressive(Method):
             # still short by more than the slack, and every unit left crosses too far: the one
             # that lands nearest the goal, if nearer than stopping here
             left = cost.total() - goal
-            landing = [(abs(cost.marginal(by_id[gid])[pools[gid][r].unit] - left), gid, r) for gid, r in keys
+            marginal = {g.id: cost.marginal(g) for g in groups}
+            landing = [(abs(marginal[gid][pools[gid][r].unit] - left), gid, r) for gid, r in keys
                        if free(gid, pools[gid][r]) and all(t.unit != pools[gid][r].unit for t in taken[gid])]
             if landing and min(landing)[0] < left:
                 _, gid, r = min(landing)

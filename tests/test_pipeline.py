@@ -178,10 +178,12 @@ def test_probe_rows_run_more_probes_on_small_nets_inverted_on_their_statistics(m
     passed) keep PROBES."""
     from onnxprune.passes import progressive
 
+    from onnxprune import analysis
+
     _, report = prune(nets.resnet(), 0.4, method="paoding", check=0)
     assert report.plan.details["probes"] == progressive.SMALL_MAP_PROBES
     _, report = prune(nets.mlp(), 0.4, method="paoding", check=0)
     assert report.plan.details["probes"] == progressive.PROBES
-    monkeypatch.setattr(progressive, "CONVERGE_ACTIVATIONS", 1.0)
+    monkeypatch.setattr(analysis, "CONVERGE_ACTIVATIONS", 1.0)
     _, report = prune(nets.resnet(), 0.4, method="paoding", check=0)
     assert report.plan.details["probes"] == progressive.PROBES
