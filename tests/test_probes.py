@@ -246,3 +246,66 @@ def test_the_first_order_factor_is_off_where_units_cannot_merge():
     for model, used in ((nets.vgg_flatten(), False), (nets.mobile_net(), True)):
         _, report = prune(model, 0.3, method="paoding", input_range=(0.0, 1.0), check=0)
         assert report.plan.details["first_order"] is used
+
+
+def _shape_fed_net():
+    """A Reshape at the end whose target is the Shape of an early map: a tensor of the batch's
+    size that no row may capture at the probes' batch."""
+    blocks = [nets.conv_bn("c1", "x", 3, 8), nets.conv_bn("c2", "c1", 8, 8)]
+    tail = ("  sh = Shape(c1)\n  r = Reshape(c2, sh)\n  g = GlobalAveragePool(r)\n  f = Flatten(g)\n"
+            "  y = Gemm<transB=1>(f, fc_w, fc_b)\n")
+    return nets.from_text(nets.graph("(float[1,3,8,8] x) => (float[1,10] y)", blocks, tail,
+                                     "float[10,8] fc_w, float[10] fc_b"))
+
+
+@pytest.mark.parametrize("name", ["resnet", "concat", "mobile", "vgg_flatten", "shape_fed"])
+def test_rows_run_from_where_their_masks_enter_as_through_the_whole_model(name):
+    """Rows of one group run a sub-model fed what the unablated run computed upstream; rows of
+    several groups, or none, run whole. Every row reads as the whole model reads it."""
+    model = _shape_fed_net() if name == "shape_fed" else nets.ALL[name]()
+    shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
+    analysis = analyse(model, {"x": shape}, input_range=(0.0, 1.0))
+    groups = analysis.dep.prunable_groups()
+    probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
+                       analysis.input_shapes, probes=5, seed=0)
+    assert probe.frontier.cuts, "some group spares part of the model"
+    for cut in probe.frontier.cuts.values():
+        assert all(analysis.moments.shapes[c][0] == 1 for c in cut.captures)
+    probe.frontier.session_seconds = 0.0  # sessions free: every group with a cut runs its own sub-model
+    rows = 2 * len(groups) + 2
+    masks = {}
+    for k, g in enumerate(groups):
+        m = np.ones((rows, g.size), np.float32)
+        m[2 * k, 0] = 0
+        m[2 * k + 1, g.size - 1] = 0
+        if k < 2:
+            m[-1, 1 % g.size] = 0  # the last row ablates two groups at once; the one before, none
+        src, dst = np.zeros_like(m), np.zeros_like(m)
+        if g.size > 1:
+            src[2 * k + 1, g.size - 1], dst[2 * k + 1, 0] = 1, 0.5
+        masks.update({mask_name(g): m, merge_src_name(g): src, merge_dst_name(g): dst})
+    runs = probe.runs
+    whole = probe.run(masks, raw=True)
+    assert probe.runs - runs == rows
+    np.testing.assert_allclose(probe.run_rows(masks), whole, rtol=1e-5, atol=1e-6)
+    assert probe.runs - runs == 2 * rows
+
+
+def test_a_cut_recomputes_shape_tensors_instead_of_capturing_them():
+    """A tensor that depends on the batch's size (a Shape) cannot be repeated over rows: its
+    producer joins the sub-model and reads the map it measures, which is captured."""
+    from onnx import TensorProto, helper
+
+    from onnxprune.ir import Slicer
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Shape", ["a"], ["sh"]),
+             helper.make_node("Mul", ["a", "m"], ["b"]), helper.make_node("Reshape", ["b", "sh"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                           helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph)
+    shapes = {"x": (1, 4), "a": (1, 4), "sh": (2,), "b": (1, 4), "y": (1, 4), "m": (1, 4)}
+    cut = Slicer(model, shapes, 1, {"x"}).cut({"m"}, "y")
+    assert [nodes[k].op_type for k in cut.nodes] == ["Shape", "Mul", "Reshape"]
+    assert cut.captures == ["a"] and cut.inputs == ["m"]
+    assert Slicer(model, shapes, 1, {"x"}).cut({"x"}, "y") is None  # the whole model: no cut

@@ -14,6 +14,7 @@ Candidate rows remove one unit each; their session substitutes that unit's chann
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
+from onnxprune.evidence.frontier import Frontier
 from onnxprune.evidence.priors import InputPrior, MomentPropagation
 from onnxprune.ir import Model, ModelEditor, NodeEmitter, copy_model, input_dtypes, make_batch_dynamic, session
 
@@ -124,13 +126,13 @@ class ProbeModel:
     def __init__(self, graph: gs.Graph, template: Model, groups: list[ChannelGroup],
                  moments: MomentPropagation, prior: InputPrior, input_shapes: dict, probes: int = 16,
                  seed: int = 0, max_batch: int = 2048, inputs: dict[str, np.ndarray] | None = None,
-                 estimates: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None):
+                 estimates: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None,
+                 frontier: bool = True):
         batch = next(iter(input_shapes.values()))[0] if input_shapes else 1
         self.groups = [g for g in groups if probeable(g, moments.shapes, batch)]
         self.graph = graph  # the graph probed, weights as corrected so far
         self._source = (graph, template, moments, estimates or {})
         self.model = self._masked(sparse=True)
-        self.session = session(self.model)
         self._dense, self._dense_session = None, None  # built when needed
         if inputs is None:
             rng = np.random.default_rng(seed)
@@ -142,11 +144,19 @@ class ProbeModel:
                 else:
                     inputs[name] = rng.integers(0, 2, size=shape).astype(dtype)
         self.inputs = inputs
+        # Rows run from where their masks enter (the cuts' captures become outputs first).
+        self.frontier = Frontier(self.model, moments.shapes, batch, inputs,
+                                 {g.id: self._group_inputs(g) for g in self.groups},
+                                 {g.id: g.size for g in self.groups}, self.output) if frontier else None
+        start = time.perf_counter()
+        self.session = session(self.model)
+        if self.frontier is not None:
+            self.frontier.session_seconds = (time.perf_counter() - start) / max(len(self.model.graph.node), 1)
         probes = len(next(iter(inputs.values())))
         self.probes = probes
         self.max_batch = max_batch
         self.runs = 0
-        self.base = self.run({})[0]
+        self.base = self._base_run()
 
     def _masked(self, sparse: bool) -> Model:
         graph, template, moments, estimates = self._source
@@ -160,6 +170,25 @@ class ProbeModel:
         model = edit.finish(toposort=True)  # the masks' nodes feed the model's own
         make_batch_dynamic(model)
         return model
+
+    @staticmethod
+    def _group_inputs(group: ChannelGroup) -> dict[str, float]:
+        """A group's mask inputs, each with the value that ablates nothing."""
+        return {mask_name(group): 1.0, merge_src_name(group): 0.0, merge_dst_name(group): 0.0}
+
+    def _base_run(self) -> np.ndarray:
+        """The unablated outputs [P, O] in float64, and what the frontier's cuts capture."""
+        wanted = self.frontier.wanted if self.frontier is not None else []
+        feeds = dict(self.inputs)
+        for group in self.groups:
+            for name, default in self._group_inputs(group).items():
+                feeds[name] = np.full((self.probes, group.size), default, np.float32)
+        y, *captured = self.session.run([self.output, *wanted], feeds)
+        self._output_shape = y.shape
+        self.runs += 1
+        if self.frontier is not None:
+            self.frontier.capture(captured, self.probes)
+        return y.reshape(self.probes, -1).astype(np.float64)
 
     def dense_model(self) -> Model:
         """The probe model with every space masked densely: any mask rows (several units per
@@ -248,8 +277,7 @@ class ProbeModel:
             stop = min(rows, start + per_chunk)
             feeds = {name: np.concatenate([x] * (stop - start)) for name, x in self.inputs.items()}
             for group in self.groups:
-                for name, default in ((mask_name(group), 1.0), (merge_src_name(group), 0.0),
-                                      (merge_dst_name(group), 0.0)):
+                for name, default in self._group_inputs(group).items():
                     m = masks.get(name)
                     block = np.full((stop - start, group.size), default, np.float32) if m is None else m[start:stop]
                     feeds[name] = np.repeat(block.astype(np.float32), self.probes, axis=0)
@@ -319,7 +347,19 @@ class ProbeModel:
         return {gid: score[a:b] for gid, (a, b) in spans.items()}
 
     def measure(self, masks: dict[str, np.ndarray]) -> Impact:
-        return impacts(self.run(masks, raw=True), self.base)
+        return impacts(self.run_rows(masks), self.base)
+
+    def run_rows(self, masks: dict[str, np.ndarray]) -> np.ndarray:
+        """:meth:`run` (``raw``), with each row that ablates one group alone run from where
+        that group's masks enter the model (:class:`~onnxprune.evidence.frontier.Frontier`)."""
+        if self.frontier is None or not self.frontier.cuts or not masks or not self.sparse_expresses(masks):
+            return self.run(masks, raw=True)
+        before = self.frontier.rows
+        out = self.frontier.run(masks, self.probes, self.max_batch, lambda m: self.run(m, raw=True))
+        if out is None:
+            return self.run(masks, raw=True)
+        self.runs += self.frontier.rows - before
+        return out
 
 
 def _dense_fill(b: NodeEmitter, tensor: str, axis: int, rank: int, entries, mean: np.ndarray, estimate) -> str:

@@ -39,6 +39,7 @@ from onnxprune.ir.shapes import (
     resolve_shapes,
     skeleton,
 )
+from onnxprune.ir.slicing import Cut, Slicer
 from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
 from onnxprune.ir.timing import OpChain, interleaved_medians
 from onnxprune.ir.validate import check_runs, check_structure
@@ -47,8 +48,9 @@ from onnxprune.ir.validate import check_runs, check_structure
 Model = onnx.ModelProto
 
 __all__ = [
-    "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "SHRINK_ARENA", "InputSpec", "Model", "ModelEditor", "ModelStats", "NodeEmitter",
-    "NodeView", "OpChain", "Opset", "Session", "Shape", "check_model", "check_runs", "check_structure",
+    "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "SHRINK_ARENA", "Cut", "InputSpec", "Model", "ModelEditor", "ModelStats",
+    "NodeEmitter",
+    "NodeView", "OpChain", "Opset", "Session", "Shape", "Slicer", "check_model", "check_runs", "check_structure",
     "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "fix_input_dims", "graph_inputs",
     "holding", "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model",
     "load_model_info",

@@ -1,0 +1,177 @@
+"""Probe rows that run from where their ablation enters the model.
+
+A row that ablates units of one group changes nothing upstream of that group's masks: every
+tensor computed before them is the same in every row as in the unablated run. So the rows of
+a *block* of groups run a sub-model of the probe model, the nodes downstream of the block's
+mask inputs, fed the tensors those nodes read from upstream (*captures*: taken once, at the
+probes' batch, from the unablated run) repeated over the rows. The outputs are the same
+computation on the same values; what is saved is the upstream part of every row.
+
+The slicing itself is :class:`onnxprune.ir.Slicer`'s (only tensors with the sample on their
+first axis are captured; a shape tensor pulls its producer in instead). A block costs a
+session per probe step, so blocks are chosen by :func:`plan_blocks`, a small dynamic
+programme over the groups ordered by how much of the model lies downstream of them: a
+block's session costs about its node count times the seconds per node the probe model's own
+session took, its rows their samples times the block's downstream cost at the throughput
+measured so far (:data:`THROUGHPUT`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.ir import Cut, Model, Slicer, session
+
+
+@dataclass
+class Throughput:
+    """Seconds per sample per unit of :class:`~onnxprune.ir.Slicer` cost, as measured by the runs so far
+    (a property of the machine and the op mix, kept across probe steps)."""
+
+    seconds: float = 5e-11
+    seen: int = 0
+
+    def update(self, seconds: float, samples: int, cost: float) -> None:
+        if samples <= 0 or cost <= 0:
+            return
+        observed = seconds / (samples * cost)
+        self.seconds = observed if not self.seen else 0.7 * self.seconds + 0.3 * observed
+        self.seen += 1
+
+
+#: Shared by every probe model of the process.
+THROUGHPUT = Throughput()
+
+
+def plan_blocks(groups: list[tuple[int, int, Cut | None]], probes: int, whole: float,
+                session_seconds: float, throughput: float) -> list[tuple[list[int], bool]]:
+    """Blocks of groups that share a sub-model: ``groups`` are ``(id, rows, cut)``; a block
+    is ``(ids, cut)``, where ``cut`` False runs its rows through the whole probe model.
+
+    Groups are ordered by their cut's cost, largest first; a block of consecutive ones costs
+    its session (``session_seconds`` per node of its first group's cut) plus its rows'
+    samples at that cut's cost times ``throughput`` (the first cut stands for the union:
+    later ones mostly lie inside it). The whole model costs no session (it has one)."""
+    order = sorted(groups, key=lambda g: -(g[2].cost if g[2] is not None else whole))
+    n = len(order)
+    best = [0.0] + [math.inf] * n
+    choice: list[tuple[int, bool]] = [(0, False)] * (n + 1)
+    rows = np.cumsum([0] + [r for _, r, _ in order])
+    for j in range(1, n + 1):
+        for i in range(j):
+            samples = (rows[j] - rows[i]) * probes
+            full = best[i] + samples * whole * throughput
+            if full < best[j]:
+                best[j], choice[j] = full, (i, False)
+            cut = order[i][2]
+            if cut is not None:
+                sub = best[i] + len(cut.nodes) * session_seconds + samples * cut.cost * throughput
+                if sub < best[j]:
+                    best[j], choice[j] = sub, (i, True)
+    blocks, j = [], n
+    while j > 0:
+        i, sub = choice[j]
+        blocks.append(([gid for gid, _, _ in order[i:j]], sub))
+        j = i
+    return blocks[::-1]
+
+
+class Frontier:
+    """The cuts of one probe model: each group's (where it spares part of the model), the
+    tensors they capture (made outputs of ``model`` here, before its session is made), and
+    the block runs.
+
+    ``inputs`` maps each group id to its mask inputs and the value of each that ablates
+    nothing; ``sizes`` their widths; ``samples`` the probe inputs."""
+
+    def __init__(self, model: Model, shapes: dict, batch: int, samples: dict[str, np.ndarray],
+                 inputs: dict[int, dict[str, float]], sizes: dict[int, int], output: str):
+        self.slicer = Slicer(model, shapes, batch, set(samples))
+        self.shapes, self.samples, self.inputs, self.sizes, self.output = shapes, samples, inputs, sizes, output
+        self.cuts = {}
+        for gid, names in inputs.items():
+            cut = self.slicer.cut(set(names), output)
+            if cut is not None:
+                self.cuts[gid] = cut
+        self.wanted = sorted({c for cut in self.cuts.values() for c in cut.captures})
+        self.slicer.expose(self.wanted)
+        self.captured: dict[str, np.ndarray] = {}
+        self.session_seconds = 0.0  # per node: the probe model's own session, timed by the caller
+        self.rows = 0  # rows run through cuts
+
+    def capture(self, arrays: list[np.ndarray], probes: int) -> None:
+        """The unablated run's values of :attr:`wanted`; a cut whose capture is not
+        ``[probes, *analysed]`` after all (its first axis was not the batch) is dropped."""
+        self.captured = {n: a for n, a in zip(self.wanted, arrays)
+                         if a.shape[:1] == (probes,) and a.shape[1:] == tuple(self.shapes[n][1:])}
+        self.cuts = {gid: cut for gid, cut in self.cuts.items() if all(c in self.captured for c in cut.captures)}
+
+    def run(self, masks: dict[str, np.ndarray], probes: int, max_batch: int,
+            whole: Callable[[dict[str, np.ndarray]], np.ndarray]) -> np.ndarray | None:
+        """Outputs ``[R, P, O]`` of the rows of ``masks``: a row that ablates one group alone
+        runs in its group's block, the others through ``whole`` (the probe model's own run);
+        None where no block is worth a session."""
+        rows = max(len(m) for m in masks.values())
+        ids = list(self.inputs)
+        active = np.zeros((len(ids), rows), bool)
+        for k, gid in enumerate(ids):
+            for name, default in self.inputs[gid].items():
+                if name in masks:
+                    active[k] |= np.any(masks[name] != default, axis=1)
+        alone = active.sum(axis=0) == 1
+        owner = np.where(alone, active.argmax(axis=0), -1)
+        counts = [(gid, int(np.sum(owner == k)), self.cuts.get(gid)) for k, gid in enumerate(ids) if np.any(owner == k)]
+        blocks = plan_blocks(counts, probes, self.slicer.total, self.session_seconds, THROUGHPUT.seconds)
+        if not any(sub for _, sub in blocks):
+            return None
+        out, rest = None, ~alone  # rows of no group or of several: the whole model
+        for block, sub in blocks:
+            picked = np.isin(owner, [ids.index(gid) for gid in block])
+            names = {name for gid in block for name in self.inputs[gid]}
+            cut = self.slicer.cut(names, self.output) if sub else None
+            if cut is None or not all(c in self.captured for c in cut.captures):
+                rest |= picked
+                continue
+            where = np.flatnonzero(picked)
+            y = self._run_cut(cut, {name: masks[name][where] for name in names if name in masks}, len(where),
+                              probes, max_batch)
+            if out is None:
+                out = np.empty((rows, *y.shape[1:]), y.dtype)
+            out[where] = y
+        if rest.any():
+            where = np.flatnonzero(rest)
+            y = whole({name: m[where] for name, m in masks.items()})
+            if out is None:
+                out = np.empty((rows, *y.shape[1:]), y.dtype)
+            out[where] = y
+        return out
+
+    def _run_cut(self, cut: Cut, masks: dict[str, np.ndarray], rows: int, probes: int, max_batch: int) -> np.ndarray:
+        """``rows`` rows of ``masks`` through the cut's sub-model, the captures repeated."""
+        sess = session(self.slicer.sub_model(cut, self.output, self.captured))
+        defaults = {name: (self.sizes[gid], default) for gid, names in self.inputs.items()
+                    for name, default in names.items()}
+        per_chunk = max(1, max_batch // probes)
+        results = []
+        for start in range(0, rows, per_chunk):
+            n = min(rows, start + per_chunk) - start
+            feeds = {name: np.concatenate([self.captured[name]] * n) for name in cut.captures}
+            for name in cut.inputs:
+                if name in self.samples:
+                    feeds[name] = np.concatenate([self.samples[name]] * n)
+                elif name in masks:
+                    feeds[name] = np.repeat(masks[name][start:start + n].astype(np.float32), probes, axis=0)
+                else:
+                    size, default = defaults[name]
+                    feeds[name] = np.full((n * probes, size), default, np.float32)
+            t0 = time.perf_counter()
+            (y,) = sess.run([self.output], feeds)
+            THROUGHPUT.update(time.perf_counter() - t0, n * probes, cut.cost)
+            self.rows += n
+            results.append(y.reshape(n, probes, -1))
+        return np.concatenate(results)
