@@ -158,8 +158,9 @@ def measure(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray],
             key = (tensor, axis)
             out = np.asarray(outs[tensor])
             widths[key] = out.shape[axis]
-            acc = moments.setdefault(key, [_Moments(out.shape[axis]) for _ in range(folds)])
-            acc[fold].add(out, axis)
+            if key not in moments:
+                moments[key] = [_Moments(out.shape[axis]) for _ in range(folds)]
+            moments[key][fold].add(out, axis)
     stats = {}
     for key in spaces:
         folded = [m.finish() for m in moments[key]]
