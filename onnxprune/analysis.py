@@ -149,6 +149,19 @@ class Analysis:
                                                              axis=axes.get(k, 0)) for k, v in pool.arrays.items()}
         return SyntheticInputs(first, pool.source, pool.kind, pool.capped)
 
+    def recalibrates(self, seed: int) -> bool:
+        """Whether the planning inputs of ``seed`` stand for real ones at the BatchNorms, so
+        that the pruned model's statistics can be re-estimated on them: a calibration set, or
+        a pool planning distilled from the model's BatchNorm statistics. A pool planning did
+        not make is not made for it (magnitude plans without inputs and stays as fast)."""
+        if any(axis != 0 for axis in self.sample_axes.values()):
+            return False
+        if self.calibration is not None:
+            return True
+        pool = self._probe_inputs.get((seed, False))
+        return pool is not None and pool.source.startswith("distilled") and self.distiller is not None \
+            and self.distiller.objective.batchnorm
+
     def _samples(self, arrays: dict[str, np.ndarray]) -> int:
         """How many samples ``arrays`` stack (on each input's sample axis)."""
         stacked = [(v, self.sample_axes.get(k, 0)) for k, v in arrays.items() if self.sample_axes.get(k, 0) is not None]

@@ -163,6 +163,10 @@ def _prune_parser() -> argparse.ArgumentParser:
                         "default)")
     p.add_argument("--no-compensation", action="store_true",
                    help="do not compensate removed channels (bias, variance, merges): the raw baseline")
+    p.add_argument("--no-recalibration", action="store_true",
+                   help="keep the BatchNorm statistics as the model had them (by default the pruned model's are "
+                        "re-estimated on the planning inputs where those were distilled from them, or with "
+                        "--calibration)")
     p.add_argument("--seed", type=_seed, default=0, help="seed for every random choice (default 0)")
     p.add_argument("--check", type=_count, default=8, metavar="N",
                    help="synthetic probes for the fidelity check (default 8, 0 to skip the report)")
@@ -243,7 +247,7 @@ def _prune_and_write(args, src: Path) -> int:
                                    method_options={"alpha": args.alpha, "beta": args.beta, "intervals": args.intervals}
                                    if args.method == "srdfp" else None, target=_target(args),
                                    reconstruction=args.reconstruction, calibration=calibration,
-                                   latency_threads=args.latency_threads,
+                                   latency_threads=args.latency_threads, recalibrate=not args.no_recalibration,
                                    options={"prune_hidden": args.prune_hidden, "prune_head_dim": args.prune_head_dim})
             failure = None
         except FidelityError as exc:

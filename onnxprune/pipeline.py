@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.analysis import Analysis, SyntheticInputs, analyse
 from onnxprune.errors import FidelityError, InternalError, UserError
+from onnxprune.evidence.recalibration import recalibrate
 from onnxprune.fidelity import Fidelity, fidelity_on, split_feeds
 from onnxprune.ir import (
     Model,
@@ -123,6 +124,9 @@ class PruneSettings:
     calibration: dict | None = None
     #: Latency targets: the intra-op threads planned for (0: onnxruntime's default, all cores).
     latency_threads: int = 0
+    #: Re-estimate the pruned model's BatchNorm statistics on the planning inputs, where they
+    #: stand for real ones (see :attr:`PruningPlan.recalibrate`); part of compensation.
+    recalibrate: bool = True
 
     def validate(self) -> None:
         if self.target is None:
@@ -259,6 +263,7 @@ class PlanPass(_Timed):
             method = METHODS["magnitude"]()
         job.budget = s.budget()
         job.plan = method.plan(job.analysis, job.budget, s.progress)
+        job.plan.recalibrate = s.recalibrate and s.compensate and job.plan.compensate and job.analysis.recalibrates(s.seed)
         cost = job.budget.cost
         if cost is not None and cost.fit is not None:  # latency: what the plan's cost model predicts
             removed = {gp.group: gp.remove for gp in job.plan.groups}
@@ -306,6 +311,14 @@ class RewritePass(_Timed):
             graph, dep = fork(job.analysis.graph, job.analysis.dep)
             graph = apply_plan(graph, dep, plan, plan.corrections if plan.compensate else None)
             job.pruned_graph = DedupeConstants()(graph).value
+        if plan.recalibrate and plan.compensate:
+            with stage("recalibrate"):
+                analysis = job.analysis
+                pool = analysis.synthetic(analysis.statistics_count, plan.seed)
+                shapes = list(analysis.input_shapes.values())
+                done = recalibrate(job.pruned_graph, analysis.model, pool.arrays, shapes[0][0] if shapes and shapes[0] else 1)
+                samples = len(next(iter(pool.arrays.values())))
+                plan.details["recalibrated"] = {"batchnorms": done, "inputs": samples, "source": pool.source}
         with stage("export"):
             job.pruned = to_model(job.pruned_graph, job.analysis.model, hold=True)
 
@@ -506,7 +519,8 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
           options: dict | None = None, progress: Progress | None = None, compensate: bool = True,
           input_range: tuple[float, float] | None = None, step: float | None = None,
           method_options: dict | None = None, target: str | None = None, reconstruction: str | None = None,
-          calibration: dict | None = None, latency_threads: int = 0) -> tuple[Model, PruneReport]:
+          calibration: dict | None = None, latency_threads: int = 0,
+          recalibrate: bool = True) -> tuple[Model, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
     Raises :class:`UserError` for bad input, :class:`FidelityError` when the mean output cosine
@@ -516,6 +530,10 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
     ``calibration`` (unlabelled inputs by graph input name, samples on the first axis; see
     :func:`onnxprune.evidence.calibration.load_calibration`) replaces the synthetic inputs:
     planning uses its first three quarters, the fidelity check the last quarter.
+
+    ``recalibrate``: with compensation, the pruned model's BatchNorm statistics are
+    re-estimated on the planning inputs where those stand for real ones (distilled from the
+    BatchNorm statistics, or ``calibration``; see :mod:`onnxprune.evidence.recalibration`).
 
     ``target``: "channels" (a uniform ratio's channels), "macs", "params" or "latency" (as
     much as the uniform ratio removes, allocated by the method), or "macs=S" / "params=S" /
@@ -531,7 +549,7 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
                              round_to=round_to, seed=seed, check=check, min_cosine=min_cosine, options=options,
                              progress=progress, compensate=compensate, input_range=input_range, step=step,
                              method_options=method_options or {}, target=target, reconstruction=reconstruction,
-                             calibration=calibration, latency_threads=latency_threads)
+                             calibration=calibration, latency_threads=latency_threads, recalibrate=recalibrate)
     if plan is not None and not compensate:
         plan.compensate = False
     with reporting(progress):

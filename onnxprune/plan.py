@@ -123,6 +123,10 @@ class PruningPlan:
     #: How: "pair" (each removed unit merged into its ``merge_into`` unit, Srinivas & Babu) or
     #: "least-squares" (into every kept channel, fitted on synthetic inputs at each step).
     reconstruction: str = "pair"
+    #: Whether the rewrite re-estimates the pruned model's BatchNorm statistics on the
+    #: planning inputs (:mod:`onnxprune.evidence.recalibration`): set where those inputs
+    #: were distilled from the model's BatchNorm statistics or are a calibration set.
+    recalibrate: bool = False
     #: The compensation, when the method computed it while planning (progressive methods
     #: measure on it); None: computed from the entries above by the reconstruct pass. Not
     #: saved: a replayed plan recomputes the same numbers from its entries.

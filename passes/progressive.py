@@ -44,6 +44,7 @@ from onnxprune.passes.reconstruct import Reconstructor, consumer_spaces, removed
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
+from onnxprune.evidence.frontier import Throughput
 from onnxprune.evidence.probes import Impact, ProbeModel, mergeable, probeable, stacks_samples
 from onnxprune.intervals import DeviationIntervals, Unsupported, width_and_entropy
 from onnxprune.ir import release_memory
@@ -134,6 +135,8 @@ class _Run:
     #: without a backward rule, is the model's, so later steps skip it).
     first_order: bool = True
     free: list[ChannelGroup] = field(default_factory=list)
+    #: How fast this model's probe rows run (it plans their frontier blocks).
+    throughput: Throughput = field(default_factory=Throughput)
 
     @property
     def by_macs(self) -> bool:
@@ -262,7 +265,7 @@ class Progressive(Method):
         with stage("probe model"):
             probe = ProbeModel(corrected(analysis.graph, corrections), analysis.model, active, analysis.moments,
                                analysis.prior, analysis.input_shapes, inputs=run.probe_inputs, estimates=estimates,
-                               max_batch=run.run_batch)
+                               max_batch=run.run_batch, throughput=run.throughput)
         # Cheap stage: closed-form saliency times the first-order estimate (one backward run).
         taylor = {}
         if run.first_order:

@@ -13,7 +13,7 @@ session per probe step, so blocks are chosen by :func:`plan_blocks`, a small dyn
 programme over the groups ordered by how much of the model lies downstream of them: a
 block's session costs about its node count times the seconds per node the probe model's own
 session took, its rows their samples times the block's downstream cost at the throughput
-measured so far (:data:`THROUGHPUT`).
+measured so far on the same model (:class:`Throughput`, kept by the planning run).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from onnxprune.ir import Cut, Model, Slicer, session
 @dataclass
 class Throughput:
     """Seconds per sample per unit of :class:`~onnxprune.ir.Slicer` cost, as measured by the runs so far
-    (a property of the machine and the op mix, kept across probe steps)."""
+    (a property of the machine and the model's op mix: one per planning run, kept across its
+    steps; a depthwise net's figure misled a DenseNet's blocks planned after it)."""
 
     seconds: float = 5e-11
     seen: int = 0
@@ -43,9 +44,6 @@ class Throughput:
         self.seconds = observed if not self.seen else 0.7 * self.seconds + 0.3 * observed
         self.seen += 1
 
-
-#: Shared by every probe model of the process.
-THROUGHPUT = Throughput()
 
 
 def plan_blocks(groups: list[tuple[int, int, Cut | None]], probes: int, whole: float,
@@ -90,9 +88,11 @@ class Frontier:
     nothing; ``sizes`` their widths; ``samples`` the probe inputs."""
 
     def __init__(self, model: Model, shapes: dict, batch: int, samples: dict[str, np.ndarray],
-                 inputs: dict[int, dict[str, float]], sizes: dict[int, int], output: str):
+                 inputs: dict[int, dict[str, float]], sizes: dict[int, int], output: str,
+                 throughput: Throughput | None = None):
         self.slicer = Slicer(model, shapes, batch, set(samples))
         self.shapes, self.samples, self.inputs, self.sizes, self.output = shapes, samples, inputs, sizes, output
+        self.throughput = throughput or Throughput()
         self.cuts = {}
         for gid, names in inputs.items():
             cut = self.slicer.cut(set(names), output)
@@ -126,7 +126,7 @@ class Frontier:
         alone = active.sum(axis=0) == 1
         owner = np.where(alone, active.argmax(axis=0), -1)
         counts = [(gid, int(np.sum(owner == k)), self.cuts.get(gid)) for k, gid in enumerate(ids) if np.any(owner == k)]
-        blocks = plan_blocks(counts, probes, self.slicer.total, self.session_seconds, THROUGHPUT.seconds)
+        blocks = plan_blocks(counts, probes, self.slicer.total, self.session_seconds, self.throughput.seconds)
         if not any(sub for _, sub in blocks):
             return None
         out, rest = None, ~alone  # rows of no group or of several: the whole model
@@ -171,7 +171,7 @@ class Frontier:
                     feeds[name] = np.full((n * probes, size), default, np.float32)
             t0 = time.perf_counter()
             (y,) = sess.run([self.output], feeds)
-            THROUGHPUT.update(time.perf_counter() - t0, n * probes, cut.cost)
+            self.throughput.update(time.perf_counter() - t0, n * probes, cut.cost)
             self.rows += n
             results.append(y.reshape(n, probes, -1))
         return np.concatenate(results)

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
-from onnxprune.evidence.frontier import Frontier
+from onnxprune.evidence.frontier import Frontier, Throughput
 from onnxprune.evidence.priors import InputPrior, MomentPropagation
 from onnxprune.ir import Model, ModelEditor, NodeEmitter, copy_model, input_dtypes, make_batch_dynamic, session
 
@@ -127,7 +127,7 @@ class ProbeModel:
                  moments: MomentPropagation, prior: InputPrior, input_shapes: dict, probes: int = 16,
                  seed: int = 0, max_batch: int = 2048, inputs: dict[str, np.ndarray] | None = None,
                  estimates: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] | None = None,
-                 frontier: bool = True):
+                 frontier: bool = True, throughput: Throughput | None = None):
         batch = next(iter(input_shapes.values()))[0] if input_shapes else 1
         self.groups = [g for g in groups if probeable(g, moments.shapes, batch)]
         self.graph = graph  # the graph probed, weights as corrected so far
@@ -147,7 +147,7 @@ class ProbeModel:
         # Rows run from where their masks enter (the cuts' captures become outputs first).
         self.frontier = Frontier(self.model, moments.shapes, batch, inputs,
                                  {g.id: self._group_inputs(g) for g in self.groups},
-                                 {g.id: g.size for g in self.groups}, self.output) if frontier else None
+                                 {g.id: g.size for g in self.groups}, self.output, throughput) if frontier else None
         start = time.perf_counter()
         self.session = session(self.model)
         if self.frontier is not None:
