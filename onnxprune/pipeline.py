@@ -552,6 +552,8 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
                              calibration=calibration, latency_threads=latency_threads, recalibrate=recalibrate)
     if plan is not None and not compensate:
         plan.compensate = False
+    if plan is not None and not recalibrate:  # a replayed plan: turning it off wins
+        plan.recalibrate = False
     with reporting(progress):
         job = pipeline()(PruneJob(model, settings, plan=plan)).value
     return job.pruned, job.report

@@ -85,3 +85,14 @@ def test_it_recovers_real_accuracy_on_the_digits_resnet():
     recalibrated, _ = prune(MODELS / "resnet.onnx", method="paoding", target="macs=0.35", input_range=(0.0, 1.0), check=1)
     assert accuracy(recalibrated) > accuracy(plain) + 0.02
     assert accuracy(recalibrated) > 0.97
+
+
+def test_a_replayed_plan_recalibrates_as_planned_unless_turned_off():
+    from onnxprune.plan import PruningPlan
+
+    pruned, report = prune(nets.resnet(), 0.4, method="paoding", seed=3)
+    text = report.plan.to_json()
+    again, _ = prune(nets.resnet(), 0.4, plan=PruningPlan.from_json(text))
+    assert again.SerializeToString() == pruned.SerializeToString()
+    off, replayed = prune(nets.resnet(), 0.4, plan=PruningPlan.from_json(text), recalibrate=False)
+    assert not replayed.plan.recalibrate and off.SerializeToString() != pruned.SerializeToString()

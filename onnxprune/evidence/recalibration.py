@@ -95,7 +95,7 @@ def recalibrate(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray],
         x.dtype = x.dtype or np.float32
         reads[node.name] = x
     g.outputs = list(g.outputs) + list({id(t): t for t in reads.values()}.values())
-    model = to_model(g, template)
+    model = to_model(g, template, hold=True)  # a large model's weights are not copied again
     make_batch_dynamic(model)
     try:
         sess = session(model)
