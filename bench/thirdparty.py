@@ -237,13 +237,17 @@ def _charset(model) -> list[str] | None:
     return ["<blank>", *meta["character"].splitlines(), " "] if "character" in meta else None
 
 
+#: Whether pruning re-estimates BatchNorm statistics (``--no-recalibration`` turns it off).
+RECALIBRATE = True
+
+
 def prune_row(model, entry, ratio, method, inputs, ref) -> dict:
     from onnxprune import prune
     from onnxprune.errors import InternalError, UserError
     row: dict = {"ratio": ratio}
     try:
         pruned, report = prune(model, ratio, method=method, input_shapes=entry["shapes"], check=2,
-                               options=entry.get("options"))
+                               options=entry.get("options"), recalibrate=RECALIBRATE)
     except UserError as exc:
         return row | {"outcome": "refused (exit 2)", "error": str(exc)}
     except InternalError as exc:
@@ -360,9 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=list(ZOO))
     p.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.4])
     p.add_argument("--method", default="magnitude")
+    p.add_argument("--no-recalibration", action="store_true",
+                   help="keep the pruned models' BatchNorm statistics as planned (onnxprune --no-recalibration)")
     p.add_argument("--out", default=str(RESULTS / "thirdparty.json"))
     p.add_argument("--sensitivity", metavar="MODEL", help="prune one group at a time (at the last ratio) instead")
     args = p.parse_args(argv)
+    global RECALIBRATE
+    RECALIBRATE = not args.no_recalibration
     if args.fetch:
         fetch()
     if args.sensitivity:

@@ -19,6 +19,7 @@ from onnxprune.errors import UserError
 from onnxprune.evidence.calibration import CalibrationSet, check_calibration
 from onnxprune.evidence.distill import Distiller
 from onnxprune.evidence.priors import InputPrior, MomentPropagation, infer_input_prior
+from onnxprune.evidence.recalibration import MAX_MISMATCH, mismatch
 from onnxprune.evidence.statistics import ChannelStats
 from onnxprune.evidence.statistics import measure as measure_stats
 from onnxprune.ir import (
@@ -152,15 +153,21 @@ class Analysis:
     def recalibrates(self, seed: int) -> bool:
         """Whether the planning inputs of ``seed`` stand for real ones at the BatchNorms, so
         that the pruned model's statistics can be re-estimated on them: a calibration set, or
-        a pool planning distilled from the model's BatchNorm statistics. A pool planning did
-        not make is not made for it (magnitude plans without inputs and stays as fast)."""
+        a pool planning distilled from the model's BatchNorm statistics that gives the model
+        about its running statistics (:data:`~onnxprune.evidence.recalibration.MAX_MISMATCH`).
+        A pool planning did not make is not made for it (magnitude plans without inputs and
+        stays as fast)."""
         if any(axis != 0 for axis in self.sample_axes.values()):
             return False
         if self.calibration is not None:
             return True
         pool = self._probe_inputs.get((seed, False))
-        return pool is not None and pool.source.startswith("distilled") and self.distiller is not None \
-            and self.distiller.objective.batchnorm
+        if pool is None or not pool.source.startswith("distilled") or self.distiller is None \
+                or not self.distiller.objective.batchnorm:
+            return False
+        shapes = list(self.input_shapes.values())
+        found = mismatch(self.graph, self.model, pool.arrays, shapes[0][0] if shapes and shapes[0] else 1)
+        return found is not None and found <= MAX_MISMATCH
 
     def _samples(self, arrays: dict[str, np.ndarray]) -> int:
         """How many samples ``arrays`` stack (on each input's sample axis)."""
