@@ -45,11 +45,12 @@ def batchnorms(graph: gs.Graph) -> list[gs.Node]:
 
 
 def _levels(graph: gs.Graph, nodes: list[gs.Node]) -> list[list[gs.Node]]:
-    """``nodes`` by level: 1 + the highest level among the BatchNorms upstream of each."""
+    """``nodes`` by level: 1 + the highest level among the BatchNorms upstream of each
+    (``graph`` toposorted, as the analysis and the rewrite leave it)."""
     wanted = {id(n) for n in nodes}
     level: dict[str, int] = {}
     out: dict[int, list[gs.Node]] = {}
-    for node in _ordered(graph):
+    for node in graph.nodes:
         up = max((level.get(t.name, 0) for t in node.inputs), default=0)
         if id(node) in wanted:
             up += 1
@@ -59,38 +60,58 @@ def _levels(graph: gs.Graph, nodes: list[gs.Node]) -> list[list[gs.Node]]:
     return [out[k] for k in sorted(out)]
 
 
-def _ordered(graph: gs.Graph) -> list[gs.Node]:
-    """The nodes, producers first (Kahn's order; the graph is left as it is)."""
-    producer = {id(t): k for k, n in enumerate(graph.nodes) for t in n.outputs}
-    waits = [{producer[id(t)] for t in n.inputs if id(t) in producer} - {k} for k, n in enumerate(graph.nodes)]
-    users: dict[int, list[int]] = {}
-    for k, deps in enumerate(waits):
-        for d in deps:
-            users.setdefault(d, []).append(k)
-    ready = [k for k, deps in enumerate(waits) if not deps]
-    order = []
-    while ready:
-        k = ready.pop()
-        order.append(graph.nodes[k])
-        for u in users.get(k, ()):
-            waits[u].discard(k)
-            if not waits[u]:
-                ready.append(u)
-    return order
+class _Reader:
+    """One session over a copy of ``graph`` that returns the inputs of its BatchNorms
+    ``nodes``, their statistics fed as inputs (:attr:`stats`, the graph's own to begin
+    with), and the per-channel moments of those inputs over ``inputs``, in runs of a
+    multiple of ``batch`` samples."""
+
+    def __init__(self, graph: gs.Graph, template: Model, nodes: list[gs.Node], inputs: dict[str, np.ndarray],
+                 batch: int):
+        g = graph.copy()
+        by_name = {n.name: n for n in g.nodes}
+        self.stats: dict[str, np.ndarray] = {}
+        self.reads: dict[str, str] = {}
+        for k, node in enumerate(nodes):
+            twin = by_name[node.name]
+            for slot, kind in ((3, "mean"), (4, "var")):
+                values = node.inputs[slot].values
+                twin.inputs[slot] = gs.Variable(_stat_name(kind, k), dtype=values.dtype, shape=list(values.shape))
+                g.inputs.append(twin.inputs[slot])
+                self.stats[_stat_name(kind, k)] = values
+            x = twin.inputs[0]
+            x.dtype = x.dtype or np.float32
+            self.reads[node.name] = x.name
+        g.outputs = list(g.outputs) + [g.tensors()[name] for name in sorted(set(self.reads.values()))]
+        model = to_model(g, template, hold=True)  # a large model's weights are not copied again
+        make_batch_dynamic(model)
+        self.session = session(model)
+        self.inputs = inputs
+        count = len(next(iter(inputs.values())))
+        self.chunk = max(batch, batch * (CHUNK // max(batch, 1)))
+        self.starts = range(0, count - self.chunk + 1 if count >= self.chunk else 1, self.chunk)
+
+    def moments(self, nodes: list[gs.Node]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each node's input mean and (biased) variance per channel (axis 1), by node name."""
+        names = sorted({self.reads[n.name] for n in nodes})
+        sums: dict[str, tuple] = {}
+        for start in self.starts:
+            run = {k: v[start:start + self.chunk] for k, v in self.inputs.items()}
+            for name, v in zip(names, self.session.run(names, {**run, **self.stats})):
+                x = v.astype(np.float64)
+                axes = (0, *range(2, x.ndim))
+                found = (x.sum(axis=axes), (x * x).sum(axis=axes), x.size / x.shape[1])
+                sums[name] = found if name not in sums else tuple(a + b for a, b in zip(sums[name], found))
+        out = {}
+        for node in nodes:
+            s, ss, n = sums[self.reads[node.name]]
+            mean = s / n
+            out[node.name] = (mean, np.maximum(ss / n - mean**2, 0.0))
+        return out
 
 
-def _chunks(count: int, batch: int) -> tuple[int, range]:
-    chunk = max(batch, batch * (CHUNK // max(batch, 1)))
-    return chunk, range(0, count - chunk + 1 if count >= chunk else 1, chunk)
-
-
-def _accumulate(sums: dict, names: list[str], values: list[np.ndarray]) -> None:
-    """Per-channel sum, sum of squares and count of each named tensor (channels on axis 1)."""
-    for name, v in zip(names, values):
-        axes = (0, *range(2, v.ndim))
-        x = v.astype(np.float64)
-        moments = (x.sum(axis=axes), (x * x).sum(axis=axes), x.size / x.shape[1])
-        sums[name] = moments if sums.get(name) is None else tuple(a + b for a, b in zip(sums[name], moments))
+def _stat_name(kind: str, k: int) -> str:
+    return f"onnxprune_recal_{kind}_{k}"
 
 
 def mismatch(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray], batch: int = 1) -> float | None:
@@ -101,78 +122,41 @@ def mismatch(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray], ba
     nodes = batchnorms(graph)
     if not nodes:
         return None
-    g = graph.copy()
-    reads = {n.name: n.inputs[0] for n in g.nodes if n.name in {m.name for m in nodes}}
-    for t in reads.values():
-        t.dtype = t.dtype or np.float32
-    g.outputs = list(g.outputs) + list({id(t): t for t in reads.values()}.values())
-    model = to_model(g, template, hold=True)
-    make_batch_dynamic(model)
-    names = sorted({t.name for t in reads.values()})
-    sums: dict = {}
     try:
-        sess = session(model)
-        chunk, starts = _chunks(len(next(iter(inputs.values()))), batch)
-        for start in starts:
-            _accumulate(sums, names, sess.run(names, {k: v[start:start + chunk] for k, v in inputs.items()}))
+        found = _Reader(graph, template, nodes, inputs, batch).moments(nodes)
     except Exception as exc:  # noqa: BLE001 - a model that does not run the inputs in chunks
         logger.info("BatchNorm statistics not compared: %s", str(exc).splitlines()[0])
         return None
     terms = []
     for node in nodes:
-        s, ss, n = sums[node.inputs[0].name]
-        m = s / n
-        sd = np.sqrt(np.maximum(ss / n - m**2, 0.0))
+        m, var = found[node.name]
         rm, rv = node.inputs[3].values.astype(np.float64), np.maximum(node.inputs[4].values.astype(np.float64), 1e-6)
-        terms.append(float(np.mean(((m - rm) ** 2 + (sd - np.sqrt(rv)) ** 2) / rv)))
+        terms.append(float(np.mean(((m - rm) ** 2 + (np.sqrt(var) - np.sqrt(rv)) ** 2) / rv)))
     return float(np.mean(terms))
 
 
 def recalibrate(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray], batch: int = 1) -> int:
-    """In place: each BatchNorm of ``graph`` takes the mean and variance its input has on
-    ``inputs`` (samples stacked on the first axis, runs a multiple of ``batch`` samples).
-    Returns how many were updated; 0 (and ``graph`` untouched) where the model cannot run the
-    inputs in chunks."""
+    """In place: each BatchNorm of ``graph`` (toposorted) takes the mean and variance its input
+    has on ``inputs`` (samples stacked on the first axis, runs a multiple of ``batch`` samples),
+    those upstream of it already updated. Returns how many were updated; 0 (and ``graph``
+    untouched) where the model cannot run the inputs in chunks."""
     nodes = batchnorms(graph)
     if not nodes or len({n.name for n in nodes}) < len(nodes):
         return 0
-    chunk, starts = _chunks(len(next(iter(inputs.values()))), batch)
-    g = graph.copy()
-    by_name = {n.name: n for n in g.nodes}
-    feeds, reads = {}, {}
-    for k, node in enumerate(nodes):
-        twin = by_name[node.name]
-        for slot, kind in ((3, "mean"), (4, "var")):
-            const = node.inputs[slot]
-            name = f"onnxprune_recal_{kind}_{k}"
-            twin.inputs[slot] = gs.Variable(name, dtype=const.values.dtype, shape=list(const.values.shape))
-            g.inputs.append(twin.inputs[slot])
-            feeds[name] = const.values
-        x = twin.inputs[0]
-        x.dtype = x.dtype or np.float32
-        reads[node.name] = x
-    g.outputs = list(g.outputs) + list({id(t): t for t in reads.values()}.values())
-    model = to_model(g, template, hold=True)  # a large model's weights are not copied again
-    make_batch_dynamic(model)
     try:
-        sess = session(model)
-        for level in _levels(graph, nodes):
-            names = [reads[n.name].name for n in level]
-            sums: dict = {}
-            for start in starts:
-                run = {k: v[start:start + chunk] for k, v in inputs.items()}
-                _accumulate(sums, names, sess.run(names, {**run, **feeds}))
+        reader = _Reader(graph, template, nodes, inputs, batch)
+        index = {id(n): k for k, n in enumerate(nodes)}
+        for level in _levels(graph, nodes):  # one pass measures a level; its statistics feed the next
+            found = reader.moments(level)
             for node in level:
-                s, ss, n = sums[reads[node.name].name]
-                mean = s / n
-                var = np.maximum(ss / n - mean**2, 0.0)
-                k = nodes.index(node)
-                feeds[f"onnxprune_recal_mean_{k}"] = mean.astype(node.inputs[3].values.dtype)
-                feeds[f"onnxprune_recal_var_{k}"] = var.astype(node.inputs[4].values.dtype)
+                mean, var = found[node.name]
+                k = index[id(node)]
+                reader.stats[_stat_name("mean", k)] = mean.astype(node.inputs[3].values.dtype)
+                reader.stats[_stat_name("var", k)] = var.astype(node.inputs[4].values.dtype)
     except Exception as exc:  # noqa: BLE001 - a model that does not run the inputs in chunks: leave it
         logger.info("BatchNorm statistics not re-estimated: %s", str(exc).splitlines()[0])
         return 0
     for k, node in enumerate(nodes):  # new constants: the rewrite may share equal ones between nodes
-        node.inputs[3] = gs.Constant(f"{node.name}_recalibrated_mean", feeds[f"onnxprune_recal_mean_{k}"])
-        node.inputs[4] = gs.Constant(f"{node.name}_recalibrated_var", feeds[f"onnxprune_recal_var_{k}"])
+        node.inputs[3] = gs.Constant(f"{node.name}_recalibrated_mean", reader.stats[_stat_name("mean", k)])
+        node.inputs[4] = gs.Constant(f"{node.name}_recalibrated_var", reader.stats[_stat_name("var", k)])
     return len(nodes)
