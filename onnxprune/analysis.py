@@ -165,8 +165,7 @@ class Analysis:
         if pool is None or not pool.source.startswith("distilled") or self.distiller is None \
                 or not self.distiller.objective.batchnorm:
             return False
-        shapes = list(self.input_shapes.values())
-        found = mismatch(self.graph, self.model, pool.arrays, shapes[0][0] if shapes and shapes[0] else 1)
+        found = mismatch(self.graph, self.model, pool.arrays, self.batch)
         return found is not None and found <= MAX_MISMATCH
 
     def _samples(self, arrays: dict[str, np.ndarray]) -> int:
@@ -258,11 +257,16 @@ class Analysis:
                        if self.shapes.get(t) is not None and all(isinstance(d, int) for d in self.shapes[t])), 1)
 
     @property
+    def batch(self) -> int:
+        """The analysed batch: the first input's first dimension (1 without one)."""
+        shape = next(iter(self.input_shapes.values()), None) if self.input_shapes else None
+        return shape[0] if shape else 1
+
+    @property
     def small_maps(self) -> bool:
         """Whether a sample's activations stay within CONVERGE_ACTIVATIONS elements: inversion
         steps and probe rows cost about what their multiply-accumulates say."""
-        batch = max(next(iter(self.input_shapes.values()))[0], 1) if self.input_shapes else 1
-        return self.activations / batch <= CONVERGE_ACTIVATIONS
+        return self.activations / max(self.batch, 1) <= CONVERGE_ACTIVATIONS
 
     @property
     def moments(self) -> MomentPropagation:

@@ -315,8 +315,7 @@ class RewritePass(_Timed):
             with stage("recalibrate"):
                 analysis = job.analysis
                 pool = analysis.synthetic(analysis.statistics_count, plan.seed)
-                shapes = list(analysis.input_shapes.values())
-                done = recalibrate(job.pruned_graph, analysis.model, pool.arrays, shapes[0][0] if shapes and shapes[0] else 1)
+                done = recalibrate(job.pruned_graph, analysis.model, pool.arrays, analysis.batch)
                 samples = len(next(iter(pool.arrays.values())))
                 plan.details["recalibrated"] = {"batchnorms": done, "inputs": samples, "source": pool.source}
         with stage("export"):
@@ -345,8 +344,7 @@ class VerifyPass(_Timed):
         if s.check <= 0:  # no check asked for: no held-out inputs to make
             job.report = _report(job, None, after_shapes, latency)
             return
-        shapes = list(analysis.input_shapes.values())
-        batch = shapes[0][0] if shapes and shapes[0] else 1
+        batch = analysis.batch
         held_out = analysis.synthetic(s.check * batch, s.seed, held_out=True)
         axes = analysis.sample_axes if held_out.kind == "synthetic" else None  # calibration: samples first
         arrays = held_out.arrays

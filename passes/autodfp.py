@@ -125,7 +125,7 @@ class Environment:
         #: pair merges: the kept share and the coefficient; least squares: the kept share
         self.action_dim = 2 if reconstruction == "pair" else 1
         inputs = analysis.probe_inputs(probes, budget.seed)
-        batch = next(iter(analysis.input_shapes.values()))[0] if analysis.input_shapes else 1
+        batch = analysis.batch
         per_sample = max(analysis.macs / max(batch, 1), 1)
         # a consumer input's substitution holds a copy of it: half the samples a run holds
         max_batch = max(probes, run_batch(analysis, per_sample, probes) // 2)
@@ -329,7 +329,7 @@ class AutoDfp(Method):
     def _groups(self, analysis, budget: Budget) -> list[ChannelGroup]:
         """The probeable groups (others are left alone), in graph order."""
         candidates = analysis.dep.prunable_groups(budget.exclude)
-        batch = next(iter(analysis.input_shapes.values()))[0] if analysis.input_shapes else 1
+        batch = analysis.batch
         top = set(analysis.graph.tensors())
         groups = [g for g in candidates if probeable(g, analysis.dep.ctx.shapes, batch)
                   and all(m.space[0] in top for m in g.members)]
@@ -371,7 +371,7 @@ class AutoDfp(Method):
 
     def _episodes(self, env: Environment) -> int:
         """The episode count: ``episodes``, fewer where their probe runs would pass SEARCH_MACS."""
-        batch = next(iter(env.analysis.input_shapes.values()))[0] if env.analysis.input_shapes else 1
+        batch = env.analysis.batch
         per_episode = 2 * env.probe.probes * env.analysis.macs / max(batch, 1)  # the substitutions cost about a model
         return int(min(self.episodes, max(MIN_EPISODES, SEARCH_MACS // max(per_episode, 1))))
 

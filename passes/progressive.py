@@ -93,7 +93,7 @@ def run_batch(analysis, per_sample: float, probes: int) -> int:
     """Samples per probe run: as many as RUN_MACS buy and RUN_BYTES of activations hold (a
     detector at 640x640 holds ~100 MB of activations per sample), 2048 at most; at least one
     row of ``probes``."""
-    batch = next(iter(analysis.input_shapes.values()))[0] if analysis.input_shapes else 1
+    batch = analysis.batch
     floats = sum(int(np.prod(s)) for s in analysis.shapes.values() if s and all(isinstance(d, int) for d in s))
     per_sample_bytes = 4 * floats / max(batch, 1)
     return int(max(probes, min(RUN_MACS / per_sample, RUN_BYTES / max(per_sample_bytes, 1), 2048)))
@@ -188,7 +188,7 @@ class Progressive(Method):
         dep = analysis.dep
         candidates = dep.prunable_groups(budget.exclude)
         # Groups whose consumers do not read batch-major tensors cannot carry probe masks.
-        batch = next(iter(analysis.input_shapes.values()))[0] if analysis.input_shapes else 1
+        batch = analysis.batch
         top = set(analysis.graph.tensors())  # masks go into the main graph, not into If branches
         groups = [g for g in candidates if probeable(g, dep.ctx.shapes, batch)
                   and all(m.space[0] in top for m in g.members)]
