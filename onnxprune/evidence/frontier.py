@@ -133,7 +133,8 @@ class Frontier:
         for block, sub in blocks:
             picked = np.isin(owner, [ids.index(gid) for gid in block])
             names = {name for gid in block for name in self.inputs[gid]}
-            cut = self.slicer.cut(names, self.output) if sub else None
+            # A block of one group runs that group's cut; a larger one the cut of its union.
+            cut = None if not sub else self.cuts[block[0]] if len(block) == 1 else self.slicer.cut(names, self.output)
             if cut is None or not all(c in self.captured for c in cut.captures):
                 rest |= picked
                 continue
