@@ -237,17 +237,13 @@ def _charset(model) -> list[str] | None:
     return ["<blank>", *meta["character"].splitlines(), " "] if "character" in meta else None
 
 
-#: Whether pruning re-estimates BatchNorm statistics (``--no-recalibration`` turns it off).
-RECALIBRATE = True
-
-
-def prune_row(model, entry, ratio, method, inputs, ref) -> dict:
+def prune_row(model, entry, ratio, method, inputs, ref, recalibrate: bool = True) -> dict:
     from onnxprune import prune
     from onnxprune.errors import InternalError, UserError
     row: dict = {"ratio": ratio}
     try:
         pruned, report = prune(model, ratio, method=method, input_shapes=entry["shapes"], check=2,
-                               options=entry.get("options"), recalibrate=RECALIBRATE)
+                               options=entry.get("options"), recalibrate=recalibrate)
     except UserError as exc:
         return row | {"outcome": "refused (exit 2)", "error": str(exc)}
     except InternalError as exc:
@@ -271,7 +267,7 @@ def prune_row(model, entry, ratio, method, inputs, ref) -> dict:
     return row
 
 
-def run_model(name: str, ratios: list[float], method: str) -> dict:
+def run_model(name: str, ratios: list[float], method: str, recalibrate: bool = True) -> dict:
     import onnx
     entry = ZOO[name]
     path = MODELS / entry["file"]
@@ -286,7 +282,7 @@ def run_model(name: str, ratios: list[float], method: str) -> dict:
     inputs = entry["inputs"]()
     ref = [_session(model).run(None, feed) for feed in inputs]
     out["inputs"] = len(inputs)
-    out["runs"] = [prune_row(model, entry, r, method, inputs, ref) for r in ratios]
+    out["runs"] = [prune_row(model, entry, r, method, inputs, ref, recalibrate) for r in ratios]
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -369,8 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "thirdparty.json"))
     p.add_argument("--sensitivity", metavar="MODEL", help="prune one group at a time (at the last ratio) instead")
     args = p.parse_args(argv)
-    global RECALIBRATE
-    RECALIBRATE = not args.no_recalibration
     if args.fetch:
         fetch()
     if args.sensitivity:
@@ -386,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        rows.append(run_model(name, args.ratios, args.method))
+        rows.append(run_model(name, args.ratios, args.method, not args.no_recalibration))
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"method": args.method, "ratios": args.ratios, "models": rows}, indent=1))
