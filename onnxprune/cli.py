@@ -164,9 +164,10 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compensation", action="store_true",
                    help="do not compensate removed channels (bias, variance, merges): the raw baseline")
     p.add_argument("--no-recalibration", action="store_true",
-                   help="keep the BatchNorm statistics as the model had them (by default the pruned model's are "
-                        "re-estimated on the planning inputs where those were distilled from them, or with "
-                        "--calibration)")
+                   help="keep the layers and BatchNorm statistics as compensation left them (by default the "
+                        "pruned model's linear layers are re-fitted to the original's outputs, and the BatchNorms "
+                        "they do not feed re-estimated, on the planning inputs where those were distilled from "
+                        "BatchNorm statistics and reproduce them, or with --calibration)")
     p.add_argument("--seed", type=_seed, default=0, help="seed for every random choice (default 0)")
     p.add_argument("--check", type=_count, default=8, metavar="N",
                    help="synthetic probes for the fidelity check (default 8, 0 to skip the report)")

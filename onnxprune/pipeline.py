@@ -17,7 +17,8 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.analysis import Analysis, SyntheticInputs, analyse
 from onnxprune.errors import FidelityError, InternalError, UserError
-from onnxprune.evidence.recalibration import recalibrate
+from onnxprune.evidence.recalibration import recalibrate, refitted_inputs
+from onnxprune.evidence.refit import refit
 from onnxprune.fidelity import Fidelity, fidelity_on, split_feeds
 from onnxprune.ir import (
     Model,
@@ -264,6 +265,7 @@ class PlanPass(_Timed):
         job.budget = s.budget()
         job.plan = method.plan(job.analysis, job.budget, s.progress)
         job.plan.recalibrate = s.recalibrate and s.compensate and job.plan.compensate and job.analysis.recalibrates(s.seed)
+        job.plan.refit = job.plan.recalibrate
         cost = job.budget.cost
         if cost is not None and cost.fit is not None:  # latency: what the plan's cost model predicts
             removed = {gp.group: gp.remove for gp in job.plan.groups}
@@ -312,12 +314,19 @@ class RewritePass(_Timed):
             graph = apply_plan(graph, dep, plan, plan.corrections if plan.compensate else None)
             job.pruned_graph = DedupeConstants()(graph).value
         if plan.recalibrate and plan.compensate:
+            analysis = job.analysis
+            pool = analysis.synthetic(analysis.statistics_count, plan.seed)
+            fitted: set[str] = set()
+            if plan.refit:
+                with stage("refit"):
+                    fitted = refit(job.pruned_graph, analysis.graph, analysis.model, pool.arrays,
+                                   removed_by_space(analysis.dep, plan), analysis.batch)
             with stage("recalibrate"):
-                analysis = job.analysis
-                pool = analysis.synthetic(analysis.statistics_count, plan.seed)
-                done = recalibrate(job.pruned_graph, analysis.model, pool.arrays, analysis.batch)
-                samples = len(next(iter(pool.arrays.values())))
-                plan.details["recalibrated"] = {"batchnorms": done, "inputs": samples, "source": pool.source}
+                done = recalibrate(job.pruned_graph, analysis.model, pool.arrays, analysis.batch,
+                                   skip=refitted_inputs(job.pruned_graph, fitted))
+            samples = len(next(iter(pool.arrays.values())))
+            plan.details["recalibrated"] = {"layers": len(fitted), "batchnorms": done, "inputs": samples,
+                                            "source": pool.source}
         with stage("export"):
             job.pruned = to_model(job.pruned_graph, job.analysis.model, hold=True)
 

@@ -127,6 +127,11 @@ class PruningPlan:
     #: planning inputs (:mod:`onnxprune.evidence.recalibration`): set where those inputs
     #: were distilled from the model's BatchNorm statistics or are a calibration set.
     recalibrate: bool = False
+    #: With ``recalibrate``: the linear layers are first re-fitted to the original's outputs on
+    #: those inputs, layer after layer (:mod:`onnxprune.evidence.refit`), and only the
+    #: BatchNorms they do not feed are re-estimated. False in plans saved before it existed,
+    #: which replay as they were made.
+    refit: bool = False
     #: The compensation, when the method computed it while planning (progressive methods
     #: measure on it); None: computed from the entries above by the reconstruct pass. Not
     #: saved: a replayed plan recomputes the same numbers from its entries.

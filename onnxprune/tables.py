@@ -69,6 +69,9 @@ def summary_table(report: PruneReport, latency: tuple[float, float, float] | Non
     table.add_row("groups pruned", f"{report.groups_pruned}/{report.groups_total}",
                   f"{report.channels_removed} ch", f"of {report.channels_prunable} prunable")
     recalibrated = report.plan.details.get("recalibrated") if report.plan is not None else None
+    if recalibrated and recalibrated.get("layers"):
+        table.add_row("layers re-fitted", str(recalibrated["layers"]), f"on {recalibrated['inputs']} inputs",
+                      "planning's")
     if recalibrated and recalibrated.get("batchnorms"):
         table.add_row("BatchNorms re-estimated", str(recalibrated["batchnorms"]), f"on {recalibrated['inputs']} inputs",
                       "planning's")

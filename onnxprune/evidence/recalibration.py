@@ -44,8 +44,8 @@ def batchnorms(graph: gs.Graph) -> list[gs.Node]:
             and all(isinstance(t, gs.Constant) for t in n.inputs[1:5]) and not n.attrs.get("training_mode", 0)]
 
 
-def _levels(graph: gs.Graph, nodes: list[gs.Node]) -> list[list[gs.Node]]:
-    """``nodes`` by level: 1 + the highest level among the BatchNorms upstream of each
+def dependency_levels(graph: gs.Graph, nodes: list[gs.Node]) -> list[list[gs.Node]]:
+    """``nodes`` by level: 1 + the highest level among the ``nodes`` upstream of each
     (``graph`` toposorted, as the analysis and the rewrite leave it)."""
     wanted = {id(n) for n in nodes}
     level: dict[str, int] = {}
@@ -135,18 +135,42 @@ def mismatch(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray], ba
     return float(np.mean(terms))
 
 
-def recalibrate(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray], batch: int = 1) -> int:
-    """In place: each BatchNorm of ``graph`` (toposorted) takes the mean and variance its input
-    has on ``inputs`` (samples stacked on the first axis, runs a multiple of ``batch`` samples),
-    those upstream of it already updated. Returns how many were updated; 0 (and ``graph``
-    untouched) where the model cannot run the inputs in chunks."""
-    nodes = batchnorms(graph)
+#: Ops with weights: what reaches a BatchNorm through one of them is that layer's doing.
+_LAYERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def refitted_inputs(graph: gs.Graph, fitted: set[str]) -> set[str]:
+    """The BatchNorms of ``graph`` whose input comes from layers re-fitted to the original's
+    outputs (``fitted``, node names; :mod:`onnxprune.evidence.refit`) and the graph's inputs
+    alone, through ops without weights (activations, pooling, Add, Concat...): they see
+    about what the original's saw, so their statistics stand."""
+    settled: dict[str, bool] = {}  # by tensor; graph inputs and constants are
+    for node in graph.nodes:  # toposorted
+        reads = [t.name for t in node.inputs if isinstance(t, gs.Variable)]
+        if node.op == "BatchNormalization":
+            ok = settled.get(reads[0], True) if reads else True
+        elif node.op in _LAYERS and not any(isinstance(t, gs.Variable) for t in node.inputs[1:]):
+            ok = node.name in fitted
+        else:
+            ok = all(settled.get(name, True) for name in reads)
+        for t in node.outputs:
+            settled[t.name] = ok
+    return {n.name for n in batchnorms(graph) if settled.get(n.inputs[0].name, True)}
+
+
+def recalibrate(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray], batch: int = 1,
+                skip: set[str] = frozenset()) -> int:
+    """In place: each BatchNorm of ``graph`` (toposorted) but those named in ``skip`` takes the
+    mean and variance its input has on ``inputs`` (samples stacked on the first axis, runs a
+    multiple of ``batch`` samples), those upstream of it already updated. Returns how many were
+    updated; 0 (and ``graph`` untouched) where the model cannot run the inputs in chunks."""
+    nodes = [n for n in batchnorms(graph) if n.name not in skip]
     if not nodes or len({n.name for n in nodes}) < len(nodes):
         return 0
     try:
         reader = _Reader(graph, template, nodes, inputs, batch)
         index = {id(n): k for k, n in enumerate(nodes)}
-        for level in _levels(graph, nodes):  # one pass measures a level; its statistics feed the next
+        for level in dependency_levels(graph, nodes):  # one pass measures a level; its statistics feed the next
             found = reader.moments(level)
             for node in level:
                 mean, var = found[node.name]
