@@ -61,6 +61,8 @@ def test_every_layer_is_put_back_to_what_the_original_computes(make):
     fitted = refit(graph, analysis.graph, analysis.model, {"x": x}, removed={})
     assert fitted == {n.name for n in graph.nodes if n.op in ("Conv", "Gemm")}
     np.testing.assert_allclose(_outputs(graph, analysis.model, x), want, rtol=1e-3, atol=1e-3)
+    # a layer without a bias keeps none: what the fit adds goes into the BatchNorm after it
+    assert [len(n.inputs) for n in graph.nodes] == [len(n.inputs) for n in analysis.graph.nodes]
 
 
 def test_grouped_and_depthwise_convolutions_fit_one_block_per_group():

@@ -201,12 +201,26 @@ def refit(graph: gs.Graph, original: gs.Graph, template: Model, inputs: dict[str
         w, b = fitted[layer.node.name]
         node = layer.node
         node.inputs[1] = gs.Constant(f"{node.name}_refit_weight", w)
-        bias = gs.Constant(f"{node.name}_refit_bias", b)
         if len(node.inputs) > 2:
-            node.inputs[2] = bias
-        else:
-            node.inputs.append(bias)
+            node.inputs[2] = gs.Constant(f"{node.name}_refit_bias", b)
+        elif node.outputs[0] in graph.outputs or not _into_batchnorm(node, b):
+            node.inputs.append(gs.Constant(f"{node.name}_refit_bias", b))
     return set(fitted)
+
+
+def _into_batchnorm(node: gs.Node, bias: np.ndarray) -> bool:
+    """Fold a new ``bias`` of a layer that had none into the BatchNorm that alone reads its
+    output (``BN(x + b)`` is ``BN(x)`` with running mean ``mean - b``): the pruned model keeps
+    its parameter count and its layers' form. False where no such BatchNorm follows."""
+    readers = node.outputs[0].outputs
+    if len(readers) != 1 or readers[0].op != "BatchNormalization" or readers[0].inputs[0] is not node.outputs[0]:
+        return False
+    bn = readers[0]
+    if len(bn.inputs) < 5 or not isinstance(bn.inputs[3], gs.Constant) or bn.inputs[3].values.shape != bias.shape:
+        return False
+    mean = bn.inputs[3].values
+    bn.inputs[3] = gs.Constant(f"{bn.name}_refit_mean", (mean.astype(np.float64) - bias).astype(mean.dtype))
+    return True
 
 
 def _fit_levels(graph, original, template, inputs, batch, found: list[_Layer]) -> dict[str, tuple]:
