@@ -323,7 +323,7 @@ class RewritePass(_Timed):
                                    removed_by_space(analysis.dep, plan), analysis.batch)
             with stage("recalibrate"):
                 done = recalibrate(job.pruned_graph, analysis.model, pool.arrays, analysis.batch,
-                                   skip=refitted_inputs(job.pruned_graph, fitted))
+                                   skip=refitted_inputs(job.pruned_graph, fitted) if fitted else set())
             samples = len(next(iter(pool.arrays.values())))
             plan.details["recalibrated"] = {"layers": len(fitted), "batchnorms": done, "inputs": samples,
                                             "source": pool.source}
