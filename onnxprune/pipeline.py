@@ -125,8 +125,9 @@ class PruneSettings:
     calibration: dict | None = None
     #: Latency targets: the intra-op threads planned for (0: onnxruntime's default, all cores).
     latency_threads: int = 0
-    #: Re-estimate the pruned model's BatchNorm statistics on the planning inputs, where they
-    #: stand for real ones (see :attr:`PruningPlan.recalibrate`); part of compensation.
+    #: Re-fit the pruned model's layers to the original's, and re-estimate the BatchNorm
+    #: statistics they do not settle, on the planning inputs, where those stand for real ones
+    #: (see :attr:`PruningPlan.recalibrate` and :attr:`PruningPlan.refit`); part of compensation.
     recalibrate: bool = True
 
     def validate(self) -> None:
@@ -538,9 +539,11 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
     :func:`onnxprune.evidence.calibration.load_calibration`) replaces the synthetic inputs:
     planning uses its first three quarters, the fidelity check the last quarter.
 
-    ``recalibrate``: with compensation, the pruned model's BatchNorm statistics are
-    re-estimated on the planning inputs where those stand for real ones (distilled from the
-    BatchNorm statistics, or ``calibration``; see :mod:`onnxprune.evidence.recalibration`).
+    ``recalibrate``: with compensation, the pruned model's Conv and Gemm layers are re-fitted
+    to the original's outputs, and the BatchNorms they do not feed re-estimated, on the
+    planning inputs where those stand for real ones (distilled from the BatchNorm statistics,
+    or ``calibration``; see :mod:`onnxprune.evidence.refit` and
+    :mod:`onnxprune.evidence.recalibration`).
 
     ``target``: "channels" (a uniform ratio's channels), "macs", "params" or "latency" (as
     much as the uniform ratio removes, allocated by the method), or "macs=S" / "params=S" /

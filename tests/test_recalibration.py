@@ -20,15 +20,6 @@ from onnxprune.pipeline import analyse
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-@pytest.fixture
-def open_gate(monkeypatch):
-    """The test nets' random BatchNorm statistics invert poorly (mismatch ~0.2 where trained
-    nets reach 0.007): the gate opened, to test what happens behind it."""
-    import onnxprune.analysis
-
-    monkeypatch.setattr(onnxprune.analysis, "MAX_MISMATCH", 1.0)
-
-
 def _moments(model, names, x):
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -27,14 +27,6 @@ def grouped_net():
                                      "float[6,10] fc_w, float[10] fc_b"))
 
 
-@pytest.fixture
-def open_gate(monkeypatch):
-    """The test nets' random BatchNorm statistics invert poorly: the gate opened."""
-    import onnxprune.analysis
-
-    monkeypatch.setattr(onnxprune.analysis, "MAX_MISMATCH", 1.0)
-
-
 def _outputs(graph, template, x):
     model = to_model(graph, template)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"

@@ -79,24 +79,15 @@ class _Reader:
                 twin.inputs[slot] = gs.Variable(_stat_name(kind, k), dtype=values.dtype, shape=list(values.shape))
                 g.inputs.append(twin.inputs[slot])
                 self.stats[_stat_name(kind, k)] = values
-            x = twin.inputs[0]
-            x.dtype = x.dtype or np.float32
-            self.reads[node.name] = x.name
-        g.outputs = list(g.outputs) + [g.tensors()[name] for name in sorted(set(self.reads.values()))]
-        model = to_model(g, template, hold=True)  # a large model's weights are not copied again
-        make_batch_dynamic(model)
-        self.session = session(model)
-        self.inputs = inputs
-        count = len(next(iter(inputs.values())))
-        self.chunk = max(batch, batch * (CHUNK // max(batch, 1)))
-        self.starts = range(0, count - self.chunk + 1 if count >= self.chunk else 1, self.chunk)
+            self.reads[node.name] = twin.inputs[0].name
+        self.session = reading_session(g, template, sorted(set(self.reads.values())))
+        self.inputs, self.batch = inputs, batch
 
     def moments(self, nodes: list[gs.Node]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each node's input mean and (biased) variance per channel (axis 1), by node name."""
         names = sorted({self.reads[n.name] for n in nodes})
         sums: dict[str, tuple] = {}
-        for start in self.starts:
-            run = {k: v[start:start + self.chunk] for k, v in self.inputs.items()}
+        for run in in_runs(self.inputs, self.batch):
             for name, v in zip(names, self.session.run(names, {**run, **self.stats})):
                 x = v.astype(np.float64)
                 axes = (0, *range(2, x.ndim))
@@ -108,6 +99,31 @@ class _Reader:
             mean = s / n
             out[node.name] = (mean, np.maximum(ss / n - mean**2, 0.0))
         return out
+
+
+def reading_session(graph: gs.Graph, template: Model, names: list[str]):
+    """A session over ``graph`` (changed: its outputs), batch left open, that also returns the
+    tensors ``names``."""
+    tensors = graph.tensors()
+    extra = []
+    for name in dict.fromkeys(names):
+        t = tensors[name]
+        t.dtype = t.dtype or np.float32
+        if t not in graph.outputs:
+            extra.append(t)
+    graph.outputs = list(graph.outputs) + extra
+    model = to_model(graph, template, hold=True)  # a large model's weights are not copied again
+    make_batch_dynamic(model)
+    return session(model)
+
+
+def in_runs(inputs: dict[str, np.ndarray], batch: int):
+    """``inputs`` (samples stacked on the first axis) in runs of CHUNK samples, a multiple of
+    ``batch`` (all of them in one run where there are fewer)."""
+    count = len(next(iter(inputs.values())))
+    chunk = max(batch, batch * (CHUNK // max(batch, 1)))
+    for start in range(0, count - chunk + 1 if count >= chunk else 1, chunk):
+        yield {k: v[start:start + chunk] for k, v in inputs.items()}
 
 
 def _stat_name(kind: str, k: int) -> str:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.evidence.recalibration import CHUNK, dependency_levels
-from onnxprune.ir import Model, make_batch_dynamic, session, to_model
+from onnxprune.evidence.recalibration import dependency_levels, in_runs, reading_session
+from onnxprune.ir import Model
 
 logger = logging.getLogger(__name__)
 
@@ -243,10 +243,7 @@ def _fit_levels(graph, original, template, inputs, batch, found: list[_Layer]) -
         feeds[variable.name] = b
         g.inputs.extend([twin.inputs[1], variable])
     read = [layer.reads for layer in found if layer.reads not in inputs]  # a graph input is fed, not run
-    pruned, reference = _reader(g, template, read), _reader(original.copy(), template, read)
-    count = len(next(iter(inputs.values())))
-    chunk = max(batch, batch * (CHUNK // max(batch, 1)))
-    starts = range(0, count - chunk + 1 if count >= chunk else 1, chunk)
+    pruned, reference = reading_session(g, template, read), reading_session(original.copy(), template, read)
     fitted = {}
     index = {id(layer.node): k for k, layer in enumerate(found)}
     by_node = {id(layer.node): layer for layer in found}
@@ -254,8 +251,7 @@ def _fit_levels(graph, original, template, inputs, batch, found: list[_Layer]) -
         todo = [by_node[id(node)] for node in level]
         names = sorted({layer.reads for layer in todo} - set(inputs))
         sums = {layer.node.name: _Moments(layer) for layer in todo}
-        for start in starts:
-            run = {k: v[start:start + chunk] for k, v in inputs.items()}
+        for run in in_runs(inputs, batch):
             want = {**run, **dict(zip(names, reference.run(names, run)))} if names else run
             got = {**run, **dict(zip(names, pruned.run(names, {**run, **feeds})))} if names else run
             for layer in todo:
@@ -269,17 +265,3 @@ def _fit_levels(graph, original, template, inputs, batch, found: list[_Layer]) -
             feeds[f"onnxprune_refit_w{k}"], feeds[f"onnxprune_refit_b{k}"] = new
     return fitted
 
-
-def _reader(graph: gs.Graph, template: Model, names: list[str]):
-    """A session over ``graph`` that also returns the tensors ``names``."""
-    tensors = graph.tensors()
-    extra = []
-    for name in dict.fromkeys(names):
-        t = tensors[name]
-        t.dtype = t.dtype or np.float32
-        if t not in graph.outputs:
-            extra.append(t)
-    graph.outputs = list(graph.outputs) + extra
-    model = to_model(graph, template, hold=True)
-    make_batch_dynamic(model)
-    return session(model)
