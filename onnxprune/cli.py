@@ -23,6 +23,7 @@ from onnxprune.writer import (
     check_target,
     handle_signals,
     interrupted_by,
+    release_signals,
     remove_live_temporaries,
     same_file,
 )
@@ -422,10 +423,12 @@ def _say(message: str, error: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handle_signals()
-    argv = attach_signed_values(list(sys.argv[1:] if argv is None else argv))
-    command = COMMANDS.get(argv[0]) if argv else None
     try:
+        # inside the try: a signal that lands while the handlers are being installed (the
+        # first is live before the second is) unwinds like any other
+        handle_signals()
+        argv = attach_signed_values(list(sys.argv[1:] if argv is None else argv))
+        command = COMMANDS.get(argv[0]) if argv else None
         return command(argv[1:]) if command else run_prune(argv)
     except OnnxPruneError as exc:
         kind = "error" if isinstance(exc, UserError) else "internal error (a bug, please report it)"
@@ -441,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"onnxprune: internal error (a bug, please report it; ONNXPRUNE_DEBUG=1 shows the traceback): "
              f"{type(exc).__name__}: {_one_line(exc)}", error=True)
         return 1
+    finally:
+        release_signals()
 
 
 def _interrupted(signum: int) -> int:

@@ -41,7 +41,16 @@ class Interrupted(KeyboardInterrupt):
 _RECEIVED: list[int] = []
 
 
+#: Set once the run has returned its exit code (:func:`release_signals`): a signal after that
+#: has nothing left to unwind and takes its default action.
+_RELEASED: list[bool] = []
+
+
 def _on_signal(signum, frame):  # pragma: no cover - exercised through subprocesses
+    if _RELEASED:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _RECEIVED.append(signum)
     remove_live_temporaries()
     raise Interrupted(signum)
@@ -56,11 +65,18 @@ def interrupted_by() -> int | None:
 
 def handle_signals() -> None:
     """SIGTERM and SIGHUP unwind the run like Ctrl-C does (temporary files removed, exit 128+N)."""
+    _RELEASED.clear()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
             signal.signal(sig, _on_signal)
         except (ValueError, OSError):  # not the main thread, or no such signal here
             pass
+
+
+def release_signals() -> None:
+    """The run is over (its exit code decided): a later SIGTERM/SIGHUP ends the process the
+    default way instead of raising where nothing catches it."""
+    _RELEASED.append(True)
 
 
 def remove_live_temporaries() -> None:

@@ -163,6 +163,38 @@ def test_sigterm_while_writing_removes_every_temporary(tmp_path, monkeypatch, ca
     assert not list(tmp_path.glob(".onnxprune-*"))
 
 
+def test_a_signal_while_the_handlers_are_installed_is_an_interruption(tmp_path, monkeypatch, capsys):
+    """SIGTERM lands between installing the SIGTERM handler and the SIGHUP one (CI met it at
+    0.05 s after start): exit 143 and one line, not a traceback and exit 1."""
+    from onnxprune import cli
+
+    def install_then_signal():
+        writer._on_signal(signal.SIGTERM, None)
+
+    monkeypatch.setattr(writer, "_RECEIVED", [])
+    monkeypatch.setattr(writer, "_RELEASED", [])  # as handle_signals leaves it
+    monkeypatch.setattr(cli, "handle_signals", install_then_signal)
+    src = fuzz_corpus.save(nets.mlp(), tmp_path / "in.onnx")
+    assert main([str(src), str(tmp_path / "out.onnx"), *fuzz_corpus.RATIO]) == 143
+    err = capsys.readouterr().err
+    assert err.strip() == "onnxprune: interrupted; nothing written"
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_signal_after_the_run_has_returned_ends_the_process_the_default_way():
+    """Once main() has its exit code nothing would catch the handler's exception: SIGTERM then
+    terminates the process (-15), it does not print a traceback and exit 1."""
+    code = ("import os, signal, sys, time\n"
+            "from onnxprune.cli import main\n"
+            "assert main(['no-such-model.onnx', 'out.onnx']) == 2\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n"
+            "sys.exit(7)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "Traceback" not in proc.stderr
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
