@@ -417,6 +417,47 @@ def build_vit() -> nn.Module:
     return ViT()
 
 
+class GroupedBottleneck(nn.Module):
+    """ResNeXt bottleneck: 1x1 reduce, 3x3 grouped (stride here), 1x1 expand, each Conv-BN;
+    a 1x1 Conv-BN projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, width: int, cout: int, groups: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(cin, width, 1),
+            conv_bn(width, width, 3, stride, groups=groups),
+            conv_bn(width, cout, 1, act=None),
+        )
+        self.shortcut = (
+            conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNeXt(nn.Module):
+    def __init__(self, stem: int = 16, blocks=((32, 32, 1), (48, 64, 2), (64, 64, 1)), groups: int = 4):
+        super().__init__()
+        self.stem = conv_bn(1, stem, 3, stride=2)  # 32x32 -> 16x16
+        layers, cin = [], stem
+        for width, cout, stride in blocks:
+            layers.append(GroupedBottleneck(cin, width, cout, groups, stride))
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.layers(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def build_resnext() -> nn.Module:
+    """ResNeXt: 3 bottlenecks with 3x3 convolutions in 4 groups (widths 32/48/64, outputs 32/64/64)."""
+    return ResNeXt()
+
+
 # --------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------
@@ -473,6 +514,13 @@ RECIPES: dict[str, Recipe] = {
         "DenseNet: stem Conv s2, dense blocks of 3 and 4 BN-ReLU-Conv3x3 layers (growth 12, "
         "concat), transition BN-ReLU-Conv1x1-AvgPool, GAP, Linear",
         epochs=40,
+        shift=2.0,
+    ),
+    "resnext": Recipe(
+        build_resnext,
+        "ResNeXt: stem Conv-BN-ReLU s2 (16), 3 bottlenecks 1x1-3x3 groups=4-1x1 (widths 32/48/64, "
+        "outputs 32/64/64, the second s2) with 1x1 projection shortcuts, GAP, Linear",
+        epochs=30,
         shift=2.0,
     ),
     "vit": Recipe(
