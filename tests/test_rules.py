@@ -112,6 +112,18 @@ def test_grouped_conv_removes_equally_per_group():
     assert_exact(model, group.id, [1, 6])  # one per conv group
 
 
+def test_grouped_conv_down_to_one_input_per_group_keeps_its_groups():
+    """Three of every four inputs removed leaves weights [C, 1, k, k], as a depthwise conv has:
+    the groups stay (an autodfp plan once set group=-16 here)."""
+    text = ("net (float[1,4,8,8] x, float[8,4,3,3] c1_w, float[6,4,3,3] c2_w, float[10,6] fc_w, float[10] fc_b)"
+            " => (float[1,10] y) {\n  h = Conv<pads=[1,1,1,1]>(x, c1_w)\n  o = Relu(h)\n"
+            "  z = Conv<pads=[1,1,1,1], group=2>(o, c2_w)\n  g = GlobalAveragePool(z)\n  f = Flatten(g)\n"
+            "  y = Gemm<transB=1>(f, fc_w, fc_b)\n}")
+    model = nets.from_text(text)
+    group = next(g for g in analyse(model).dep.groups if any(n.outputs[0].name == "h" for n in g.producers))
+    assert_exact(model, group.id, [0, 1, 2, 4, 5, 7])  # three of four in each conv group
+
+
 def test_conv_transpose_consumer_and_producer():
     text = ("net (float[1,4,8,8] x, float[8,4,3,3] c1_w, float[8,6,2,2] t_w, float[6] t_b, float[10,6] fc_w,"
             " float[10] fc_b) => (float[1,10] y) {\n  h = Conv<pads=[1,1,1,1]>(x, c1_w)\n"

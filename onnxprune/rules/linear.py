@@ -70,7 +70,13 @@ class ConvRule(OpRule):
     def rewrite(self, node, removed, ctx):
         x_key = (node.inputs[0].name, 1)
         group = int(node.attrs.get("group", 1))
-        if group > 1 and x_key in removed and np.asarray(node.inputs[1].values).shape[1] == 1:
+        # Depthwise (a group per input channel, as analysed) loses a group per removed channel;
+        # a grouped convolution keeps its groups, each narrower (one input per group left is
+        # not depthwise: its weights' second axis is 1 too).
+        shape = ctx.shapes.get(node.inputs[0].name)
+        depthwise = group == shape[1] if shape is not None and len(shape) > 1 else \
+            np.asarray(node.inputs[1].values).shape[1] == 1
+        if group > 1 and x_key in removed and depthwise:
             node.attrs["group"] = group - len(removed[x_key])
 
 
