@@ -45,7 +45,7 @@ from onnxprune import prune
 from onnxprune.evaluate import evaluate, load_npz
 from onnxprune.ir import load_model, random_inputs
 from onnxprune.latency import measure
-from onnxprune.pipeline import DEFAULT_METHOD
+from onnxprune.pipeline import DEFAULT_METHOD, analyse, choose_method
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -98,6 +98,7 @@ def run(entries_: list[dict], budgets: list, methods: list[str], console: Consol
         model = load_model(e["folder"] / e["file"])
         x, y = load_npz(e["folder"] / e["data"])
         base_acc, base_fgsm = _evaluate(model, x, y)
+        default, _ = choose_method(analyse(model))  # what the default (auto) runs on this model
         for budget, seed in ((b, s) for b in budgets for s in seeds):
             for method in methods:
                 t0 = time.perf_counter()
@@ -116,7 +117,8 @@ def run(entries_: list[dict], budgets: list, methods: list[str], console: Consol
                        "params_kept": report.after.params / report.before.params,
                        "latency_kept": _latency(model, pruned, report.input_shapes) if latency else None,
                        "accuracy": [base_acc, acc], f"fgsm_{EPSILON}": [base_fgsm, fgsm],
-                       "prune_seconds": seconds, "warnings": report.warnings}
+                       "prune_seconds": seconds, "warnings": report.warnings,
+                       "ran": report.method, "default": default}
                 rows.append(row)
                 console.print(f"{e['set']:10s} {e['name']:10s} {method:10s} {budget} seed {seed} macs {row['macs_kept']:.1%} "
                               f"acc {base_acc:.3f} -> {acc:.3f} fgsm {base_fgsm:.3f} -> {fgsm:.3f} {seconds:.1f}s")
@@ -160,8 +162,13 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _label(method: str) -> str:
-    return f"{method} (default)" if method == DEFAULT_METHOD else method
+def _label(row: dict, method: str | None = None) -> str:
+    """The method's name; "(default)" where it is what the default runs on this model (auto
+    picks per model: a row of auto itself names the method it ran)."""
+    method = method or row["method"]
+    if method == DEFAULT_METHOD:
+        return f"{method}: {row.get('ran', '?')} (default)"
+    return f"{method} (default)" if method == row.get("default") else method
 
 
 def table(rows: list[dict]) -> Table:
@@ -183,7 +190,7 @@ def table(rows: list[dict]) -> Table:
         lat = r["latency_kept"] or {"1": None, "all": None}
         fgsm = r[f"fgsm_{EPSILON}"]
         ratio = r["seconds_vs_magnitude"]
-        t.add_row(r["set"], r["model"], _label(r["method"]), str(r["budget"]), f"{r['macs_kept']:.1%}",
+        t.add_row(r["set"], r["model"], _label(r), str(r["budget"]), f"{r['macs_kept']:.1%}",
                   f"{r['params_kept']:.1%}", *("-" if lat[k] is None else f"{lat[k]:.1%}" for k in ("1", "all")),
                   acc, f"{fgsm[0]:.3f} → {fgsm[1]:.3f}", f"{r['prune_seconds']:.1f}",
                   "-" if ratio is None else f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x")
@@ -208,7 +215,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
             for method in dict.fromkeys(r["method"] for r in mine):
                 pts = sorted((r["macs_kept"], r[key][1]) for r in mine if r["method"] == method)
                 xs, ys = zip(*([(1.0, mine[0][key][0])] + pts[::-1]))
-                ax.plot(xs, ys, marker="o", label=_label(method))
+                ax.plot(xs, ys, marker="o", label=_label(next(r for r in mine if r["method"] == method), method))
             ax.set_xlabel("MACs kept")
             ax.set_ylabel(label)
             ax.set_ylim(0, 1.02)

@@ -9,7 +9,7 @@ from the kernel's accounting of the child). Start-up, loading, the check and wri
 it is the command as a user runs it. Writes bench/results/speed.json.
 
     python bench/speed.py [--sets models validation] [--models vgg resnet] \\
-        [--methods magnitude paoding] [--ratio 0.4] [--repeats 1] [--light resnet50]
+        [--methods magnitude auto] [--ratio 0.4] [--repeats 1] [--light resnet50]
 
 ``--light NAME ...`` adds light models of the onnx wheel (``tests/light_models.py``: real
 architectures, seeded random weights), written to a temporary file and pruned the same way,
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="*", choices=list(SETS), default=list(SETS),
                         help="digits sets (none: `--sets` alone, with --light or --thirdparty)")
     parser.add_argument("--models", nargs="*", default=[])
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "paoding"])
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "auto"])
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--repeats", type=int, default=1, help="runs per method and model (the fastest counts)")
     parser.add_argument("--light", nargs="*", default=[], metavar="NAME",

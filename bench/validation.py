@@ -10,7 +10,7 @@ the Spearman correlation of reported and real cosine across rows and the largest
 Writes bench/results/validation.json.
 
     python bench/validation.py [--sets models validation] [--models resnet vit] \\
-        [--ratios 0.2 0.4] [--methods paoding magnitude] [--fold-batchnorm]
+        [--ratios 0.2 0.4] [--methods auto magnitude] [--fold-batchnorm]
 
 ``--fold-batchnorm``: every net with its BatchNorms folded into the convolutions before it (as
 many exporters ship them: bench/folding.py); the same function with no running statistics to
@@ -115,7 +115,8 @@ def run(sets, names, budgets, methods, console: Console, calibrated: bool = Fals
                 pruned_logits = logits(pruned, x)
                 cos, top1 = real_fidelity(base_logits, pruned_logits)
                 fid = report.fidelity
-                row = {"set": e["set"], "model": e["name"], "method": method + ("+cal" if calibrated else ""),
+                ran = f"{method}:{report.method}" if method == "auto" else method  # auto: what it picked
+                row = {"set": e["set"], "model": e["name"], "method": ran + ("+cal" if calibrated else ""),
                        "ratio": report.ratio, "target": report.target,
                        "input_range": list(e["input_range"]),
                        "macs_kept": report.after.macs / report.before.macs,
@@ -215,7 +216,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="*", default=[], help="target shares, e.g. macs=0.5 macs=0.35")
     parser.add_argument("--calibration", action="store_true",
                         help="plan with the manifest's 64 unlabelled calibration samples (models that have them)")
-    parser.add_argument("--methods", nargs="+", default=["paoding", "magnitude"])
+    parser.add_argument("--methods", nargs="+", default=["auto", "magnitude"])
     parser.add_argument("--fold-batchnorm", action="store_true",
                         help="fold every BatchNorm into the layer before it first (no statistics left to invert)")
     parser.add_argument("--out", default=str(RESULTS / "validation.json"))

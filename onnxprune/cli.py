@@ -31,6 +31,8 @@ from onnxprune.writer import (
 #: --method's choices and what each does (tests/test_cli.py checks them against the registry,
 #: which is not imported here: ``--help`` and argument errors must not pay for the pipeline).
 METHODS = {
+    "auto": "the default: autodfp where grouped convolutions make a third of the prunable groups, "
+            "paoding elsewhere (the best measured at equal MACs; the report says which ran)",
     "magnitude": "L2 norm of each channel's weights across its group (baseline)",
     "random": "uniformly random channels, seeded (the floor)",
     "paoding": "PAODING: progressive pair merging decided by measured impact on the output layer",
@@ -95,9 +97,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: What ``onnxprune IN OUT`` runs (tests/test_cli.py checks it is onnxprune.pipeline.DEFAULT_METHOD).
-DEFAULT_METHOD = "paoding"
+DEFAULT_METHOD = "auto"
 #: The methods that allocate (match the uniform plan's MACs by default).
-ALLOCATING = ("paoding", "srdfp", "autodfp")
+ALLOCATING = ("auto", "paoding", "srdfp", "autodfp")
 
 
 def _target(args) -> str:
@@ -269,6 +271,9 @@ def _print_report(report, latency) -> None:
     from onnxprune.tables import blocked_table, out, summary_table
 
     out.print(summary_table(report, latency))
+    chosen = report.plan.details.get("chosen_by") if report.plan is not None else None
+    if chosen:
+        out.print(f"method {report.method}, chosen by {chosen}", style="dim")
     if report.fidelity and report.calibration:
         out.print(f"fidelity measured on {report.fidelity.probes} {report.fidelity.inputs} (unlabelled: "
                   "`onnxprune eval` measures accuracy)", style="dim")

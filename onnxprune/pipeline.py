@@ -92,9 +92,27 @@ class PruneReport:
 
 #: The ratio when neither a ratio nor a target share is given.
 DEFAULT_RATIO = 0.4
-#: The method ``onnxprune IN OUT`` and ``prune(model)`` run: the one that keeps the most at equal MACs in the
-#: benchmarks (bench/validation.py, bench/run.py).
-DEFAULT_METHOD = "paoding"
+#: The method ``onnxprune IN OUT`` and ``prune(model)`` run: ``auto`` picks, per model, the one that
+#: keeps the most at equal MACs in the benchmarks (bench/run.py; :func:`choose_method`).
+DEFAULT_METHOD = "auto"
+AUTO = "auto"
+#: ``auto`` runs autodfp where grouped convolutions (equal removals in every block) make at least
+#: this share of the prunable groups, paoding elsewhere. paoding gives such groups a uniform
+#: schedule (letting them compete in slices of one unit per block measured worse: `models/`
+#: ResNeXt at macs=0.5 0.979 -> 0.976, at 0.35 0.937 -> 0.911, three seeds); autodfp's search
+#: allocates them (0.988 and 0.944 there). docs/methods.md, "The default, per model".
+GROUPED_SHARE = 1 / 3
+
+
+def choose_method(analysis, exclude: list[str] | None = None) -> tuple[str, str]:
+    """What ``auto`` runs on the analysed model, and why (one clause for the report)."""
+    groups = analysis.dep.prunable_groups(exclude or [])
+    grouped = sum(g.balance is not None for g in groups)
+    if groups and grouped >= GROUPED_SHARE * len(groups):
+        return "autodfp", (f"{grouped} of {len(groups)} prunable groups are grouped convolutions, which "
+                           "autodfp allocates and paoding only schedules")
+    return "paoding", "keeps the most at equal MACs on both digits sets" + \
+        (f" ({grouped} of {len(groups)} groups grouped convolutions)" if grouped else "")
 
 
 @dataclass
@@ -144,8 +162,8 @@ class PruneSettings:
             self.ratio = DEFAULT_RATIO
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise UserError(f"ratio must be in (0, 1), got {self.ratio}")
-        if self.method not in METHODS:
-            raise UserError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.method not in METHODS and self.method != AUTO:
+            raise UserError(f"unknown method '{self.method}'; choose from {', '.join([AUTO, *METHODS])}")
         if self.round_to < 1:
             raise UserError(f"--round-to must be a positive integer, got {self.round_to}")
 
@@ -161,7 +179,7 @@ class PruneSettings:
 def default_target(method: str) -> str:
     """Methods that allocate (the progressive ones) match the uniform plan's MACs by default:
     spending a channel budget where it saves little compute is what a user did not ask for."""
-    return "macs" if getattr(METHODS.get(method), "allocates", False) else "channels"
+    return "macs" if method == AUTO or getattr(METHODS.get(method), "allocates", False) else "channels"
 TARGET_KINDS = ("channels", "macs", "params", "latency")
 
 
@@ -258,13 +276,20 @@ class PlanPass(_Timed):
 
     def run(self, job):
         s = job.settings
-        method = METHODS[s.method](**s.method_options)
+        name, why = choose_method(job.analysis, s.exclude) if s.method == AUTO else (s.method, "")
+        method = METHODS[name](**s.method_options)
         reason = method.cannot_plan(job.analysis)
+        if reason and s.method == AUTO and name != "paoding":  # auto's next choice
+            job.notes.append(f"{name} cannot plan this model ({reason}): it was planned with paoding instead")
+            name, why, method = "paoding", f"{name} could not plan it", METHODS["paoding"]()
+            reason = method.cannot_plan(job.analysis)
         if reason:  # the default method must not fail where a simpler one works
-            job.notes.append(f"{s.method} cannot plan this model ({reason}): it was planned with magnitude instead")
-            method = METHODS["magnitude"]()
+            job.notes.append(f"{name} cannot plan this model ({reason}): it was planned with magnitude instead")
+            why, method = (f"{name} could not plan it" if s.method == AUTO else ""), METHODS["magnitude"]()
         job.budget = s.budget()
         job.plan = method.plan(job.analysis, job.budget, s.progress)
+        if s.method == AUTO:
+            job.plan.details["chosen_by"] = f"auto: {why}"
         job.plan.recalibrate = s.recalibrate and s.compensate and job.plan.compensate and job.analysis.recalibrates(s.seed)
         job.plan.refit = job.plan.recalibrate
         cost = job.budget.cost

@@ -30,7 +30,8 @@ def test_prune_writes_a_smaller_model_and_prints_the_table(capsys, model_path, t
     code, stdout, stderr = run(capsys, model_path, out, "--ratio", "0.4", "--report", tmp_path / "r.json",
                                "--save-plan", tmp_path / "plan.json")
     assert code == 0, stderr
-    assert "paoding, ratio 0.4, budget macs" in stdout  # the default method, at the uniform plan's MACs
+    assert "paoding (auto), ratio 0.4, budget macs" in stdout  # the default method, at the uniform plan's MACs
+    assert "method paoding, chosen by auto: keeps the most at equal MACs" in stdout
     assert "parameters" in stdout and "groups pruned" in stdout and "fidelity" in stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["after"]["params"] < report["before"]["params"]
@@ -192,8 +193,8 @@ def test_the_cli_tables_agree_with_the_registry():
     from onnxprune import cli
     from onnxprune.pipeline import DEFAULT_METHOD
 
-    assert set(cli.METHODS) == set(METHODS) and cli.DEFAULT_METHOD == DEFAULT_METHOD
-    assert set(cli.ALLOCATING) == {name for name, m in METHODS.items() if m.allocates}
+    assert set(cli.METHODS) == {"auto", *METHODS} and cli.DEFAULT_METHOD == DEFAULT_METHOD == "auto"
+    assert set(cli.ALLOCATING) == {"auto"} | {name for name, m in METHODS.items() if m.allocates}
 
 
 def test_a_target_replaces_the_ratio_on_the_command_line(capsys, tmp_path):

@@ -169,3 +169,38 @@ def test_balanced_groups_lose_the_same_count_per_block_even_when_the_pool_runs_d
     assert len(set(per_block)) == 1 and per_block[0] == 1
     full = take_feasible(balance, pool + [Candidate(9.0, 13)], list(range(len(pool) + 1)), quota=8)
     assert sorted(c.unit for c in full) == [0, 1, 4, 5, 8, 9, 12, 13]
+
+
+def _grouped_net():
+    blocks = [nets.conv_bn("s", "x", 3, 16), nets.conv_bn("a", "s", 16, 32, k=1),
+              nets.conv_bn("g", "a", 32, 32, group=8), nets.conv_bn("b", "g", 32, 32, k=1),
+              nets.conv_bn("h", "b", 32, 32, group=8)]
+    tail = "  p = GlobalAveragePool(h)\n  f = Flatten(p)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n"
+    return nets.from_text(nets.graph("(float[1,3,8,8] x) => (float[1,10] y)", blocks, tail,
+                                     "float[10,32] fc_w, float[10] fc_b"))
+
+
+def test_auto_runs_autodfp_where_grouped_convolutions_make_a_third_of_the_groups():
+    """Grouped (not depthwise) convolutions send auto to autodfp: both ResNeXts, not the
+    depthwise MobileNet nor the plain ResNet."""
+    from onnxprune.analysis import analyse
+    from onnxprune.pipeline import choose_method
+
+    for name, expected in [("resnext.onnx", "autodfp"), ("validation/resnext.onnx", "autodfp"),
+                           ("mobilenet.onnx", "paoding"), ("resnet.onnx", "paoding")]:
+        chosen, why = choose_method(analyse(MODELS / name))
+        assert chosen == expected, (name, why)
+    assert "6 of 9 prunable groups are grouped convolutions" in choose_method(analyse(MODELS / "resnext.onnx"))[1]
+
+
+def test_auto_is_the_default_and_the_report_says_what_ran_and_why(tmp_path):
+    pruned, report = prune(_grouped_net(), target="macs=0.5", check=1)
+    assert report.method == "autodfp" and report.plan.details["chosen_by"].startswith("auto: ")
+    assert abs(report.after.macs / report.before.macs - 0.5) <= 0.02 * 0.5
+    # The plan names the method that ran: replayed, the same bytes.
+    again, _ = prune(_grouped_net(), plan=PruningPlan.from_json(report.plan.to_json()), check=0)
+    assert again.SerializeToString() == pruned.SerializeToString()
+    _, plain = prune(nets.resnet(), target="macs=0.5", check=0)
+    assert plain.method == "paoding" and "keeps the most" in plain.plan.details["chosen_by"]
+    _, named = prune(nets.resnet(), target="macs=0.5", check=0, method="paoding")
+    assert "chosen_by" not in named.plan.details
