@@ -258,10 +258,19 @@ def _shape_fed_net():
                                      "float[10,8] fc_w, float[10] fc_b"))
 
 
-@pytest.mark.parametrize("name", ["resnet", "concat", "mobile", "vgg_flatten", "shape_fed"])
-def test_rows_run_from_where_their_masks_enter_as_through_the_whole_model(name):
+@pytest.mark.parametrize("name,lean", [("resnet", False), ("concat", False), ("mobile", False),
+                                       ("vgg_flatten", False), ("shape_fed", False),
+                                       ("resnet", True), ("vgg_flatten", True), ("mobile", "in")])
+def test_rows_run_from_where_their_masks_enter_as_through_the_whole_model(name, lean, monkeypatch):
     """Rows of one group run a sub-model fed what the unablated run computed upstream; rows of
-    several groups, or none, run whole. Every row reads as the whole model reads it."""
+    several groups, or none, run whole. Every row reads as the whole model reads it. ``lean``:
+    as a large model's, the sub-models' large weights kept out of their protos and fed as
+    inputs (True), or put back where the sub-model's own are too few to be lean ("in")."""
+    from onnxprune.ir import runtime
+
+    if lean:
+        monkeypatch.setattr(runtime, "LEAN_TENSOR_BYTES", 64)
+        monkeypatch.setattr(runtime, "LEAN_SESSION_BYTES", 1 if lean is True else 1 << 30)
     model = _shape_fed_net() if name == "shape_fed" else nets.ALL[name]()
     shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
     analysis = analyse(model, {"x": shape}, input_range=(0.0, 1.0))

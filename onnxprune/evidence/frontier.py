@@ -154,7 +154,8 @@ class Frontier:
 
     def _run_cut(self, cut: Cut, masks: dict[str, np.ndarray], rows: int, probes: int, max_batch: int) -> np.ndarray:
         """``rows`` rows of ``masks`` through the cut's sub-model, the captures repeated."""
-        sess = session(self.slicer.sub_model(cut, self.output, self.captured))
+        model, weights = self.slicer.sub_model(cut, self.output, self.captured)
+        sess = session(model, outside=weights)
         defaults = {name: (self.sizes[gid], default) for gid, names in self.inputs.items()
                     for name, default in names.items()}
         per_chunk = max(1, max_batch // probes)

@@ -52,7 +52,8 @@ class _ProfiledSession(ort.InferenceSession):
             return super().run(output_names, input_feed, run_options)
 
 
-def session(model: onnx.ModelProto, threads: int = 0, once: bool = False) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int = 0, once: bool = False,
+            outside: list[onnx.TensorProto] | tuple = ()) -> ort.InferenceSession:
     """A CPU session over ``model``, quiet; ``threads`` intra-op threads (0: onnxruntime's choice).
 
     ``once``: the session runs once (a gradient taken once per step), so onnxruntime's graph
@@ -63,14 +64,21 @@ def session(model: onnx.ModelProto, threads: int = 0, once: bool = False) -> ort
     A model whose large initializers weigh more than ``LEAN_SESSION_BYTES`` gets a
     :class:`LeanSession` (a plain session would cost a serialised copy of the model while it
     is made, onnxruntime's own copy, and a third for prepacked weights). Smaller models, the
-    tests' and most users', take the plain path, so their numbers do not change."""
+    tests' and most users', take the plain path, so their numbers do not change.
+
+    ``outside``: large initializers of ``model`` the caller kept out of its proto (a sub-model
+    of a large model: :meth:`~onnxprune.ir.slicing.Slicer.sub_model`), so that they are not
+    copied into it only to be taken out again; the session treats them as if they were in."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if once:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    big = lean_weights(model)
+    if outside and sum(tensor_nbytes(t) for t in [*large_initializers(model), *outside]) < LEAN_SESSION_BYTES:
+        model.graph.initializer.extend(outside)  # not lean after all: the plain path, as if they had been in
+        outside = ()
+    big = [*large_initializers(model), *outside] if outside else lean_weights(model)
     with stage("session"):
         if not big:
             return _ProfiledSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -121,9 +129,13 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
 def large_initializers(model: onnx.ModelProto, least: int | None = None) -> list[onnx.TensorProto]:
     """The main graph's raw-data initializers of at least ``least`` (``LEAN_TENSOR_BYTES``)
     bytes, and its held ones (:mod:`onnxprune.ir.held`), whatever their size."""
+    return [t for t in model.graph.initializer if is_large(t, least)]
+
+
+def is_large(tensor: onnx.TensorProto, least: int | None = None) -> bool:
+    """Whether :func:`large_initializers` counts ``tensor``."""
     least = LEAN_TENSOR_BYTES if least is None else least
-    return [t for t in model.graph.initializer
-            if (t.HasField("raw_data") and tensor_nbytes(t) >= least) or is_held(t)]
+    return (tensor.HasField("raw_data") and tensor_nbytes(tensor) >= least) or is_held(tensor)
 
 
 def lean_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxprune.ir.runtime import is_large
 from onnxprune.ir.stats import node_macs
 
 #: Ops whose outputs describe a tensor's shape, not its samples: recomputed, never captured.
@@ -140,8 +141,12 @@ class Slicer:
             if name not in outputs:
                 self.model.graph.output.add().name = name
 
-    def sub_model(self, cut: Cut, output: str, captured: dict[str, np.ndarray]) -> onnx.ModelProto:
-        """The cut as a model: the captures as inputs (batch dynamic), ``output`` its only output."""
+    def sub_model(self, cut: Cut, output: str,
+                  captured: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+        """The cut as a model: the captures as inputs (batch dynamic), ``output`` its only output;
+        and its large initializers, left out of it (the model's own protos, not copied: pass
+        them to :func:`~onnxprune.ir.runtime.session` as ``outside``). Copying AlexNet's
+        classifier weights into every sub-model was a fifth of its paoding run."""
         graph = self.model.graph
         reads = {r for k in cut.nodes for r in self.reads[k]}
         inputs = [vi for vi in graph.input if vi.name in reads]  # real inputs, and IR 3's weights
@@ -150,8 +155,9 @@ class Slicer:
             inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
                                                         ["N", *array.shape[1:]]))
         outputs = [vi for vi in graph.output if vi.name == output]
+        weights = [t for t in graph.initializer if t.name in reads]
         sub = helper.make_graph([self.nodes[k] for k in cut.nodes], "onnxprune_rows", inputs, outputs,
-                                initializer=[t for t in graph.initializer if t.name in reads])
+                                initializer=[t for t in weights if not is_large(t)])
         model = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         model.functions.extend(self.model.functions)
-        return model
+        return model, [t for t in weights if is_large(t)]
