@@ -556,6 +556,10 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
           recalibrate: bool = True) -> tuple[Model, PruneReport]:
     """Prune ``model`` and return the pruned ModelProto and a report.
 
+    ``method``: a registered method, or "auto" (the default), which runs the one
+    :func:`choose_method` picks for the model (``report.method`` names it,
+    ``report.plan.details["chosen_by"]`` says why).
+
     Raises :class:`UserError` for bad input, :class:`FidelityError` when the mean output cosine
     on ``check`` probes falls below ``min_cosine`` (the pruned model rides on the exception as
     ``.model`` and ``.report``), :class:`InternalError` when the result fails validation.
@@ -574,8 +578,8 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
     much as the uniform ratio removes, allocated by the method), or "macs=S" / "params=S" /
     "latency=S": keep the share S of the model's MACs, parameters, or latency in onnxruntime
     on this machine at ``latency_threads`` intra-op threads (0: all); instead of a ratio: giving
-    both is a UserError. The default is "macs" for methods that allocate (paoding, srdfp),
-    "channels" for the others. A latency target plans with a cost model calibrated on this
+    both is a UserError. The default is "macs" for auto and the methods that allocate (paoding,
+    srdfp, autodfp), "channels" for the others. A latency target plans with a cost model calibrated on this
     machine and refitted on the model's own runs, keeps channel counts multiples of the
     runtime's channel block unless ``round_to`` is given, and reports the predicted and the
     measured share (``report.latency``); a share out of reach is a UserError.
