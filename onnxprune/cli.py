@@ -271,9 +271,8 @@ def _print_report(report, latency) -> None:
     from onnxprune.tables import blocked_table, out, summary_table
 
     out.print(summary_table(report, latency))
-    chosen = report.plan.details.get("chosen_by") if report.plan is not None else None
-    if chosen:
-        out.print(f"method {report.method}, chosen by {chosen}", style="dim")
+    if report.chosen_by:
+        out.print(f"method {report.method}, chosen by {report.chosen_by}", style="dim")
     if report.fidelity and report.calibration:
         out.print(f"fidelity measured on {report.fidelity.probes} {report.fidelity.inputs} (unlabelled: "
                   "`onnxprune eval` measures accuracy)", style="dim")

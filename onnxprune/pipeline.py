@@ -40,7 +40,7 @@ from onnxprune.passes.latency import REFIT_TOLERANCE
 from onnxprune.passes.lower import DedupeConstants
 from onnxprune.passes.methods import Budget, Progress
 from onnxprune.passes.reconstruct import Reconstructor
-from onnxprune.passes.registry import METHODS
+from onnxprune.passes.registry import AUTO, METHODS, choose_method
 from onnxprune.plan import PruningPlan
 from onnxprune.profiling import reporting, stage
 from onnxprune.rewrite import apply_plan, fork, removed_by_space
@@ -79,6 +79,11 @@ class PruneReport:
     #: A latency target: the predicted share and the shares measured (None for other targets).
     latency: LatencyCheck | None = None
 
+    @property
+    def chosen_by(self) -> str | None:
+        """Why the method ran, where ``auto`` chose it (None for a method asked for by name)."""
+        return self.plan.details.get("chosen_by") if self.plan is not None else None
+
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):
@@ -94,25 +99,7 @@ class PruneReport:
 DEFAULT_RATIO = 0.4
 #: The method ``onnxprune IN OUT`` and ``prune(model)`` run: ``auto`` picks, per model, the one that
 #: keeps the most at equal MACs in the benchmarks (bench/run.py; :func:`choose_method`).
-DEFAULT_METHOD = "auto"
-AUTO = "auto"
-#: ``auto`` runs autodfp where grouped convolutions (equal removals in every block) make at least
-#: this share of the prunable groups, paoding elsewhere. paoding gives such groups a uniform
-#: schedule (letting them compete in slices of one unit per block measured worse: `models/`
-#: ResNeXt at macs=0.5 0.979 -> 0.976, at 0.35 0.937 -> 0.911, three seeds); autodfp's search
-#: allocates them (0.988 and 0.944 there). docs/methods.md, "The default, per model".
-GROUPED_SHARE = 1 / 3
-
-
-def choose_method(analysis, exclude: list[str] | None = None) -> tuple[str, str]:
-    """What ``auto`` runs on the analysed model, and why (one clause for the report)."""
-    groups = analysis.dep.prunable_groups(exclude or [])
-    grouped = sum(g.balance is not None for g in groups)
-    if groups and grouped >= GROUPED_SHARE * len(groups):
-        return "autodfp", (f"{grouped} of {len(groups)} prunable groups are grouped convolutions, which "
-                           "autodfp allocates and paoding only schedules")
-    return "paoding", "keeps the most at equal MACs on both digits sets" + \
-        (f" ({grouped} of {len(groups)} groups grouped convolutions)" if grouped else "")
+DEFAULT_METHOD = AUTO
 
 
 @dataclass
@@ -278,14 +265,17 @@ class PlanPass(_Timed):
         s = job.settings
         name, why = choose_method(job.analysis, s.exclude) if s.method == AUTO else (s.method, "")
         method = METHODS[name](**s.method_options)
-        reason = method.cannot_plan(job.analysis)
-        if reason and s.method == AUTO and name != "paoding":  # auto's next choice
-            job.notes.append(f"{name} cannot plan this model ({reason}): it was planned with paoding instead")
-            name, why, method = "paoding", f"{name} could not plan it", METHODS["paoding"]()
+        # A method that cannot plan the model hands it on (auto's next choice is paoding), down
+        # to magnitude: the default method must not fail where a simpler one works.
+        for fallback in (["paoding"] if s.method == AUTO else []) + ["magnitude"]:
+            if name == fallback:
+                continue
             reason = method.cannot_plan(job.analysis)
-        if reason:  # the default method must not fail where a simpler one works
-            job.notes.append(f"{name} cannot plan this model ({reason}): it was planned with magnitude instead")
-            why, method = (f"{name} could not plan it" if s.method == AUTO else ""), METHODS["magnitude"]()
+            if not reason:
+                break
+            job.notes.append(f"{name} cannot plan this model ({reason}): it was planned with {fallback} instead")
+            why = f"{name} could not plan it" if s.method == AUTO else ""
+            name, method = fallback, METHODS[fallback]()
         job.budget = s.budget()
         job.plan = method.plan(job.analysis, job.budget, s.progress)
         if s.method == AUTO:

@@ -43,8 +43,7 @@ def summary_table(report: PruneReport, latency: tuple[float, float, float] | Non
     b, a = report.before, report.after
     aim = f"target {report.target}, ratio {report.ratio:.3g}" if "=" in report.target else \
         f"ratio {report.ratio:g}" + (f", budget {report.target}" if report.target != "channels" else "")
-    chosen = report.plan.details.get("chosen_by") if report.plan is not None else None
-    method = f"{report.method} (auto)" if chosen else report.method
+    method = f"{report.method} (auto)" if report.chosen_by else report.method
     table = Table(title=f"onnxprune: {method}, {aim}", title_justify="left")
     for col, just in (("", "left"), ("before", "right"), ("after", "right"), ("kept", "right")):
         table.add_column(col, justify=just)

@@ -105,6 +105,15 @@ def mobile_net() -> onnx.ModelProto:
     return from_text(graph("(float[1,3,8,8] x) => (float[1,10] y)", blocks, tail, extra))
 
 
+def resnext(opset: int = 17) -> onnx.ModelProto:
+    """Two 3x3 convolutions in 8 groups, each after a dense 1x1 (ResNeXt-style bottlenecks)."""
+    blocks = [conv_bn("s", "x", 3, 16), conv_bn("a", "s", 16, 32, k=1), conv_bn("g", "a", 32, 32, group=8),
+              conv_bn("b", "g", 32, 32, k=1), conv_bn("h", "b", 32, 32, group=8)]
+    tail = "  p = GlobalAveragePool(h)\n  f = Flatten(p)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n"
+    return from_text(graph("(float[1,3,8,8] x) => (float[1,10] y)", blocks, tail, "float[10,32] fc_w, float[10] fc_b"),
+                     opset=opset)
+
+
 def vgg_flatten() -> onnx.ModelProto:
     """Conv features flattened from a 4x4 map into a Gemm (a channel is a block of 16 features)."""
     blocks = [conv_bn("c1", "x", 3, 8), conv_bn("c2", "m", 8, 12)]

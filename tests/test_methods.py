@@ -171,15 +171,6 @@ def test_balanced_groups_lose_the_same_count_per_block_even_when_the_pool_runs_d
     assert sorted(c.unit for c in full) == [0, 1, 4, 5, 8, 9, 12, 13]
 
 
-def _grouped_net():
-    blocks = [nets.conv_bn("s", "x", 3, 16), nets.conv_bn("a", "s", 16, 32, k=1),
-              nets.conv_bn("g", "a", 32, 32, group=8), nets.conv_bn("b", "g", 32, 32, k=1),
-              nets.conv_bn("h", "b", 32, 32, group=8)]
-    tail = "  p = GlobalAveragePool(h)\n  f = Flatten(p)\n  y = Gemm<transB=1>(f, fc_w, fc_b)\n"
-    return nets.from_text(nets.graph("(float[1,3,8,8] x) => (float[1,10] y)", blocks, tail,
-                                     "float[10,32] fc_w, float[10] fc_b"))
-
-
 def test_auto_runs_autodfp_where_grouped_convolutions_make_a_third_of_the_groups():
     """Grouped (not depthwise) convolutions send auto to autodfp: both ResNeXts, not the
     depthwise MobileNet nor the plain ResNet."""
@@ -194,13 +185,21 @@ def test_auto_runs_autodfp_where_grouped_convolutions_make_a_third_of_the_groups
 
 
 def test_auto_is_the_default_and_the_report_says_what_ran_and_why(tmp_path):
-    pruned, report = prune(_grouped_net(), target="macs=0.5", check=1)
+    pruned, report = prune(nets.resnext(), target="macs=0.5", check=1)
     assert report.method == "autodfp" and report.plan.details["chosen_by"].startswith("auto: ")
     assert abs(report.after.macs / report.before.macs - 0.5) <= 0.02 * 0.5
     # The plan names the method that ran: replayed, the same bytes.
-    again, _ = prune(_grouped_net(), plan=PruningPlan.from_json(report.plan.to_json()), check=0)
+    again, _ = prune(nets.resnext(), plan=PruningPlan.from_json(report.plan.to_json()), check=0)
     assert again.SerializeToString() == pruned.SerializeToString()
     _, plain = prune(nets.resnet(), target="macs=0.5", check=0)
     assert plain.method == "paoding" and "keeps the most" in plain.plan.details["chosen_by"]
     _, named = prune(nets.resnet(), target="macs=0.5", check=0, method="paoding")
     assert "chosen_by" not in named.plan.details
+
+
+def test_auto_hands_a_model_autodfp_cannot_plan_to_paoding_and_says_so():
+    """autodfp's plan probes need opset 11: on an opset 9 grouped net auto runs paoding."""
+    _, report = prune(nets.resnext(opset=9), target="macs=0.5", check=0)
+    assert report.method == "paoding"
+    assert report.chosen_by == "auto: autodfp could not plan it"
+    assert any("autodfp cannot plan this model" in w and "planned with paoding instead" in w for w in report.warnings)

@@ -75,10 +75,9 @@ def session(model: onnx.ModelProto, threads: int = 0, once: bool = False,
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    if outside and sum(tensor_nbytes(t) for t in [*large_initializers(model), *outside]) < LEAN_SESSION_BYTES:
-        model.graph.initializer.extend(outside)  # not lean after all: the plain path, as if they had been in
-        outside = ()
-    big = [*large_initializers(model), *outside] if outside else lean_weights(model)
+    big = lean_weights(model, outside)
+    fed = {id(t) for t in big}
+    model.graph.initializer.extend(t for t in outside if id(t) not in fed)  # not lean after all: in, as if never out
     with stage("session"):
         if not big:
             return _ProfiledSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -138,12 +137,13 @@ def is_large(tensor: onnx.TensorProto, least: int | None = None) -> bool:
     return (tensor.HasField("raw_data") and tensor_nbytes(tensor) >= least) or is_held(tensor)
 
 
-def lean_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+def lean_weights(model: onnx.ModelProto, outside: list[onnx.TensorProto] | tuple = ()) -> list[onnx.TensorProto]:
     """The initializers a large model's sessions and checks take as typed inputs instead of
     data: those of ``LEAN_TENSOR_BYTES`` or more, when they add up to ``LEAN_SESSION_BYTES``
     (none for a smaller model, whose handling stays exactly as it was); held ones always (their
-    bytes are not in the protobuf)."""
-    big = large_initializers(model)
+    bytes are not in the protobuf). ``outside``: large initializers of the model kept out of
+    its protobuf (see :func:`session`), counted as if they were in."""
+    big = [*large_initializers(model), *outside]
     if sum(tensor_nbytes(t) for t in big) >= LEAN_SESSION_BYTES:
         return big
     return [t for t in big if is_held(t)]

@@ -155,9 +155,12 @@ class Slicer:
             inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
                                                         ["N", *array.shape[1:]]))
         outputs = [vi for vi in graph.output if vi.name == output]
-        weights = [t for t in graph.initializer if t.name in reads]
+        small, large = [], []
+        for t in graph.initializer:
+            if t.name in reads:
+                (large if is_large(t) else small).append(t)
         sub = helper.make_graph([self.nodes[k] for k in cut.nodes], "onnxprune_rows", inputs, outputs,
-                                initializer=[t for t in weights if not is_large(t)])
+                                initializer=small)
         model = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         model.functions.extend(self.model.functions)
-        return model, [t for t in weights if is_large(t)]
+        return model, large
