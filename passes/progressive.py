@@ -307,13 +307,19 @@ class Progressive(Method):
                     run.cost.remove(g, c.unit)
         competing = [g for g in active if g.id not in run.scheduled]
         if competing:
-            cost = run.cost
+            cost, wide = run.cost, None
             if step_goal is not None:
-                step_goal += self._owed(run, chosen)
+                owed = self._owed(run, chosen)
+                step_goal += owed
+                if run.budget.share is not None:
+                    # a unit larger than a step's share of the target plus the slack can never
+                    # land near a step's goal (a ViT's attention head, 3-7% of its MACs against
+                    # 2.4% a step)
+                    wide = ((cost.base - run.goal) / run.steps + LANDING_SLACK * step_goal, run.goal + owed)
             done = (cost.base - cost.total()) / max(cost.base - run.goal, 1e-9) if run.by_macs \
                 else run.removed / max(sum(run.targets.values()), 1)
             chosen.update(self._select_global(competing, pools, impact, step_goal, want, run.plans, run.caps,
-                                              run.rng, done, cost, exact=run.budget.share is not None))
+                                              run.rng, done, cost, exact=run.budget.share is not None, wide=wide))
         return chosen
 
     @staticmethod
@@ -348,10 +354,16 @@ class Progressive(Method):
         return nominated
 
     def _select_global(self, groups, pools, impact, goal, want, plans, caps, rng, progress, cost: MacModel,
-                       exact: bool = False):
+                       exact: bool = False, wide: tuple[float, float] | None = None):
         """Rank every measured candidate of every group together and take them until the step's
         budget is spent: ``want`` units, or (``goal`` given) down to ``goal`` MACs, ranking
-        by impact per MAC saved."""
+        by impact per MAC saved.
+
+        With ``exact`` (a target share), a unit may cross ``goal`` only if it lands within the
+        slack; ``wide`` = (size, final goal): a unit that saves more than ``size`` may cross
+        further when the smaller units left cannot reach the final goal without it (then the
+        budget needs some of the large ones, and the ranking says which, in the step where
+        they rank first), as long as it lands above the final goal less its slack."""
         keys = [(g.id, r) for g in groups for r in range(len(pools[g.id]))]
         saving = None if goal is None else \
             np.concatenate([cost.marginal(g)[[c.unit for c in pools[g.id]]] for g in groups]) / cost.base
@@ -371,6 +383,16 @@ class Progressive(Method):
             taken[gid].append(c)
             cost.remove(by_id[gid], c.unit)
 
+        def reach(size: float) -> float:
+            """What the units saving at most ``size`` can still remove, at most (each group's
+            largest such units, up to its cap)."""
+            total = 0.0
+            for g in groups:
+                left = caps[g.id] - len(plans[g.id].remove) - len(taken[g.id])
+                small = np.sort(cost.marginal(g)[cost.marginal(g) <= size])[::-1]
+                total += float(small[:max(left, 0)].sum())
+            return total
+
         slack = LANDING_SLACK * goal if goal is not None and exact else 0.0
         count = 0
         for k in self.order(merged, rng, progress, len(keys) if goal is not None else want, saving):
@@ -381,8 +403,12 @@ class Progressive(Method):
             if not free(gid, c):
                 continue
             # a target share: a unit that crosses the goal only if it lands within the slack
-            if goal is not None and exact and cost.marginal(by_id[gid])[c.unit] - (cost.total() - goal) > slack:
-                continue
+            if goal is not None and exact:
+                saves = cost.marginal(by_id[gid])[c.unit]
+                if saves - (cost.total() - goal) > slack and not (
+                        wide is not None and saves > wide[0] and cost.total() - saves >= wide[1] * (1 - LANDING_SLACK)
+                        and reach(wide[0]) < cost.total() - wide[1] * (1 + LANDING_SLACK)):
+                    continue
             take(gid, c)
             count += 1
         if goal is not None and exact and cost.total() - goal > slack:
