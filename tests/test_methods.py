@@ -171,17 +171,19 @@ def test_balanced_groups_lose_the_same_count_per_block_even_when_the_pool_runs_d
     assert sorted(c.unit for c in full) == [0, 1, 4, 5, 8, 9, 12, 13]
 
 
-def test_auto_runs_autodfp_where_grouped_convolutions_make_a_third_of_the_groups():
-    """Grouped (not depthwise) convolutions send auto to autodfp: both ResNeXts, not the
-    depthwise MobileNet nor the plain ResNet."""
+def test_auto_runs_autodfp_where_grouped_convolutions_or_attention_heads_make_a_third_of_the_groups():
+    """Grouped (not depthwise) convolutions and attention heads (a unit of several producer
+    channels) send auto to autodfp: both ResNeXts and the ViT, not the depthwise MobileNet, the
+    plain ResNet, nor the VGG whose flattened map reads a channel in several places."""
     from onnxprune.analysis import analyse
     from onnxprune.pipeline import choose_method
 
-    for name, expected in [("resnext.onnx", "autodfp"), ("validation/resnext.onnx", "autodfp"),
-                           ("mobilenet.onnx", "paoding"), ("resnet.onnx", "paoding")]:
+    for name, expected in [("resnext.onnx", "autodfp"), ("validation/resnext.onnx", "autodfp"), ("vit.onnx", "autodfp"),
+                           ("mobilenet.onnx", "paoding"), ("resnet.onnx", "paoding"), ("vgg.onnx", "paoding")]:
         chosen, why = choose_method(analyse(MODELS / name))
         assert chosen == expected, (name, why)
     assert "6 of 9 prunable groups are grouped convolutions" in choose_method(analyse(MODELS / "resnext.onnx"))[1]
+    assert "2 of 4 prunable groups are attention heads" in choose_method(analyse(MODELS / "vit.onnx"))[1]
 
 
 def test_auto_is_the_default_and_the_report_says_what_ran_and_why(tmp_path):
