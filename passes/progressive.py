@@ -389,7 +389,8 @@ class Progressive(Method):
             total = 0.0
             for g in groups:
                 left = caps[g.id] - len(plans[g.id].remove) - len(taken[g.id])
-                small = np.sort(cost.marginal(g)[cost.marginal(g) <= size])[::-1]
+                saved = cost.marginal(g)
+                small = np.sort(saved[saved <= size])[::-1]
                 total += float(small[:max(left, 0)].sum())
             return total
 
