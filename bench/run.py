@@ -18,7 +18,7 @@ bench/results/pareto_<set>_<model>.png.
 
     python bench/run.py [--quick] [--sets models validation] [--models vgg resnet] \\
         [--targets macs=0.7 macs=0.5 macs=0.35] [--ratios 0.4] [--methods paoding magnitude] [--round-to 16] \\
-        [--seeds 0 1 2] [--no-latency]
+        [--seeds 0 1 2] [--no-latency] [--prune-hidden]
 
 ``--seeds``: every row at each seed; the table and the plots give the mean accuracy and its
 range over them (one seed's plan can move a net's accuracy by several points: a digits
@@ -77,13 +77,13 @@ def _evaluate(model, x, y) -> tuple[float, float]:
     return report.accuracy, report.fgsm[EPSILON]
 
 
-def _prune(model, method: str, budget, input_range, round_to: int | None, seed: int = 0):
+def _prune(model, method: str, budget, input_range, round_to: int | None, seed: int = 0, options: dict | None = None):
     """One prune: ``budget`` a target ("macs=0.5") or a ratio; ``method`` NAME or NAME-variant."""
     name, _, variant = method.partition("-")
     ratio, target = (None, budget) if isinstance(budget, str) else (budget, "macs" if variant == "macs" else None)
     return prune(model, ratio, method=name, target=target, compensate=variant != "raw",
                  reconstruction={"ls": "least-squares", "pair": "pair"}.get(variant), input_range=input_range,
-                 check=1, round_to=round_to, seed=seed)
+                 check=1, round_to=round_to, seed=seed, options=options)
 
 
 def _latency(model, pruned, shapes) -> dict[str, float]:
@@ -92,7 +92,8 @@ def _latency(model, pruned, shapes) -> dict[str, float]:
 
 
 def run(entries_: list[dict], budgets: list, methods: list[str], console: Console,
-        round_to: int | None = None, seeds: tuple[int, ...] = (0,), latency: bool = True) -> tuple[list[dict], list[dict]]:
+        round_to: int | None = None, seeds: tuple[int, ...] = (0,), latency: bool = True,
+        options: dict | None = None) -> tuple[list[dict], list[dict]]:
     rows, failures = [], []
     for e in entries_:
         model = load_model(e["folder"] / e["file"])
@@ -103,7 +104,7 @@ def run(entries_: list[dict], budgets: list, methods: list[str], console: Consol
             for method in methods:
                 t0 = time.perf_counter()
                 try:
-                    pruned, report = _prune(model, method, budget, e["input_range"], round_to, seed)
+                    pruned, report = _prune(model, method, budget, e["input_range"], round_to, seed, options)
                 except Exception as exc:  # a row that fails says so; the bench goes on
                     console.print(f"[red]{e['set']}/{e['name']} {method} {budget}: {type(exc).__name__}: {exc}[/]")
                     failures.append({"set": e["set"], "model": e["name"], "method": method, "budget": budget,
@@ -244,6 +245,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0],
                         help="seeds per row (several: accuracy as the mean and range over them)")
     parser.add_argument("--no-latency", action="store_true", help="skip timing the pruned models")
+    parser.add_argument("--prune-hidden", action="store_true",
+                        help="transformers: prune the hidden width (residual stream) too, as the CLI's --prune-hidden")
     parser.add_argument("--out", default=str(RESULTS / "bench.json"))
     args = parser.parse_args()
     preset = QUICK if args.quick else {"sets": list(SETS), "models": [], "methods": list(METHODS), "targets": TARGETS}
@@ -253,7 +256,8 @@ def main() -> None:
     console = Console(width=170, stderr=True)
     started = time.perf_counter()
     rows, failures = run(entries(args.sets, args.models, args.exporter), [*args.targets, *args.ratios], args.methods,
-                         console, args.round_to, tuple(args.seeds), not args.no_latency)
+                         console, args.round_to, tuple(args.seeds), not args.no_latency,
+                         {"prune_hidden": True} if args.prune_hidden else None)
     summary = aggregate(rows)
     Console(width=170).print(table(summary))
     for f in failures:
@@ -267,7 +271,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     out.write_text(json.dumps({"rows": rows, "failures": failures, "seconds": seconds, "round_to": args.round_to,
                                "methods": args.methods, "budgets": [*args.targets, *args.ratios],
-                               "seeds": args.seeds, "summary": summary}, indent=1))
+                               "seeds": args.seeds, "prune_hidden": args.prune_hidden, "summary": summary}, indent=1))
     plots = plot(summary, out.parent)
     console.print(f"wrote {out}" + (f" and {len(plots)} Pareto plots ({plots[0].parent}/pareto_*.png)" if plots else
                                     " (no plots: pip install matplotlib, or make bench)"))
