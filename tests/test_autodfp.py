@@ -205,6 +205,33 @@ def test_autodfp_beats_random_at_equal_macs_on_the_synthetic_evidence():
 
 def test_the_agent_finds_better_plans_than_its_warm_up():
     _, _, env = _mlp_environment("pair")
-    best, trace = AutoDfp(**FEW)._search(env, 0, None)
+    best, trace, top = AutoDfp(**FEW)._search(env, 0, None)
     assert best.distance <= min(trace[:FEW["warmup"]])
     assert isinstance(best, Episode) and best.distance == min(trace)
+    # the best distinct plans, best first, for scoring again on other inputs
+    assert top[0] is best and [e.distance for e in top] == sorted(e.distance for e in top) and len(top) > 1
+    again = env.rescore(top)
+    assert again is not None and len(again) == len(top) and np.all(again >= 0)
+    # the same plan scored on the same inputs reads the same distance: the second set is other inputs
+    assert not np.allclose(again, [e.distance for e in top])
+
+
+def test_the_answer_is_the_best_plan_on_both_sets_of_probes(monkeypatch):
+    """The best of hundreds of plans on one set of probes is partly the best at fitting them:
+    the search's best few are scored again on the pool's next inputs, and the best on both wins."""
+    from onnxprune.passes import autodfp
+
+    chosen = {}
+
+    def rescore(self, episodes):
+        chosen["top"] = list(episodes)
+        out = np.full(len(episodes), 1.0)
+        out[2] = 0.0  # the third-best on the probes is the best on the other inputs
+        return out
+
+    monkeypatch.setattr(autodfp.Environment, "rescore", rescore)
+    _, report = prune(MODELS / "mlp.onnx", method="autodfp", method_options=FEW, target="macs=0.5",
+                      input_range=(0.0, 1.0), check=0)
+    third = chosen["top"][2]
+    assert report.plan.details["rescored"] == len(chosen["top"]) == autodfp.RESCORED
+    assert report.plan.details["best_cosine_distance"] == third.distance > chosen["top"][0].distance
