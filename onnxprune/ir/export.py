@@ -18,6 +18,7 @@ from onnxprune.ir.held import HOLDABLE, header, held_array, held_tensors, is_hel
 from onnxprune.ir.held import hold as hold_array
 from onnxprune.ir.runtime import lean_weights, weights_as_inputs
 from onnxprune.ir.shapes import graph_inputs
+from onnxprune.ir.validate import subgraphs
 
 _MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
 
@@ -68,18 +69,13 @@ def _held_constants(graph: gs.Graph, hold: bool) -> Iterator[None]:
             tensor._values = values
 
 
-def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    return [sub for node in graph.node for attr in node.attribute
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
-
-
 def _hoist_shared_initializers(graph: onnx.GraphProto) -> dict[str, list[onnx.GraphProto]]:
     """graphsurgeon exports a constant that subgraphs read from an enclosing graph as each
     reader's own initializer (a copy per branch and per nesting level). Keep one copy, in the
     innermost graph enclosing every reader. Returns, per name, the subgraphs below ``graph``
     still holding it."""
     below: dict[str, list[onnx.GraphProto]] = {}
-    children = [_hoist_shared_initializers(sub) | {t.name: [sub] for t in sub.initializer} for sub in _subgraphs(graph)]
+    children = [_hoist_shared_initializers(sub) | {t.name: [sub] for t in sub.initializer} for sub in subgraphs(graph.node)]
     owners: dict[str, int] = {}
     for found in children:
         for name, graphs in found.items():

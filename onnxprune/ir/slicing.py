@@ -18,6 +18,7 @@ from onnx import helper
 
 from onnxprune.ir.runtime import is_large
 from onnxprune.ir.stats import node_macs
+from onnxprune.ir.validate import subgraphs
 
 #: Ops whose outputs describe a tensor's shape, not its samples: recomputed, never captured.
 _META = frozenset({"Shape", "Size"})
@@ -49,11 +50,8 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
 def _reads(node: onnx.NodeProto) -> list[str]:
     """Every tensor a node reads: its inputs and what its subgraphs read from outside."""
     names = [n for n in node.input if n]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
-            list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
-        for g in graphs:
-            names.extend(sorted(_subgraph_reads(g)))
+    for g in subgraphs([node]):
+        names.extend(sorted(_subgraph_reads(g)))
     return names
 
 

@@ -45,14 +45,15 @@ def all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
     """The main graph and every subgraph (If, Loop, Scan), also those inside functions."""
     pending = [model.graph]
     for function in model.functions:
-        pending += _subgraphs(function.node)
+        pending += subgraphs(function.node)
     while pending:
         graph = pending.pop()
         yield graph
-        pending += _subgraphs(graph.node)
+        pending += subgraphs(graph.node)
 
 
-def _subgraphs(nodes) -> list[onnx.GraphProto]:
+def subgraphs(nodes) -> list[onnx.GraphProto]:
+    """The graphs ``nodes`` hold as attributes (If branches, Loop and Scan bodies), one level."""
     found = []
     for node in nodes:
         for attr in node.attribute:
@@ -182,7 +183,7 @@ def _unique_node_names(graph: onnx.GraphProto) -> None:
 def _outer_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read (outer-scope values count as the node's inputs)."""
     reads = set()
-    for graph in _subgraphs([node]):
+    for graph in subgraphs([node]):
         for inner in graph.node:
             reads.update(inner.input)
             reads.update(_outer_reads(inner))
@@ -241,7 +242,7 @@ def _check_reads(graph: onnx.GraphProto, outer: set[str]) -> None:
         for name in node.input:
             if name not in known:
                 raise UserError(f"node '{node.name or node.op_type}' reads '{name}', which nothing produces")
-        for sub in _subgraphs([node]):
+        for sub in subgraphs([node]):
             _check_reads(sub, known)
         known.update(node.output)
     for out in graph.output:
