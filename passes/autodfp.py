@@ -190,9 +190,13 @@ class Environment:
             e.distance = float(d)
 
     def rescore(self, episodes: list[Episode]) -> np.ndarray | None:
-        """Every episode's cosine distance on the pool's next inputs, as many as the probes
-        (None where the pool holds fewer)."""
+        """Every episode's cosine distance on the synthetic pool's next inputs, as many as the
+        probes. None where the pool the statistics were measured on holds fewer (large models:
+        more would mean inverting again) or the inputs are a calibration set (its subsets for
+        two counts overlap)."""
         count = self.probe.probes
+        if self.analysis.calibration is not None or self.analysis.statistics_count < 2 * count:
+            return None
         pool = self.analysis.probe_inputs(2 * count, self.budget.seed)
         axes = self.analysis.sample_axes
         stacked = {k: axes.get(k, 0) for k in pool if axes.get(k, 0) is not None}

@@ -216,6 +216,16 @@ def test_the_agent_finds_better_plans_than_its_warm_up():
     assert not np.allclose(again, [e.distance for e in top])
 
 
+def test_rescoring_never_inverts_again(monkeypatch):
+    """Where the statistics' pool holds fewer than twice the probes (a model of several GMACs
+    measures statistics on 16 inputs), more would mean a new inversion: no second set."""
+    analysis, _, env = _mlp_environment("pair")
+    _, _, top = AutoDfp(**FEW)._search(env, 0, None)
+    monkeypatch.setattr(type(analysis), "statistics_count", property(lambda self: 2 * env.probe.probes - 1))
+    monkeypatch.setattr(type(analysis), "_pool", lambda *a, **k: pytest.fail("inverted again"))
+    assert env.rescore(top) is None
+
+
 def test_the_answer_is_the_best_plan_on_both_sets_of_probes(monkeypatch):
     """The best of hundreds of plans on one set of probes is partly the best at fitting them:
     the search's best few are scored again on the pool's next inputs, and the best on both wins."""
