@@ -373,11 +373,12 @@ class AutoDfp(Method):
     def _search(self, env: Environment, seed: int, progress: Progress | None) -> tuple[Episode, list[float], list[Episode]]:
         """Warm-up episodes with random actions, then the agent's; every batch scored in one
         probe run, the agent trained on it. Returns the best episode, every distance, and the
-        RESCORED best episodes of distinct plans."""
+        RESCORED best episodes of distinct plans, best first (an equal distance keeps the
+        earlier plan)."""
         rng = np.random.default_rng(seed)
         total = self._episodes(env)
         agent = SoftActorCritic(STATE_DIM, env.action_dim, np.random.default_rng([seed, 1]))
-        best, trace, scale, top = None, [], None, []
+        trace, scale, top = [], None, []
         while len(trace) < total:
             size = min(self.batch, total - len(trace))
             if len(trace) < self.warmup:
@@ -390,8 +391,6 @@ class AutoDfp(Method):
                 scale = (float(rewards.mean()), max(float(rewards.std()), 0.1))
             for e, r in zip(episodes, (rewards - scale[0]) / scale[1]):
                 self._remember(agent, e, float(r))
-                if best is None or e.distance < best.distance:
-                    best = e
                 if not any(np.array_equal(e.counts, o.counts) and np.array_equal(e.coefficients, o.coefficients)
                            for o in top):
                     top = sorted([*top, e], key=lambda o: o.distance)[:RESCORED]
@@ -401,8 +400,8 @@ class AutoDfp(Method):
                     agent.update()
             if progress:
                 progress("autodfp episodes", len(trace), total)
-        logger.info("autodfp: best cosine distance %.5f of %d episodes", best.distance, len(trace))
-        return best, trace, top
+        logger.info("autodfp: best cosine distance %.5f of %d episodes", top[0].distance, len(trace))
+        return top[0], trace, top
 
     def _episodes(self, env: Environment) -> int:
         """The episode count: ``episodes``, fewer where their probe runs would pass SEARCH_MACS."""

@@ -372,10 +372,14 @@ class Progressive(Method):
         by_id = {g.id: g for g in groups}
         taken = {g.id: [] for g in groups}
 
+        def room(gid) -> int:
+            """Units the group may still lose under its cap."""
+            return caps[gid] - len(plans[gid].remove) - len(taken[gid])
+
         def free(gid, c) -> bool:
             """Within the group's cap; a unit another candidate merges into stays, and a merge
             needs its target kept."""
-            return caps[gid] - len(plans[gid].remove) - len(taken[gid]) > 0 \
+            return room(gid) > 0 \
                 and not any(c.unit == t.into for t in taken[gid]) \
                 and not (c.into >= 0 and any(c.into == t.unit for t in taken[gid]))
 
@@ -388,10 +392,9 @@ class Progressive(Method):
             largest such units, up to its cap)."""
             total = 0.0
             for g in groups:
-                left = caps[g.id] - len(plans[g.id].remove) - len(taken[g.id])
                 saved = cost.marginal(g)
                 small = np.sort(saved[saved <= size])[::-1]
-                total += float(small[:max(left, 0)].sum())
+                total += float(small[:max(room(g.id), 0)].sum())
             return total
 
         slack = LANDING_SLACK * goal if goal is not None and exact else 0.0
