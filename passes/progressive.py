@@ -47,7 +47,7 @@ from onnxprune.depgraph import ChannelGroup
 from onnxprune.evidence.frontier import Throughput
 from onnxprune.evidence.probes import Impact, ProbeModel, mergeable, probeable, stacks_samples
 from onnxprune.intervals import DeviationIntervals, Unsupported, width_and_entropy
-from onnxprune.ir import release_memory
+from onnxprune.ir import holding, release_memory
 from onnxprune.plan import GroupPlan, PruningPlan
 from onnxprune.profiling import stage
 from onnxprune.rewrite import corrected
@@ -261,23 +261,28 @@ class Progressive(Method):
             gone = removed_atoms(analysis.dep, run.plan, t - 1)
             with stage("fits"):
                 estimates, residual = least_squares_estimates(active, run.plans, stats, gone)
-        corrections = run.reconstructor.corrections
-        with stage("probe model"):
-            probe = ProbeModel(corrected(analysis.graph, corrections), analysis.model, active, analysis.moments,
-                               analysis.prior, analysis.input_shapes, inputs=run.probe_inputs, estimates=estimates,
-                               max_batch=run.run_batch, throughput=run.throughput)
-        # Cheap stage: closed-form saliency times the first-order estimate (one backward run).
-        taylor = {}
-        if run.first_order:
-            with stage("first order"):
-                taylor = probe.first_order()
-            run.first_order = taylor is not None
-            taylor = taylor or {}
-        pools = {g.id: self._pool(g, run.plans[g.id], quota[g.id], run.norms[g.id] * taylor.get(g.id, 1.0),
-                                  analysis, corrections, residual.get(g.id))
-                 for g in active}
-        with stage("measure"):
-            impact = self.refine(analysis, active, pools, measure(probe, active, pools, run.row_limit), probe)
+        # A large probe model holds its weights once for the step (its dense, gradient and
+        # sub-models and their sessions share the arrays); the block frees them with it.
+        with holding():
+            corrections = run.reconstructor.corrections
+            with stage("probe model"):
+                probe = ProbeModel(corrected(analysis.graph, corrections), analysis.model, active, analysis.moments,
+                                   analysis.prior, analysis.input_shapes, inputs=run.probe_inputs, estimates=estimates,
+                                   max_batch=run.run_batch, throughput=run.throughput)
+            # Cheap stage: closed-form saliency times the first-order estimate (one backward run).
+            taylor = {}
+            if run.first_order:
+                with stage("first order"):
+                    taylor = probe.first_order()
+                run.first_order = taylor is not None
+                taylor = taylor or {}
+            pools = {g.id: self._pool(g, run.plans[g.id], quota[g.id], run.norms[g.id] * taylor.get(g.id, 1.0),
+                                      analysis, corrections, residual.get(g.id))
+                     for g in active}
+            with stage("measure"):
+                impact = self.refine(analysis, active, pools, measure(probe, active, pools, run.row_limit), probe)
+            run.rows_measured += probe.runs
+            del probe  # its sessions and corrected weights: freed with the block's arrays
         chosen = self._choose(run, active, pools, impact, quota, want, step_goal)
         for g in active:
             gp = run.plans[g.id]
@@ -288,10 +293,8 @@ class Progressive(Method):
                 gp.merge_corr.append(c.corr)
                 gp.steps.append(t)
                 run.removed += 1
-        run.rows_measured += probe.runs
         with stage("commit"):
             run.reconstructor.apply(run.plan, steps={t}, zero_removed=True)
-        del probe  # its sessions and corrected weights: freed before the heap is handed back
         release_memory()
 
     def _choose(self, run: _Run, active, pools, impact, quota, want, step_goal) -> dict[int, list[Candidate]]:

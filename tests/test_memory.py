@@ -11,7 +11,16 @@ import pytest
 
 from onnxprune.cli import main
 from onnxprune.errors import InternalError
-from onnxprune.ir import held, holding, import_graph, load_model_info, random_inputs, runtime, save_model, session
+from onnxprune.ir import (
+    held,
+    holding,
+    import_graph,
+    load_model_info,
+    random_inputs,
+    runtime,
+    save_model,
+    session,
+)
 from onnxprune.plan import Corrections
 
 
@@ -89,6 +98,32 @@ def test_a_held_run_keeps_the_bad_input_promise(tmp_path, held_sizes, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "truncated" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "in.onnx.data"]
+
+
+@pytest.mark.parametrize("method", ["paoding", "srdfp"])
+def test_a_large_models_probe_steps_hold_its_weights_once_and_change_no_byte(tmp_path, monkeypatch, held_sizes, capsys,
+                                                                          method):
+    """Weights in the protobuf (no external data): each probe step holds the probe models'
+    weights and estimates, and its gradient graph's flipped kernels, for the step alone; the
+    pruned model is the same bytes as without holding."""
+    src = tmp_path / "in.onnx"
+    onnx.save(nets.resnet(), str(src))
+    holds = []
+    real = held.hold
+    monkeypatch.setattr(held, "hold", lambda tensor, array: (holds.append(tensor.name), real(tensor, array))[1])
+    outs = []
+    for mode in ("held", "plain"):
+        if mode == "plain":
+            monkeypatch.setattr(held, "active", lambda: False)
+        outs.append(tmp_path / f"{mode}.onnx")
+        code = main([str(src), str(outs[-1]), "--target", "macs=0.6", "--method", method, "--check", "2"])
+        assert code == 0, capsys.readouterr().err
+        if mode == "held":
+            count = len(holds)
+            assert any(name.startswith("grad/") for name in holds), "the flipped kernels are held"
+            assert any(name.startswith("onnxprune_probe") for name in holds), "the estimates are held"
+    assert count and len(holds) == count, "nothing is held outside a holding block"
+    assert _digest(outs[0]) == _digest(outs[1])
 
 
 class _Const:

@@ -24,7 +24,17 @@ from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
 from onnxprune.evidence.frontier import Frontier, Throughput
 from onnxprune.evidence.priors import InputPrior, MomentPropagation
-from onnxprune.ir import Model, ModelEditor, NodeEmitter, copy_model, input_dtypes, make_batch_dynamic, session
+from onnxprune.ir import (
+    Model,
+    ModelEditor,
+    NodeEmitter,
+    copy_model,
+    hold_lean,
+    holds_large,
+    input_dtypes,
+    make_batch_dynamic,
+    session,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +142,7 @@ class ProbeModel:
         self.groups = [g for g in groups if probeable(g, moments.shapes, batch)]
         self.graph = graph  # the graph probed, weights as corrected so far
         self._source = (graph, template, moments, estimates or {})
+        self._hold = holds_large(graph, [a for estimate in (estimates or {}).values() for a in estimate])
         self.model = self._masked(sparse=True)
         self._dense, self._dense_session = None, None  # built when needed
         if inputs is None:
@@ -160,7 +171,8 @@ class ProbeModel:
 
     def _masked(self, sparse: bool) -> Model:
         graph, template, moments, estimates = self._source
-        edit = ModelEditor.from_graph(graph.copy(), template)
+        # A large model's weights and estimates held once for the step's models and sessions.
+        edit = ModelEditor.from_graph(graph.copy(), template, hold_large=self._hold)
         self.output = probe_output(edit)
         spaces = self._add_masks(edit, moments, estimates, sparse)
         if sparse:
@@ -169,6 +181,7 @@ class ProbeModel:
             edit.add_output(self.output)
         model = edit.finish(toposort=True)  # the masks' nodes feed the model's own
         make_batch_dynamic(model)
+        hold_lean(model)  # what is left: a large model exported in another form
         return model
 
     @staticmethod
@@ -214,6 +227,7 @@ class ProbeModel:
                 per_space.setdefault(space, []).append((group, index, _single(group, space)))
                 consumers.setdefault(space, set()).update(names)
         b = edit.emitter(_PROBE_NAMES)
+        b.hold_large = self._hold
         sparse_spaces = []
         for space, entries in per_space.items():
             tensor, axis = space

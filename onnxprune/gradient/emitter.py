@@ -15,7 +15,8 @@ from onnx import numpy_helper
 
 from onnxprune.gradient.errors import GradientUnsupported
 from onnxprune.gradient.static import StaticInfo
-from onnxprune.ir import PARAMS_AS_INPUTS_SINCE, NodeEmitter
+from onnxprune.ir import PARAMS_AS_INPUTS_SINCE, NodeEmitter, runtime
+from onnxprune.ir.held import held_tensors
 
 #: "To the end" as a Slice bound.
 INT_MAX = 2**63 - 1
@@ -36,6 +37,7 @@ class Emitter(NodeEmitter):
         self.static = static
         self.needed = set(needed)
         self._const_cache: dict = {}
+        self.hold_large = bool(held_tensors(static.model))  # flipped kernels as large as the weights
         #: Gradients broadcast from a reduction: expanded name -> (unexpanded, forward tensor
         #: whose shape it was expanded to). See :meth:`expand_like` and :meth:`compact`.
         self.broadcasts: dict[str, tuple[str, str]] = {}
@@ -50,6 +52,8 @@ class Emitter(NodeEmitter):
 
     def const(self, value: ArrayLike, hint: str = "const") -> str:
         arr = np.asarray(value)
+        if arr.nbytes >= runtime.LEAN_TENSOR_BYTES:  # a kernel, asked for once: no key of its bytes
+            return super().const(arr, hint)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._const_cache:
             self._const_cache[key] = super().const(arr, hint)

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.gradient.errors import GradientUnsupported
 from onnxprune.gradient.protos import attrs, constant_value
 from onnxprune.ir import Opset
+from onnxprune.ir.held import held_array, is_held
 from onnxprune.ir.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ class StaticInfo:
         self._values[name] = None
         value = None
         if name in self.init:
-            value = numpy_helper.to_array(self.init[name])
+            tensor = self.init[name]
+            value = held_array(tensor) if is_held(tensor) else numpy_helper.to_array(tensor)
         elif (node := self.producer.get(name)) is not None and name != self.x:
             if node.op_type == "Constant":
                 value = constant_value(node)

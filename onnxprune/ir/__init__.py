@@ -13,6 +13,7 @@ from onnxprune.ir.export import (
     check_model,
     copy_model,
     fix_input_dims,
+    holds_large,
     import_graph,
     make_batch_dynamic,
     signature,
@@ -24,7 +25,7 @@ from onnxprune.ir.inputs import sample_axes, stack_samples
 from onnxprune.ir.io import keep_ir_version, load_model, load_model_info, save_model
 from onnxprune.ir.opsets import AVAILABLE_SINCE, PARAMS_AS_INPUTS_SINCE, Opset
 from onnxprune.ir.reference import evaluate_node, np_dtype, template_for
-from onnxprune.ir.runtime import SHRINK_ARENA, Session, release_memory, session
+from onnxprune.ir.runtime import SHRINK_ARENA, Session, hold_lean, release_memory, session
 from onnxprune.ir.shapes import (
     InputSpec,
     Shape,
@@ -52,7 +53,8 @@ __all__ = [
     "NodeEmitter",
     "NodeView", "OpChain", "Opset", "Session", "Shape", "Slicer", "check_model", "check_runs", "check_structure",
     "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "fix_input_dims", "graph_inputs",
-    "holding", "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model",
+    "hold_lean", "holding", "holds_large",
+    "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model",
     "load_model_info",
     "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
     "random_inputs", "release_memory", "resolve_shapes", "sample_axes", "save_model", "session", "signature", "skeleton",

@@ -8,6 +8,7 @@ a model (inputs, outputs, rewired node inputs) and takes in what an emitter wrot
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import onnx_graphsurgeon as gs
 from numpy.typing import ArrayLike, DTypeLike
 from onnx import helper, numpy_helper
 
+from onnxprune.ir import held, runtime
 from onnxprune.ir.export import copy_model, to_model, toposort_nodes
 from onnxprune.ir.opsets import Opset
 from onnxprune.ir.shapes import graph_inputs
@@ -40,6 +42,9 @@ class NodeEmitter:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._counter = 0
+        #: Whether :meth:`const` holds large arrays (an emitter extending a model that holds its
+        #: weights: a gradient graph's flipped convolution kernels are as large as the weights).
+        self.hold_large = False
 
     # ----------------------------------------------------------------- naming / emission
     def fresh(self, hint: str = "") -> str:
@@ -64,9 +69,18 @@ class NodeEmitter:
         self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=outputs[0] + "/node", **attrs))
 
     def const(self, value: ArrayLike, hint: str = "const") -> str:
-        """An initializer holding ``value`` (its numpy dtype and shape)."""
+        """An initializer holding ``value`` (its numpy dtype and shape); with :attr:`hold_large`,
+        inside a holding block, a large one held (:mod:`onnxprune.ir.held`), not copied in."""
         name = self.fresh(hint)
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        arr = np.asarray(value)
+        data_type = helper.np_dtype_to_tensor_dtype(arr.dtype) if arr.dtype != object else None
+        if self.hold_large and held.active() and arr.nbytes >= runtime.LEAN_TENSOR_BYTES and data_type in held.HOLDABLE \
+                and sys.byteorder == "little":
+            tensor = onnx.TensorProto(name=name, data_type=data_type, dims=arr.shape)
+            held.hold(tensor, np.ascontiguousarray(arr))
+            self.inits.append(tensor)
+            return name
+        self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
     def i64(self, values: Ints) -> str:
@@ -128,9 +142,10 @@ class ModelEditor:
         self._by_name: dict[str, onnx.NodeProto] | None = None
 
     @classmethod
-    def from_graph(cls, graph: gs.Graph, template: onnx.ModelProto) -> ModelEditor:
-        """An editor over ``graph`` exported with the template's opsets and metadata."""
-        return cls(to_model(graph, template), copy=False)
+    def from_graph(cls, graph: gs.Graph, template: onnx.ModelProto, hold_large: bool = False) -> ModelEditor:
+        """An editor over ``graph`` exported with the template's opsets and metadata (its big
+        constants held, with ``hold_large``: see :func:`~onnxprune.ir.export.to_model`)."""
+        return cls(to_model(graph, template, hold_large=hold_large), copy=False)
 
     # ----------------------------------------------------------------- reading
     @property
@@ -154,7 +169,9 @@ class ModelEditor:
     def constant(self, name: str) -> np.ndarray | None:
         """The initializer ``name`` as an array, None if there is none."""
         tensor = next((t for t in self.model.graph.initializer if t.name == name), None)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        if tensor is None:
+            return None
+        return held.held_array(tensor) if held.is_held(tensor) else numpy_helper.to_array(tensor)
 
     def emitter(self, scheme: str) -> NodeEmitter:
         """A :class:`NodeEmitter` in this model's opset whose names clash with none of its own."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxprune.errors import InternalError, UserError
 from onnxprune.ir import runtime
 from onnxprune.ir.held import HOLDABLE, header, held_array, held_tensors, is_held
+from onnxprune.ir.held import active as held_active
 from onnxprune.ir.held import hold as hold_array
 from onnxprune.ir.runtime import lean_weights, weights_as_inputs
 from onnxprune.ir.shapes import graph_inputs
@@ -23,13 +25,15 @@ from onnxprune.ir.validate import subgraphs
 _MODEL_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
 
 
-def to_model(graph: gs.Graph, template: onnx.ModelProto, hold: bool = False) -> onnx.ModelProto:
+def to_model(graph: gs.Graph, template: onnx.ModelProto, hold: bool = False,
+             hold_large: bool = False) -> onnx.ModelProto:
     """Export ``graph`` with the template's opsets, functions and metadata (not its weights).
     With ``hold``, where the template holds weights (:mod:`onnxprune.ir.held`), the graph's big
     constants are held too, not copied into the protobuf: the model the rewrite exports is
-    written out from the graph's own arrays."""
+    written out from the graph's own arrays. ``hold_large``: held inside any holding block,
+    whatever the template (a caller that knows the model it makes is large)."""
     model = onnx.ModelProto()
-    with _held_constants(graph, hold and bool(held_tensors(template))):
+    with _held_constants(graph, (hold and bool(held_tensors(template))) or (hold_large and held_active())):
         model.graph.CopyFrom(OnnxExporter.export_graph(graph, do_type_check=False))
     _hoist_shared_initializers(model.graph)
     for name in _MODEL_FIELDS:
@@ -39,6 +43,18 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto, hold: bool = False) -> 
     model.functions.extend(template.functions)
     model.ir_version = max(template.ir_version, 4)  # initializers no longer listed as inputs
     return model
+
+
+def holds_large(graph: gs.Graph, arrays: list[np.ndarray] = ()) -> bool:
+    """Whether a model exported from ``graph`` with ``arrays`` as more constants is large
+    enough for lean sessions (:func:`~onnxprune.ir.runtime.lean_weights`: its constants of
+    ``LEAN_TENSOR_BYTES`` or more add up to ``LEAN_SESSION_BYTES``), inside an open holding
+    block: where exporting it with ``hold_large`` shares its weights instead of copying them."""
+    if not held_active():
+        return False
+    sizes = [math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in graph.tensors().values()
+             if isinstance(t, gs.Constant)] + [np.asarray(a).nbytes for a in arrays]
+    return sum(n for n in sizes if n >= runtime.LEAN_TENSOR_BYTES) >= runtime.LEAN_SESSION_BYTES
 
 
 @contextmanager
