@@ -7,11 +7,13 @@ import hashlib
 import nets
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from onnxprune.cli import main
 from onnxprune.errors import InternalError
 from onnxprune.ir import (
+    SHRINK_ARENA,
     held,
     holding,
     import_graph,
@@ -124,6 +126,16 @@ def test_a_large_models_probe_steps_hold_its_weights_once_and_change_no_byte(tmp
             assert any(name.startswith("onnxprune_probe") for name in holds), "the estimates are held"
     assert count and len(holds) == count, "nothing is held outside a holding block"
     assert _digest(outs[0]) == _digest(outs[1])
+
+
+def test_a_lean_session_runs_without_an_arena_and_takes_the_shrink_option(held_sizes):
+    model = nets.mlp()
+    feeds = random_inputs(model, {"x": (4, 64)}, np.random.default_rng(0))
+    lean = session(model)
+    assert isinstance(lean, runtime.LeanSession)
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for a, b in zip(lean.run(None, feeds, SHRINK_ARENA), plain.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
 
 
 class _Const:
