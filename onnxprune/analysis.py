@@ -28,6 +28,7 @@ from onnxprune.ir import (
     concrete_input_shapes,
     control_values,
     count_macs,
+    holds_large,
     import_graph,
     input_dtypes,
     input_specs,
@@ -217,7 +218,10 @@ class Analysis:
         output = self.shapes.get(self.graph.outputs[0].name) if self.graph.outputs else None
         classes = output[1] if output is not None and len(output) == 2 and output[1] > 1 else 0
         with stage("distill"):
-            return Distiller(to_model(self.graph.copy(), self.model), self.shapes, classes)
+            # Inside a holding block (the CLI's), a large model's inversion shares the graph's
+            # weights instead of copying them into its gradient model and session.
+            model = to_model(self.graph.copy(), self.model, hold_large=holds_large(self.graph))
+            return Distiller(model, self.shapes, classes)
 
     @property
     def statistics_count(self) -> int:
