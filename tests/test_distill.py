@@ -130,3 +130,39 @@ def test_an_annealed_step_matches_batchnorm_statistics_closer_than_a_constant_on
         return float(np.log(np.expm1(np.mean(loss))))  # the loss is log(1 + e^s): s back
 
     assert mismatch(anneal=True) < mismatch(anneal=False)
+
+
+def _gradients_whole_and_in_parts(d, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from onnxprune.gradient import INPUT_GRAD, LABELS
+
+    feeds = {LABELS: np.zeros(len(x), np.int64)}
+    (whole,) = d.session.run([INPUT_GRAD], {d.name: x, **feeds})
+    d.whole, d.part = 1, 3  # as if one reverse pass held only 3 inputs: parts of 3, 3 and 2
+    return whole, d._gradient(x, feeds, last=False)
+
+
+def test_a_batch_too_large_for_one_reverse_pass_is_inverted_in_parts_with_the_whole_batchs_gradient():
+    """BatchNorm statistics couple the samples: each part still gets exactly its share of the
+    whole batch's gradient (its statistics measured over all parts first)."""
+    from onnxprune.pipeline import analyse
+
+    analysis = analyse(nets.resnet())
+    d = analysis.distiller
+    assert d.objective.batchnorm
+    x = analysis.prior.sample((8, *analysis.input_shapes[d.name][1:]), np.random.default_rng(0)).astype(np.float32)
+    whole, parts = _gradients_whole_and_in_parts(d, x)
+    assert np.abs(whole).max() > 0
+    np.testing.assert_allclose(parts, whole, rtol=1e-3, atol=1e-4 * np.abs(whole).max())
+    # each part alone, as its own batch, is a different objective: what the parts avoid
+    alone = d.session.run(["input_grad"], {d.name: x[:3], "labels": np.zeros(3, np.int64)})[0]
+    assert not np.allclose(alone, whole[:3], rtol=1e-2, atol=1e-2 * np.abs(whole).max())
+
+
+def test_a_folded_net_is_inverted_in_parts_with_the_whole_batchs_gradient():
+    model = _folded_net()
+    shapes = {"x": (16, 1, 12, 12), "c1": (16, 8, 12, 12), "c2": (16, 8, 12, 12), "y": (16, 10)}
+    d = Distiller(model, shapes, classes=10)
+    assert d.objective.balance
+    x = InputPrior.uniform(0.0, 1.0).sample((8, 1, 12, 12), np.random.default_rng(0)).astype(np.float32)
+    whole, parts = _gradients_whole_and_in_parts(d, x)
+    np.testing.assert_allclose(parts, whole, rtol=1e-3, atol=1e-4 * np.abs(whole).max())

@@ -63,6 +63,14 @@ TV_WEIGHT = 0.1
 L2_WEIGHT = 0.01
 #: Largest random shift (pixels) of the jitter.
 JITTER = 2
+#: A batch whose reverse pass would hold more activations than SPLIT_BYTES (3 x 4 bytes an
+#: element a sample) is inverted in parts of at most PART_BYTES (see :class:`_Parts`). No
+#: digits net comes near the split (the largest, the zoo ViT at 128 inputs, 0.8 GB); at
+#: 224x224 resnet50 runs 1 input a part, the page classifier 2.
+SPLIT_BYTES = 2**30
+PART_BYTES = 2**28
+#: The surrogate's inputs (see :class:`_Parts`): per term ``a`` and ``b``, and the offset.
+ALPHA, BETA, OFFSET = "onnxprune_parts_a", "onnxprune_parts_b", "onnxprune_parts_offset"
 #: Adam's step on the input, in prior deviations. Constant, it suits class targets, whose
 #: cross-entropy falls within tens of steps (a larger step there makes over-confident exemplars:
 #: `models/` MLP and ViT at ratio 0.4, three seeds, 0.973 and 0.839 planned on inputs made at
@@ -101,6 +109,12 @@ class Distiller:
         make_batch_dynamic(batched)
         self._aux, self.objective = _inversion_model(batched, shapes, classes)
         self._session = None
+        self._batched, self._shapes = batched, shapes
+        self._parts: _Parts | None = None
+        per_sample = 3 * 4 * _activations_per_sample(batched, shapes)
+        #: Samples a reverse pass takes at once (all of them, up to SPLIT_BYTES).
+        self.whole = max(1, int(SPLIT_BYTES // per_sample))
+        self.part = max(1, int(PART_BYTES // per_sample))
 
     @property
     def session(self):
@@ -134,8 +148,7 @@ class Distiller:
         for t in range(1, steps + 1):  # Adam on the input
             shift = tuple(int(s) for s in rng.integers(-JITTER, JITTER + 1, 2)) if image else (0, 0)
             try:
-                (grad,) = self.session.run([INPUT_GRAD], {self.name: _roll(x, shift), **feeds},
-                                           SHRINK_ARENA if t == steps else None)
+                grad = self._gradient(_roll(x, shift), feeds, t == steps)
             except Exception as exc:  # a model that does not batch: fall back to noise
                 logger.info("distillation stopped: %s", str(exc).splitlines()[0])
                 return None
@@ -152,6 +165,122 @@ class Distiller:
             advance(label, t, steps)
         release_memory()  # the arena the last run shrank, and the steps' arrays
         return x.astype(np.float32)
+
+
+    def _gradient(self, x: np.ndarray, feeds: dict[str, np.ndarray], last: bool) -> np.ndarray:
+        """d (summed per-sample loss) / d x over the whole batch: in one reverse pass, or where
+        the batch's activations pass PART_BYTES, in parts (:class:`_Parts`): exact for the
+        batch statistics, which couple the samples, and trivially for per-sample class targets."""
+        if len(x) <= self.whole:
+            return self.session.run([INPUT_GRAD], {self.name: x, **feeds}, SHRINK_ARENA if last else None)[0]
+        if self.objective.batchnorm or self.objective.balance:
+            if self._parts is None:
+                self._parts = _Parts(self._batched, self._shapes, self.name)
+            if not self._parts.terms or any(t.positions is None for t in self._parts.terms):
+                return self.session.run([INPUT_GRAD], {self.name: x, **feeds}, SHRINK_ARENA if last else None)[0]
+            return self._parts.gradient(x, self.part, last)
+        return np.concatenate([self.session.run([INPUT_GRAD], {self.name: x[lo:lo + self.part],
+                                                               **{k: v[lo:lo + self.part] for k, v in feeds.items()}},
+                                                SHRINK_ARENA if last else None)[0]
+                               for lo in range(0, len(x), self.part)])
+
+
+def _activations_per_sample(model: Model, shapes: dict[str, tuple]) -> int:
+    """Elements every node's outputs hold for one sample, at the analysis shapes (those known)."""
+    total = 0
+    for node in model.graph.node:
+        for t in node.output:
+            shape = shapes.get(t)
+            if shape and all(isinstance(d, int) and d > 0 for d in shape):
+                total += math.prod(shape[1:])
+    return max(total, 1)
+
+
+class _Parts:
+    """The batch-statistics inversion of a batch too large for one reverse pass, in parts, with
+    the whole batch's gradient.
+
+    The objective ``T`` reads the batch only through each term's channel means ``m`` and mean
+    squares ``q`` over samples and positions. A forward pass over the parts measures them
+    (``stats``); ``T`` and its derivatives in ``m`` and ``q`` follow in numpy, and then each
+    part's reverse pass runs a surrogate whose gradient is the whole batch's on that part:
+    per term, ``sum(a x + b x^2)`` with ``a = dT/dm / (n P)``, ``b = dT/dq / (n P)`` (``n`` the
+    part's samples, ``P`` positions a sample), offset so that its value is ``T``. The loss of
+    each sample, ``log(1 + e^s)``, then weighs every part as it weighs the whole batch."""
+
+    def __init__(self, model: Model, shapes: dict[str, tuple], name: str):
+        self.name = name
+        edit = ModelEditor(model)
+        self.terms = _batch_terms(edit, shapes)
+        b = edit.emitter("onnxprune_parts_{n}")
+        outputs = []
+        for term in self.terms:
+            axes = [0, *range(2, term.rank)]
+            outputs += [b.reduce_sum(term.tensor, axes, keepdims=0),
+                        b.reduce_sum(b.add("Mul", [term.tensor, term.tensor]), axes, keepdims=0)]
+        edit.extend(b)
+        edit.set_outputs(outputs, np.float32)
+        self._stats = session(edit.finish())
+        surrogate = ModelEditor(model)
+        b = surrogate.emitter("onnxprune_parts_{n}")
+        x = surrogate.inputs[0]
+        zero = b.add("Mul", [b.add("Flatten", [b.reduce_mean(x, list(range(1, max(len(shapes.get(x) or ()), 2))))],
+                                   axis=1), _f32(b, 0.0)])  # [N, 1] zeros
+        column = b.add("Add", [zero, OFFSET])
+        for k, term in enumerate(self.terms):
+            dims = [1, None] + [1] * (term.rank - 2)
+            surrogate.add_input(f"{ALPHA}{k}", np.float32, dims)
+            surrogate.add_input(f"{BETA}{k}", np.float32, dims)
+            part = b.add("Add", [b.add("Mul", [term.tensor, f"{ALPHA}{k}"]),
+                                 b.add("Mul", [b.add("Mul", [term.tensor, term.tensor]), f"{BETA}{k}"])])
+            column = b.add("Add", [column, b.reduce_sum(part, list(range(term.rank)), keepdims=0)])
+        logits = b.add("Concat", [zero, column], axis=1)
+        surrogate.add_input(OFFSET, np.float32, [1])
+        surrogate.extend(b)
+        surrogate.set_outputs([logits], np.float32)
+        self._gradient = session(input_gradient_model(surrogate.finish()))
+
+    def gradient(self, x: np.ndarray, part: int, last: bool) -> np.ndarray:
+        parts = [slice(lo, lo + part) for lo in range(0, len(x), part)]
+        sums = [[np.asarray(v, np.float64) for v in self._stats.run(None, {self.name: x[p]})] for p in parts]
+        total, grads = len(x), []
+        value, dm, dq = self._objective([sum(s[i] for s in sums) for i in range(len(sums[0]))], total)
+        for p, own in zip(parts, sums):
+            n = p.stop - p.start if p.stop <= total else total - p.start
+            feeds = {self.name: x[p], LABELS: np.zeros(n, np.int64)}
+            here = 0.0
+            for k, term in enumerate(self.terms):
+                shape = (1, -1) + (1,) * (term.rank - 2)
+                a, b = dm[k] / (n * term.positions), dq[k] / (n * term.positions)
+                feeds[f"{ALPHA}{k}"] = a.reshape(shape).astype(np.float32)
+                feeds[f"{BETA}{k}"] = b.reshape(shape).astype(np.float32)
+                here += float(a @ own[2 * k] + b @ own[2 * k + 1])
+            feeds[OFFSET] = np.array([value - here], np.float32)
+            grads.append(self._gradient.run([INPUT_GRAD], feeds, SHRINK_ARENA if last else None)[0])
+        return np.concatenate(grads)
+
+    def _objective(self, sums: list[np.ndarray], total: int) -> tuple[float, list, list]:
+        """``T`` and, per term, ``dT/dm`` and ``dT/dq`` from the channel sums of the batch."""
+        values, dm, dq = [], [], []
+        for k, term in enumerate(self.terms):
+            count = total * term.positions
+            m, q = sums[2 * k] / count, sums[2 * k + 1] / count
+            v = np.maximum(q - m * m, 0.0)
+            c = len(m)
+            if term.running is not None:
+                rm, rv = term.running
+                inv = 1.0 / np.maximum(rv, 1e-6)
+                s = np.sqrt(v + 1e-6)
+                values.append(float(np.mean(((m - rm) ** 2 + (s - np.sqrt(rv)) ** 2) * inv)))
+                dm.append((2 * (m - rm) - 2 * m * (s - np.sqrt(rv)) / s) * inv / c)
+                dq.append((s - np.sqrt(rv)) / s * inv / c)
+            else:
+                e = v + 1e-6
+                values.append(float(np.mean(m * m / e)))
+                dm.append((2 * m / e + 2 * m ** 3 / e ** 2) / c)
+                dq.append(-(m * m) / e ** 2 / c)
+        scale = 1.0 / len(self.terms)  # the terms' mean
+        return float(np.sum(values)) * scale, [d * scale for d in dm], [d * scale for d in dq]
 
 
 def _roll(x: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
@@ -184,20 +313,13 @@ def _inversion_model(model: Model, shapes: dict[str, tuple], classes: int) -> tu
     maps, not a classifier)."""
     edit = ModelEditor(model)
     b = edit.emitter("onnxprune_inv_{n}")
-    terms = []
-    for node in edit.nodes():
-        if node.op_type != "BatchNormalization" or len(node.inputs) < 5:
-            continue
-        rm, rv = (edit.constant(name) for name in node.inputs[3:5])
-        rank = len(shapes.get(node.inputs[0]) or ())
-        if rm is None or rv is None or rm.ndim != 1 or rank < 2:
-            continue
-        terms.append(_mismatch(b, node.inputs[0], rank, rm.astype(np.float32), rv.astype(np.float32)))
+    found = _batch_terms(edit, shapes)
+    terms = [_mismatch(b, t.tensor, t.rank, *t.running) for t in found if t.running is not None]
     x = edit.inputs[0]
     axes = list(range(1, max(len(shapes.get(x) or ()), 2)))
     zero = b.add("Mul", [b.add("Flatten", [b.reduce_mean(x, axes)], axis=1), _f32(b, 0.0)])  # [N, 1] zeros
     column = zero
-    balance = [] if terms else [_imbalance(b, t) for t in _pre_activations(edit, shapes)]
+    balance = [_imbalance(b, t.tensor) for t in found if t.running is None]
     for part in (terms, balance):
         if part:
             total = part[0]
@@ -222,6 +344,41 @@ def _inversion_model(model: Model, shapes: dict[str, tuple], classes: int) -> tu
     edit.extend(b)
     edit.set_outputs([logits], np.float32)
     return edit.finish(), objective
+
+
+@dataclass(frozen=True)
+class _Term:
+    """A batch-statistics term of the objective: the channel statistics of ``tensor`` (channels
+    on axis 1, ``positions`` elements a channel a sample) against a BatchNorm's ``running``
+    mean and variance, or (None) centred, as a folded BatchNorm's pre-activation was."""
+
+    tensor: str
+    rank: int
+    positions: int | None
+    running: tuple[np.ndarray, np.ndarray] | None
+
+
+def _batch_terms(edit: ModelEditor, shapes: dict[str, tuple]) -> list[_Term]:
+    """The objective's batch-statistics terms: every BatchNorm's input against its running
+    statistics, or where there is none, the pre-activations of the conv net it was folded into."""
+    terms = []
+    for node in edit.nodes():
+        if node.op_type != "BatchNormalization" or len(node.inputs) < 5:
+            continue
+        rm, rv = (edit.constant(name) for name in node.inputs[3:5])
+        shape = shapes.get(node.inputs[0]) or ()
+        if rm is None or rv is None or rm.ndim != 1 or len(shape) < 2:
+            continue
+        terms.append(_Term(node.inputs[0], len(shape), _positions(shape),
+                           (rm.astype(np.float32), rv.astype(np.float32))))
+    if not terms:
+        terms = [_Term(t, 4, _positions(shapes[t]), None) for t in _pre_activations(edit, shapes)]
+    return terms
+
+
+def _positions(shape: tuple) -> int | None:
+    rest = shape[2:]
+    return math.prod(rest) if all(isinstance(d, int) and d > 0 for d in rest) else None
 
 
 def _logits(edit: ModelEditor) -> str | None:
