@@ -151,6 +151,7 @@ class Distiller:
                 grad = self._gradient(_roll(x, shift), feeds, t == steps)
             except Exception as exc:  # a model that does not batch: fall back to noise
                 logger.info("distillation stopped: %s", str(exc).splitlines()[0])
+                self._parts = None
                 return None
             if not np.all(np.isfinite(grad)):  # statistics overflowed: keep the last finite inputs
                 logger.info("distillation stopped at step %d: the gradient is not finite", t)
@@ -163,6 +164,7 @@ class Distiller:
             if prior.low is not None:
                 x = np.clip(x, prior.low, prior.high)
             advance(label, t, steps)
+        self._parts = None  # its two sessions are made again for the next batch that needs them
         release_memory()  # the arena the last run shrank, and the steps' arrays
         return x.astype(np.float32)
 
