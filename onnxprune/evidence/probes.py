@@ -385,7 +385,7 @@ def _dense_fill(b: NodeEmitter, tensor: str, axis: int, rank: int, entries, mean
     expressed where units are single channels; elsewhere (a flattened block) a row
     measures compensated removal alone.
 
-    ``value`` is the channel mean, or with a least-squares estimate ``(B, mu)`` for the
+    ``value`` is the channel mean, or with a least-squares estimate ``(B, mu - B mu)`` for the
     space, ``mu + B (x - mu)``: what the consumers see once the removal is reconstructed from
     every kept channel (B's row for a unit leaves that unit out), given only where
     :func:`_estimable`. Rows may remove any number of units; the estimate costs a CxC product
@@ -444,9 +444,8 @@ def _sparse_fill(b: NodeEmitter, tensor: str, axis: int, rank: int, entries, mea
     sel_t = b.add("Transpose", [sel], perm=[0, 2, 1])  # [N, C, K]
     x3 = b.add("Reshape", [tensor, b.const(np.array([0, size, -1] if first else [0, -1, size], np.int64))])
     if estimate is not None:
-        matrix, mu = estimate
-        bias = (mu - matrix @ mu).astype(np.float32)
-        rows = b.add("MatMul", [sel, b.const(matrix.astype(np.float32))])  # [N, K, C]: the estimate's rows
+        matrix, bias = estimate
+        rows = b.add("MatMul", [sel, b.const(matrix)])  # [N, K, C]: the estimate's rows
     else:
         bias, rows = mean, None
     if first:  # [N, C, S]
@@ -495,11 +494,10 @@ def _estimate(b: NodeEmitter, tensor: str, axis: int, rank: int, estimate) -> st
     channels-last, a 1x1 convolution for channels-first feature maps; None without one."""
     if estimate is None:
         return None
-    matrix, mu = estimate
-    bias = (mu - matrix @ mu).astype(np.float32)
+    matrix, bias = estimate
     if axis == rank - 1:
-        return b.add("Add", [b.add("MatMul", [tensor, b.const(matrix.T.astype(np.float32))]), b.const(bias)])
-    kernel = matrix.astype(np.float32).reshape(*matrix.shape, *([1] * (rank - 2)))
+        return b.add("Add", [b.add("MatMul", [tensor, b.const(matrix.T)]), b.const(bias)])
+    kernel = matrix.reshape(*matrix.shape, *([1] * (rank - 2)))
     return b.add("Conv", [tensor, b.const(kernel), b.const(bias)])
 
 
