@@ -45,24 +45,31 @@ def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes() + (data.read_bytes() if data.exists() else b"")).hexdigest()
 
 
-@pytest.mark.parametrize("method", ["magnitude", "paoding"])
-def test_a_held_run_writes_the_bytes_an_unheld_one_writes(tmp_path, monkeypatch, held_sizes, capsys, method):
-    src = _with_external_data(tmp_path, nets.resnet())
+def _held_then_plain(tmp_path, monkeypatch, capsys, src, args: list[str]):
+    """The CLI on ``src``, holding, then with holding off: the two outputs, and the names held
+    (all in the first run: the second holds nothing)."""
     holds = []
     real = held.hold
     monkeypatch.setattr(held, "hold", lambda tensor, array: (holds.append(tensor.name), real(tensor, array))[1])
     outs = []
     for mode in ("held", "plain"):
         if mode == "plain":
+            count = len(holds)
             monkeypatch.setattr(held, "active", lambda: False)
         (tmp_path / mode).mkdir()
         outs.append(tmp_path / mode / "out.onnx")
-        code = main([str(src), str(outs[-1]), "--ratio", "0.4", "--method", method, "--check", "2"])
+        code = main([str(src), str(outs[-1]), *args])
         assert code == 0, capsys.readouterr().err
-        if mode == "held":
-            assert holds, "the weights were read into held arrays"
-            count = len(holds)
     assert len(holds) == count, "nothing is held outside a holding block"
+    return outs, holds
+
+
+@pytest.mark.parametrize("method", ["magnitude", "paoding"])
+def test_a_held_run_writes_the_bytes_an_unheld_one_writes(tmp_path, monkeypatch, held_sizes, capsys, method):
+    src = _with_external_data(tmp_path, nets.resnet())
+    outs, holds = _held_then_plain(tmp_path, monkeypatch, capsys, src, ["--ratio", "0.4", "--method", method,
+                                                                        "--check", "2"])
+    assert holds, "the weights were read into held arrays"
     assert outs[0].with_name("out.onnx.data").exists()
     assert _digest(outs[0]) == _digest(outs[1])
 
@@ -110,21 +117,10 @@ def test_a_large_models_probe_steps_hold_its_weights_once_and_change_no_byte(tmp
     pruned model is the same bytes as without holding."""
     src = tmp_path / "in.onnx"
     onnx.save(nets.resnet(), str(src))
-    holds = []
-    real = held.hold
-    monkeypatch.setattr(held, "hold", lambda tensor, array: (holds.append(tensor.name), real(tensor, array))[1])
-    outs = []
-    for mode in ("held", "plain"):
-        if mode == "plain":
-            monkeypatch.setattr(held, "active", lambda: False)
-        outs.append(tmp_path / f"{mode}.onnx")
-        code = main([str(src), str(outs[-1]), "--target", "macs=0.6", "--method", method, "--check", "2"])
-        assert code == 0, capsys.readouterr().err
-        if mode == "held":
-            count = len(holds)
-            assert any(name.startswith("grad/") for name in holds), "the flipped kernels are held"
-            assert any(name.startswith("onnxprune_probe") for name in holds), "the estimates are held"
-    assert count and len(holds) == count, "nothing is held outside a holding block"
+    outs, holds = _held_then_plain(tmp_path, monkeypatch, capsys, src, ["--target", "macs=0.6", "--method", method,
+                                                                        "--check", "2"])
+    assert any(name.startswith("grad/") for name in holds), "the flipped kernels are held"
+    assert any(name.startswith("onnxprune_probe") for name in holds), "the estimates are held"
     assert _digest(outs[0]) == _digest(outs[1])
 
 
