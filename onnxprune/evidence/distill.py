@@ -168,11 +168,11 @@ class Distiller:
         release_memory()  # the arena the last run shrank, and the steps' arrays
         return x.astype(np.float32)
 
-
     def _gradient(self, x: np.ndarray, feeds: dict[str, np.ndarray], last: bool) -> np.ndarray:
         """d (summed per-sample loss) / d x over the whole batch: in one reverse pass, or where
-        the batch's activations pass PART_BYTES, in parts (:class:`_Parts`): exact for the
-        batch statistics, which couple the samples, and trivially for per-sample class targets."""
+        the batch's activations pass SPLIT_BYTES, in parts (:class:`_Parts`): exact for the
+        batch statistics, which couple the samples, and trivially for per-sample class targets
+        (a model whose statistics' positions are unknown runs whole)."""
         if len(x) <= self.whole:
             return self.session.run([INPUT_GRAD], {self.name: x, **feeds}, SHRINK_ARENA if last else None)[0]
         if self.objective.batchnorm or self.objective.balance:
