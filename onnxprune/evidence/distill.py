@@ -158,7 +158,8 @@ class Distiller:
                 break
             grad = _roll(grad, (-shift[0], -shift[1])) + _prior_gradient(x, prior, image)
             m = 0.9 * m + 0.1 * grad
-            v = 0.999 * v + 0.001 * grad**2
+            with np.errstate(over="ignore"):  # a finite gradient past 1e19 squares to inf: a zero step there
+                v = 0.999 * v + 0.001 * grad**2
             decay = 0.5 * (1 + math.cos(math.pi * (t - 1) / steps)) if anneal else 1.0
             x = x - (scale * decay) * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
             if prior.low is not None:
