@@ -9,12 +9,12 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnxprune.gradient.errors import GradientUnsupported
 from onnxprune.gradient.protos import attrs, constant_value
 from onnxprune.ir import Opset
-from onnxprune.ir.held import held_array, is_held
+from onnxprune.ir.held import array_of
 from onnxprune.ir.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ class StaticInfo:
         self._values[name] = None
         value = None
         if name in self.init:
-            tensor = self.init[name]
-            value = held_array(tensor) if is_held(tensor) else numpy_helper.to_array(tensor)
+            value = array_of(self.init[name])
         elif (node := self.producer.get(name)) is not None and name != self.x:
             if node.op_type == "Constant":
                 value = constant_value(node)

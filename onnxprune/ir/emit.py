@@ -8,7 +8,6 @@ a model (inputs, outputs, rewired node inputs) and takes in what an emitter wrot
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -74,8 +73,7 @@ class NodeEmitter:
         name = self.fresh(hint)
         arr = np.asarray(value)
         data_type = helper.np_dtype_to_tensor_dtype(arr.dtype) if arr.dtype != object else None
-        if self.hold_large and held.active() and arr.nbytes >= runtime.LEAN_TENSOR_BYTES and data_type in held.HOLDABLE \
-                and sys.byteorder == "little":
+        if self.hold_large and held.active() and arr.nbytes >= runtime.LEAN_TENSOR_BYTES and held.holdable(data_type):
             tensor = onnx.TensorProto(name=name, data_type=data_type, dims=arr.shape)
             held.hold(tensor, np.ascontiguousarray(arr))
             self.inits.append(tensor)
@@ -169,9 +167,7 @@ class ModelEditor:
     def constant(self, name: str) -> np.ndarray | None:
         """The initializer ``name`` as an array, None if there is none."""
         tensor = next((t for t in self.model.graph.initializer if t.name == name), None)
-        if tensor is None:
-            return None
-        return held.held_array(tensor) if held.is_held(tensor) else numpy_helper.to_array(tensor)
+        return None if tensor is None else held.array_of(tensor)
 
     def emitter(self, scheme: str) -> NodeEmitter:
         """A :class:`NodeEmitter` in this model's opset whose names clash with none of its own."""

@@ -15,8 +15,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxprune.errors import InternalError, UserError
 from onnxprune.ir import runtime
-from onnxprune.ir.held import HOLDABLE, header, held_array, held_tensors, is_held
 from onnxprune.ir.held import active as held_active
+from onnxprune.ir.held import header, held_array, held_tensors, holdable, is_held
 from onnxprune.ir.held import hold as hold_array
 from onnxprune.ir.runtime import lean_weights, weights_as_inputs
 from onnxprune.ir.shapes import graph_inputs
@@ -70,7 +70,7 @@ def _held_constants(graph: gs.Graph, hold: bool) -> Iterator[None]:
             if values.nbytes < runtime.LEAN_TENSOR_BYTES or tensor.export_dtype != values.dtype:
                 continue
             data_type = helper.np_dtype_to_tensor_dtype(values.dtype)
-            if data_type not in HOLDABLE:
+            if not holdable(data_type):
                 continue
             proto = onnx.TensorProto(name=tensor.name, data_type=data_type, dims=values.shape)
             if tensor.data_location is not None:

@@ -18,11 +18,13 @@ and the original model share them.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxprune.errors import InternalError
 
@@ -86,6 +88,17 @@ def held_array(tensor: onnx.TensorProto) -> np.ndarray:
         if key in table:
             return table[key]
     raise InternalError(f"tensor '{tensor.name}' is held, but not by an open block (a bug)")
+
+
+def holdable(data_type: int) -> bool:
+    """Whether a tensor of this element type can be held: its raw bytes are a numpy array's
+    (a little-endian machine reads them as ONNX stores them)."""
+    return data_type in HOLDABLE and sys.byteorder == "little"
+
+
+def array_of(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values: a held tensor's array (not a copy), else the protobuf's (a copy)."""
+    return held_array(tensor) if is_held(tensor) else numpy_helper.to_array(tensor)
 
 
 def held_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +119,8 @@ def _to_hold(main: set[int], entries: list) -> set[int]:
     ``LEAN_SESSION_BYTES`` (smaller models load as they always did). A tensor whose data does
     not fit its shape is left to the check that names it."""
     big = {id(tensor): length for tensor, _, _, length in entries
-           if id(tensor) in main and tensor.data_type in held.HOLDABLE and length >= runtime.LEAN_TENSOR_BYTES
-           and length == expected_bytes(tensor) and sys.byteorder == "little"}
+           if id(tensor) in main and held.holdable(tensor.data_type) and length >= runtime.LEAN_TENSOR_BYTES
+           and length == expected_bytes(tensor)}
     return set(big) if sum(big.values()) >= runtime.LEAN_SESSION_BYTES else set()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
-import sys
 
 import numpy as np
 import onnx
@@ -165,10 +164,10 @@ def hold_lean(model: onnx.ModelProto) -> bool:
     carries no weight bytes, and every session over one feeds the same arrays: on resnet50 at
     224x224 a probe step's models copied its 173 MB of weights and estimates seven times over.
     A smaller model, or no open block: nothing changes (False)."""
-    if not held.active() or sys.byteorder != "little" or not lean_weights(model):
+    if not held.active() or not lean_weights(model):
         return False
     for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and tensor.data_type in held.HOLDABLE and tensor_nbytes(tensor) >= LEAN_TENSOR_BYTES:
+        if tensor.HasField("raw_data") and held.holdable(tensor.data_type) and tensor_nbytes(tensor) >= LEAN_TENSOR_BYTES:
             array = np.frombuffer(tensor.raw_data, helper.tensor_dtype_to_np_dtype(tensor.data_type))
             held.hold(tensor, array.reshape(tuple(tensor.dims)))
     return True
