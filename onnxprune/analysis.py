@@ -221,7 +221,7 @@ class Analysis:
             # Inside a holding block (the CLI's), a large model's inversion shares the graph's
             # weights instead of copying them into its gradient model and session.
             model = to_model(self.graph.copy(), self.model, hold_large=holds_large(self.graph))
-            return Distiller(model, self.shapes, classes)
+            return Distiller(model, self.shapes, classes, activations=self.activations // max(self.batch, 1))
 
     @property
     def statistics_count(self) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,19 +103,25 @@ class Distiller:
     """The inversion of one model: its objective, its gradient session (built once, when first
     needed: a caller may decide from the objective alone not to invert), and the Adam loop."""
 
-    def __init__(self, model: Model, shapes: dict[str, tuple], classes: int = 0):
+    def __init__(self, model: Model, shapes: dict[str, tuple], classes: int = 0, activations: int | None = None):
+        """``activations``: the elements every node's outputs hold for one sample
+        (:attr:`~onnxprune.analysis.Analysis.activations`), which bound the batch one reverse
+        pass takes; None: any batch in one pass."""
         self.name = graph_inputs(model)[0].name
         batched = copy_model(model)
         fix_input_dims(batched, shapes)  # inverted at the analysis shapes: the reverse pass may need them static
         make_batch_dynamic(batched)
-        self._aux, self.objective = _inversion_model(batched, shapes, classes)
+        self._aux, self.objective, terms = _inversion_model(batched, shapes, classes)
         self._session = None
         self._batched, self._shapes = batched, shapes
+        #: The batch-statistics terms, where a batch can be inverted in parts (every term's
+        #: positions known); their sessions live for one distillation.
+        self._terms = terms if terms and all(t.positions for t in terms) else None
         self._parts: _Parts | None = None
-        per_sample = 3 * 4 * _activations_per_sample(batched, shapes)
-        #: Samples a reverse pass takes at once (all of them, up to SPLIT_BYTES).
-        self.whole = max(1, int(SPLIT_BYTES // per_sample))
-        self.part = max(1, int(PART_BYTES // per_sample))
+        per_sample = 3 * 4 * activations if activations else None
+        #: Samples one reverse pass takes (a whole batch, up to SPLIT_BYTES), and a part's.
+        self.whole = max(1, SPLIT_BYTES // per_sample) if per_sample else sys.maxsize
+        self.part = max(1, PART_BYTES // per_sample) if per_sample else sys.maxsize
 
     @property
     def session(self):
@@ -171,32 +178,19 @@ class Distiller:
 
     def _gradient(self, x: np.ndarray, feeds: dict[str, np.ndarray], last: bool) -> np.ndarray:
         """d (summed per-sample loss) / d x over the whole batch: in one reverse pass, or where
-        the batch's activations pass SPLIT_BYTES, in parts (:class:`_Parts`): exact for the
-        batch statistics, which couple the samples, and trivially for per-sample class targets
-        (a model whose statistics' positions are unknown runs whole)."""
-        if len(x) <= self.whole:
-            return self.session.run([INPUT_GRAD], {self.name: x, **feeds}, SHRINK_ARENA if last else None)[0]
-        if self.objective.batchnorm or self.objective.balance:
+        the batch's activations pass SPLIT_BYTES, in parts: exact for the batch statistics,
+        which couple the samples (:class:`_Parts`), and plain slices for per-sample class
+        targets. Statistics whose positions are unknown run whole."""
+        options = SHRINK_ARENA if last else None
+        if len(x) > self.whole and self._terms is not None:
             if self._parts is None:
-                self._parts = _Parts(self._batched, self._shapes, self.name)
-            if not self._parts.terms or any(t.positions is None for t in self._parts.terms):
-                return self.session.run([INPUT_GRAD], {self.name: x, **feeds}, SHRINK_ARENA if last else None)[0]
-            return self._parts.gradient(x, self.part, last)
-        return np.concatenate([self.session.run([INPUT_GRAD], {self.name: x[lo:lo + self.part],
-                                                               **{k: v[lo:lo + self.part] for k, v in feeds.items()}},
-                                                SHRINK_ARENA if last else None)[0]
-                               for lo in range(0, len(x), self.part)])
-
-
-def _activations_per_sample(model: Model, shapes: dict[str, tuple]) -> int:
-    """Elements every node's outputs hold for one sample, at the analysis shapes (those known)."""
-    total = 0
-    for node in model.graph.node:
-        for t in node.output:
-            shape = shapes.get(t)
-            if shape and all(isinstance(d, int) and d > 0 for d in shape):
-                total += math.prod(shape[1:])
-    return max(total, 1)
+                self._parts = _Parts(self._batched, self._terms, self._shapes, self.name)
+            return self._parts.gradient(x, self.part, options)
+        if len(x) > self.whole and not (self.objective.batchnorm or self.objective.balance):
+            return np.concatenate([self.session.run([INPUT_GRAD], {k: v[lo:lo + self.part] for k, v in
+                                                                   {self.name: x, **feeds}.items()}, options)[0]
+                                   for lo in range(0, len(x), self.part)])
+        return self.session.run([INPUT_GRAD], {self.name: x, **feeds}, options)[0]
 
 
 class _Parts:
@@ -211,10 +205,9 @@ class _Parts:
     part's samples, ``P`` positions a sample), offset so that its value is ``T``. The loss of
     each sample, ``log(1 + e^s)``, then weighs every part as it weighs the whole batch."""
 
-    def __init__(self, model: Model, shapes: dict[str, tuple], name: str):
-        self.name = name
+    def __init__(self, model: Model, terms: list[_Term], shapes: dict[str, tuple], name: str):
+        self.name, self.terms = name, terms
         edit = ModelEditor(model)
-        self.terms = _batch_terms(edit, shapes)
         b = edit.emitter("onnxprune_parts_{n}")
         outputs = []
         for term in self.terms:
@@ -243,14 +236,14 @@ class _Parts:
         surrogate.set_outputs([logits], np.float32)
         self._gradient = session(input_gradient_model(surrogate.finish()))
 
-    def gradient(self, x: np.ndarray, part: int, last: bool) -> np.ndarray:
-        parts = [slice(lo, lo + part) for lo in range(0, len(x), part)]
-        sums = [[np.asarray(v, np.float64) for v in self._stats.run(None, {self.name: x[p]})] for p in parts]
-        total, grads = len(x), []
-        value, dm, dq = self._objective([sum(s[i] for s in sums) for i in range(len(sums[0]))], total)
+    def gradient(self, x: np.ndarray, part: int, options) -> np.ndarray:
+        parts = [x[lo:lo + part] for lo in range(0, len(x), part)]
+        sums = [[np.asarray(v, np.float64) for v in self._stats.run(None, {self.name: p})] for p in parts]
+        grads = []
+        value, dm, dq = self._objective([sum(s[i] for s in sums) for i in range(len(sums[0]))], len(x))
         for p, own in zip(parts, sums):
-            n = p.stop - p.start if p.stop <= total else total - p.start
-            feeds = {self.name: x[p], LABELS: np.zeros(n, np.int64)}
+            n = len(p)
+            feeds = {self.name: p, LABELS: np.zeros(n, np.int64)}
             here = 0.0
             for k, term in enumerate(self.terms):
                 shape = (1, -1) + (1,) * (term.rank - 2)
@@ -259,7 +252,7 @@ class _Parts:
                 feeds[f"{BETA}{k}"] = b.reshape(shape).astype(np.float32)
                 here += float(a @ own[2 * k] + b @ own[2 * k + 1])
             feeds[OFFSET] = np.array([value - here], np.float32)
-            grads.append(self._gradient.run([INPUT_GRAD], feeds, SHRINK_ARENA if last else None)[0])
+            grads.append(self._gradient.run([INPUT_GRAD], feeds, options)[0])
         return np.concatenate(grads)
 
     def _objective(self, sums: list[np.ndarray], total: int) -> tuple[float, list, list]:
@@ -310,10 +303,11 @@ def _prior_gradient(x: np.ndarray, prior: InputPrior, image: bool) -> np.ndarray
     return grad
 
 
-def _inversion_model(model: Model, shapes: dict[str, tuple], classes: int) -> tuple[Model | None, Objective]:
-    """``model`` with one output, logits ``[0, s]`` per sample, ``s`` the inversion objective;
-    None when the model offers nothing to invert (no BatchNorm, no activations on feature
-    maps, not a classifier)."""
+def _inversion_model(model: Model, shapes: dict[str, tuple],
+                     classes: int) -> tuple[Model | None, Objective, list[_Term]]:
+    """``model`` with one output, logits ``[0, s]`` per sample, ``s`` the inversion objective
+    (None when the model offers nothing to invert: no BatchNorm, no activations on feature
+    maps, not a classifier); what it matches; and its batch-statistics terms."""
     edit = ModelEditor(model)
     b = edit.emitter("onnxprune_inv_{n}")
     found = _batch_terms(edit, shapes)
@@ -342,11 +336,11 @@ def _inversion_model(model: Model, shapes: dict[str, tuple], classes: int) -> tu
         column = b.add("Add", [column, b.add("Mul", [ce, _f32(b, CE_WEIGHT)])])
     objective = Objective(bool(terms), classes, bool(balance))
     if not terms and not balance and not classes:
-        return None, objective
+        return None, objective, found
     logits = b.add("Concat", [zero, column], axis=1)
     edit.extend(b)
     edit.set_outputs([logits], np.float32)
-    return edit.finish(), objective
+    return edit.finish(), objective, found
 
 
 @dataclass(frozen=True)
