@@ -224,7 +224,8 @@ class _Parts:
                                    axis=1), _f32(b, 0.0)])  # [N, 1] zeros
         column = b.add("Add", [zero, OFFSET])
         for k, term in enumerate(self.terms):
-            dims = [1, None] + [1] * (term.rank - 2)
+            channels = len(term.running[0]) if term.running is not None else shapes[term.tensor][1]
+            dims = [1, channels] + [1] * (term.rank - 2)  # static: the builder may run it to measure shapes
             surrogate.add_input(f"{ALPHA}{k}", np.float32, dims)
             surrogate.add_input(f"{BETA}{k}", np.float32, dims)
             part = b.add("Add", [b.add("Mul", [term.tensor, f"{ALPHA}{k}"]),
