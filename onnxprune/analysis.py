@@ -204,6 +204,8 @@ class Analysis:
                     inputs[name], capped = distilled.astype(dtype), count > most
                     source = f"distilled from {distiller.objective.source}"
                     continue
+            if distiller is not None and distiller.failure:
+                source = f"input prior ({prior.source}); the inversion failed: {distiller.failure}"
             inputs[name] = prior.sample(shape, rng).astype(dtype)
         return SyntheticInputs(inputs, source, capped=capped)
 

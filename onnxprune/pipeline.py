@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.analysis import Analysis, SyntheticInputs, analyse
+from onnxprune.analysis import Analysis, analyse
 from onnxprune.errors import FidelityError, InternalError, UserError
 from onnxprune.evidence.recalibration import recalibrate, refitted_inputs
 from onnxprune.evidence.refit import refit
-from onnxprune.fidelity import Fidelity, fidelity_on, split_feeds
+from onnxprune.fidelity import Fidelity, evidence_warnings, fidelity_on, output_warnings, split_feeds
 from onnxprune.ir import (
     Model,
     ModelStats,
@@ -385,35 +385,11 @@ class VerifyPass(_Timed):
             _original_runs(analysis.model, feeds[0])
             raise InternalError(f"onnxruntime cannot run the pruned model (a bug): {str(exc).splitlines()[0]}") from None
         job.report = _report(job, fidelity, after_shapes, latency)
-        job.report.warnings.extend(_evidence_warnings(held_out))
+        job.report.warnings.extend(evidence_warnings(held_out) + output_warnings(fidelity))
         if s.min_cosine is not None and fidelity.cosine < s.min_cosine:
             error = FidelityError(f"output cosine {fidelity.cosine:.4f} is below --min-cosine {s.min_cosine}")
             error.model, error.report = job.pruned, job.report  # type: ignore[attr-defined]
             raise error
-
-
-def _evidence_warnings(held_out: SyntheticInputs) -> list[str]:
-    """What the fidelity row cannot vouch for, given the inputs it was measured on."""
-    if held_out.kind != "synthetic":
-        return []
-    if not held_out.source.startswith("distilled"):
-        return ["no inputs were distilled (no BatchNorm statistics, and nothing else to invert or a model too large "
-                "to invert without them): planning and the fidelity row used noise from the input prior, which can "
-                "read near 1 while real inputs disagree; give --calibration, or check the result with onnxprune eval"]
-    warnings = []
-    if "centred pre-activations" in held_out.source:
-        warnings.append("the model has no BatchNorm statistics (folded into its convolutions?): inputs were "
-                        "inverted to centre every channel before its activation, as BatchNorm training leaves "
-                        "them, which says nothing of their scale; the fidelity row can read higher than real "
-                        "inputs would (digits nets with folded BatchNorm: up to 0.25 higher); give --calibration, "
-                        "or check the result with onnxprune eval")
-    elif "BatchNorm" not in held_out.source:
-        warnings.append("inputs were inverted from the class logits alone (no BatchNorm statistics to match): "
-                        "they exercise what the classifier responds to, not everything real inputs do; the "
-                        "fidelity row can read higher than real inputs would")
-    if held_out.capped:
-        warnings.append("the model is large: the evidence budget bought fewer held-out inputs than --check asked for")
-    return warnings
 
 
 def _original_runs(model: Model, feed: dict) -> None:

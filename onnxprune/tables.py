@@ -3,6 +3,7 @@ command has work to show, so that ``--help`` and argument errors stay fast)."""
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -79,7 +80,11 @@ def summary_table(report: PruneReport, latency: tuple[float, float, float] | Non
     if report.fidelity:
         f = report.fidelity
         top1 = f"{f.top1:.1%}" if f.top1 is not None else "-"
-        table.add_row(f"fidelity ({f.probes} held-out)", f"cos {f.cosine:.4f}", f"relL2 {f.rel_l2:.4f}", f"top1 {top1}")
+        def shown(value: float) -> str:  # every original output one-hot or not finite: no number
+            return "n/a" if not math.isfinite(value) or f.samples and f.saturated >= f.samples else f"{value:.4f}"
+
+        table.add_row(f"fidelity ({f.probes} held-out)", f"cos {shown(f.cosine)}", f"relL2 {shown(f.rel_l2)}",
+                      f"top1 {top1}")
     table.add_row("time", "", f"{sum(report.seconds.values()):.2f} s", "")
     return table
 

@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from onnxprune.errors import InternalError, UserError
+from onnxprune.fidelity import compare_outputs, output_warnings
 from onnxprune.pass_infra import Pass, PassManager, PassResult, PostconditionError, PreconditionError
 from onnxprune.pipeline import (
     AnalysePass,
@@ -24,6 +25,7 @@ from onnxprune.pipeline import (
     pipeline,
     prune,
 )
+from onnxprune.tables import summary_table
 
 PASSES = [AnalysePass, PlanPass, ReconstructPass, RewritePass, VerifyPass]
 
@@ -114,6 +116,59 @@ def test_the_report_warns_when_nothing_could_be_distilled():
     _, without = prune(nets.from_text(text), 0.4, method="magnitude", check=2)
     assert len(without.warnings) == 1 and "no BatchNorm" in without.warnings[0]
     assert "input prior" in without.fidelity.inputs
+
+
+def test_the_report_says_why_the_inversion_failed_when_it_falls_back_to_noise(monkeypatch):
+    # Any runtime error of the inversion plans on noise; the report must say so and why,
+    # not claim the model had nothing to invert.
+    from onnxprune.evidence import distill
+    from onnxprune.gradient import GradientUnsupported
+
+    def refuse(self, x, feeds, last):
+        raise RuntimeError("reverse pass refused\nsecond line")
+
+    monkeypatch.setattr(distill.Distiller, "_gradient", refuse)
+    _, report = prune(nets.resnet(), 0.4, method="paoding", check=2)
+    assert report.fidelity.inputs.startswith("held-out synthetic inputs, input prior")
+    failed = [w for w in report.warnings if "inversion" in w]
+    assert len(failed) == 1 and "reverse pass refused" in failed[0] and "second line" not in failed[0]
+    assert not [w for w in report.warnings if "no BatchNorm" in w]
+
+    def no_graph(model):
+        raise GradientUnsupported("Foo 'f': no gradient")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(distill, "input_gradient_model", no_graph)
+    _, report = prune(nets.resnet(), 0.4, method="magnitude", check=2)
+    assert [w for w in report.warnings if "no gradient graph: Foo 'f': no gradient" in w]
+
+
+def test_the_report_says_when_the_original_outputs_are_saturated():
+    # logits thousands apart: the softmax is exactly one-hot, so the cosine can only be 0 or 1
+    text = ("net (float[N,16] x, float[16,32] w1, float[32,10] w2, float[1] big) => (float[N,10] y) {\n"
+            "  h = MatMul(x, w1)\n  a = Relu(h)\n  l = MatMul(a, w2)\n  s = Mul(l, big)\n  y = Softmax<axis = 1>(s)\n}")
+    model = nets.from_text(text)
+    for init in model.graph.initializer:
+        if init.name == "big":
+            init.float_data[:] = []
+            init.raw_data = np.array([1e4], np.float32).tobytes()
+    _, report = prune(model, 0.4, method="magnitude", check=4)
+    assert report.fidelity.saturated == report.fidelity.samples == 4
+    saturated = [w for w in report.warnings if "one-hot or not finite on every held-out input" in w]
+    assert len(saturated) == 1
+    table = summary_table(report)
+    row = [[c._cells[i] for c in table.columns] for i in range(table.row_count)
+           if table.columns[0]._cells[i].startswith("fidelity")][0]
+    assert row[1] == "cos n/a" and row[2] == "relL2 n/a"
+
+
+def test_outputs_one_hot_on_some_inputs_or_lost_by_the_pruned_model_are_counted():
+    ref = np.array([[0.0, 1.0, 0.0], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]], np.float32)
+    new = np.array([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [np.nan, 0.1, 0.8]], np.float32)
+    found = compare_outputs([ref], [new])
+    assert (found.saturated, found.broken, found.samples) == (1, 1, 3)
+    assert output_warnings(found)[0].startswith("the original model's outputs are one-hot or not finite on 1 of 3")
+    assert "not finite on 1 held-out inputs" in output_warnings(found)[1]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "paoding"])

@@ -113,6 +113,9 @@ class Distiller:
         make_batch_dynamic(batched)
         self._aux, self.objective, terms = _inversion_model(batched, shapes, classes)
         self._session = None
+        #: Why the inversion could not run (no gradient graph, a reverse pass onnxruntime
+        #: refused), for the report: the inputs are then noise from the prior.
+        self.failure: str | None = None
         self._batched, self._shapes = batched, shapes
         #: The batch-statistics terms, where a batch can be inverted in parts (every term's
         #: positions known); their sessions live for one distillation.
@@ -132,6 +135,7 @@ class Distiller:
                 self._session = session(input_gradient_model(aux))
             except Exception as exc:  # no gradient graph (GradientUnsupported) or no session: use plain noise
                 logger.info("no gradient graph for distillation: %s", exc)
+                self.failure = f"no gradient graph: {_first_line(exc)}"
         return self._session
 
     @property
@@ -157,7 +161,8 @@ class Distiller:
             try:
                 grad = self._gradient(_roll(x, shift), feeds, t == steps)
             except Exception as exc:  # a model that does not batch: fall back to noise
-                logger.info("distillation stopped: %s", str(exc).splitlines()[0])
+                logger.info("distillation stopped: %s", _first_line(exc))
+                self.failure = f"onnxruntime could not run its reverse pass on {shape[0]} inputs: {_first_line(exc)}"
                 self._parts = None
                 return None
             if not np.all(np.isfinite(grad)):  # statistics overflowed: keep the last finite inputs
@@ -191,6 +196,11 @@ class Distiller:
                                                                    {self.name: x, **feeds}.items()}, options)[0]
                                    for lo in range(0, len(x), self.part)])
         return self.session.run([INPUT_GRAD], {self.name: x, **feeds}, options)[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Parts:
