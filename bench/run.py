@@ -18,7 +18,7 @@ bench/results/pareto_<set>_<model>.png.
 
     python bench/run.py [--quick] [--sets models validation] [--models vgg resnet] \\
         [--targets macs=0.7 macs=0.5 macs=0.35] [--ratios 0.4] [--methods paoding magnitude] [--round-to 16] \\
-        [--seeds 0 1 2] [--no-latency] [--prune-hidden]
+        [--seeds 0 1 2] [--no-latency] [--prune-hidden] [--prune-head-dim]
 
 ``--seeds``: every row at each seed; the table and the plots give the mean accuracy and its
 range over them (one seed's plan can move a net's accuracy by several points: a digits
@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--no-latency", action="store_true", help="skip timing the pruned models")
     parser.add_argument("--prune-hidden", action="store_true",
                         help="transformers: prune the hidden width (residual stream) too, as the CLI's --prune-hidden")
+    parser.add_argument("--prune-head-dim", action="store_true",
+                        help="transformers: prune dimensions inside each head instead of whole heads (--prune-head-dim)")
     parser.add_argument("--out", default=str(RESULTS / "bench.json"))
     args = parser.parse_args()
     preset = QUICK if args.quick else {"sets": list(SETS), "models": [], "methods": list(METHODS), "targets": TARGETS}
@@ -257,7 +259,8 @@ def main() -> None:
     started = time.perf_counter()
     rows, failures = run(entries(args.sets, args.models, args.exporter), [*args.targets, *args.ratios], args.methods,
                          console, args.round_to, tuple(args.seeds), not args.no_latency,
-                         {"prune_hidden": True} if args.prune_hidden else None)
+                         {k: True for k, on in (("prune_hidden", args.prune_hidden),
+                                                ("prune_head_dim", args.prune_head_dim)) if on} or None)
     summary = aggregate(rows)
     Console(width=170).print(table(summary))
     for f in failures:
@@ -271,7 +274,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     out.write_text(json.dumps({"rows": rows, "failures": failures, "seconds": seconds, "round_to": args.round_to,
                                "methods": args.methods, "budgets": [*args.targets, *args.ratios],
-                               "seeds": args.seeds, "prune_hidden": args.prune_hidden, "summary": summary}, indent=1))
+                               "seeds": args.seeds, "prune_hidden": args.prune_hidden,
+                               "prune_head_dim": args.prune_head_dim, "summary": summary}, indent=1))
     plots = plot(summary, out.parent)
     console.print(f"wrote {out}" + (f" and {len(plots)} Pareto plots ({plots[0].parent}/pareto_*.png)" if plots else
                                     " (no plots: pip install matplotlib, or make bench)"))
