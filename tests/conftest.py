@@ -1,6 +1,15 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the hypothesis profiles."""
+
+import os
 
 import pytest
+from hypothesis import settings
+
+# The same examples every run, so that a CI log (its warnings included) can be compared with
+# the last one; HYPOTHESIS_PROFILE=hunt draws new ones (with ONNXPRUNE_FUZZ_EXAMPLES raised).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("hunt", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
