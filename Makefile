@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick bench-speed bench-validation bench-latency models lint clean thirdparty
+.PHONY: install demo test bench bench-quick bench-regress bench-speed bench-validation bench-latency models lint clean thirdparty
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m pip install --quiet -e '.[plot]'
 	$(BIN)/python bench/run.py --quick
+
+# The default method on every digits net of both sets (seed 0; macs=0.5, macs=0.35, ratio 0.2)
+# against the committed bench/baseline/regress.json: accuracy change per row, same bytes or not,
+# both sets side by side; exits 1 if a row lost more than a point. ~20 min; --update rewrites it.
+bench-regress: install
+	$(BIN)/python bench/regress.py
 
 # The command as a user runs it: each method's wall seconds and peak RSS against magnitude's,
 # on both digits sets and the resnet50 light model (after `make thirdparty`, add real models:

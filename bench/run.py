@@ -31,6 +31,7 @@ options override its parts).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -119,6 +120,7 @@ def run(entries_: list[dict], budgets: list, methods: list[str], console: Consol
                        "latency_kept": _latency(model, pruned, report.input_shapes) if latency else None,
                        "accuracy": [base_acc, acc], f"fgsm_{EPSILON}": [base_fgsm, fgsm],
                        "prune_seconds": seconds, "warnings": report.warnings,
+                       "digest": hashlib.sha256(pruned.SerializeToString()).hexdigest()[:16],
                        "ran": report.method, "default": default}
                 rows.append(row)
                 console.print(f"{e['set']:10s} {e['name']:10s} {method:10s} {budget} seed {seed} macs {row['macs_kept']:.1%} "
