@@ -38,7 +38,7 @@ bench-quick: install
 
 # The default method on every digits net of both sets (seed 0; macs=0.5, macs=0.35, ratio 0.2)
 # against the committed bench/baseline/regress.json: accuracy change per row, same bytes or not,
-# both sets side by side; exits 1 if a row lost more than a point. ~20 min; --update rewrites it.
+# both sets side by side; exits 1 if a row lost more than a point. ~12 min; --update rewrites it.
 bench-regress: install
 	$(BIN)/python bench/regress.py
 
