@@ -221,8 +221,13 @@ class Analysis:
         classes = output[1] if output is not None and len(output) == 2 and output[1] > 1 else 0
         with stage("distill"):
             # Inside a holding block (the CLI's), a large model's inversion shares the graph's
-            # weights instead of copying them into its gradient model and session.
-            model = to_model(self.graph.copy(), self.model, hold_large=holds_large(self.graph))
+            # weights instead of copying them into its gradient model and sessions. Its gradient
+            # model carries a flipped copy of every kernel besides, so it counts them twice: at
+            # 102 MB of weights resnet50 is under the lean threshold, its gradient model over it,
+            # and each of its three sessions held a copy of the weights of its own (the parts'
+            # forward pass, a plain session, two more for onnxruntime's packed kernels).
+            kernels = [t.values for t in self.graph.tensors().values() if isinstance(t, gs.Constant)]
+            model = to_model(self.graph.copy(), self.model, hold_large=holds_large(self.graph, kernels))
             return Distiller(model, self.shapes, classes, activations=self.activations // max(self.batch, 1))
 
     @property

@@ -2,6 +2,7 @@
 by the graph and the sessions and written straight from their arrays, to the bytes a run
 without holding writes; and corrections that keep only the slices they change."""
 
+import contextlib
 import hashlib
 
 import nets
@@ -122,6 +123,42 @@ def test_a_large_models_probe_steps_hold_its_weights_once_and_change_no_byte(tmp
     assert any(name.startswith("grad/") for name in holds), "the flipped kernels are held"
     assert any(name.startswith("onnxprune_probe") for name in holds), "the estimates are held"
     assert _digest(outs[0]) == _digest(outs[1])
+
+
+def test_an_inversion_whose_gradient_model_is_large_shares_the_graphs_weights(monkeypatch):
+    """Weights under the lean threshold, their gradient model (weights and flipped kernels)
+    over it: the inversion holds the graph's arrays instead of copying them into its three
+    sessions, and distils the same inputs as without holding."""
+    from onnxprune.evidence.distill import Distiller
+    from onnxprune.pipeline import analyse
+
+    model = nets.resnet()
+    monkeypatch.setattr(runtime, "LEAN_TENSOR_BYTES", 256)
+    weights = sum(a.nbytes for t in model.graph.initializer
+                  if (a := onnx.numpy_helper.to_array(t)).nbytes >= 256 and a.dtype == np.float32)
+    monkeypatch.setattr(runtime, "LEAN_SESSION_BYTES", int(1.5 * weights))
+    monkeypatch.setattr(Distiller, "__init__", _small_parts(Distiller.__init__))
+    distilled = []
+    for hold in (True, False):
+        with holding() if hold else contextlib.nullcontext():
+            analysis = analyse(model)
+            distiller = analysis.distiller
+            tensors = held.held_tensors(distiller._batched)
+            assert bool(tensors) == hold
+            if hold:
+                graph_arrays = {id(c.values) for c in analysis.graph.tensors().values() if hasattr(c, "values")}
+                assert {id(held.held_array(t)) for t in tensors} <= graph_arrays, "shared, not copied"
+            distilled.append(distiller.distill((5, 3, 8, 8), analysis.prior, np.random.default_rng(0), steps=3))
+            assert distiller.failure is None, distiller.failure
+    np.testing.assert_allclose(distilled[0], distilled[1], rtol=1e-4, atol=1e-5)
+
+
+def _small_parts(init):
+    """Distillers that invert more than 2 inputs in parts of 2 (the parts' sessions too)."""
+    def small(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.whole, self.part = 2, 2
+    return small
 
 
 def test_a_lean_session_runs_without_an_arena_and_takes_the_shrink_option(held_sizes):
