@@ -128,7 +128,8 @@ def test_a_large_models_probe_steps_hold_its_weights_once_and_change_no_byte(tmp
 def test_an_inversion_whose_gradient_model_is_large_shares_the_graphs_weights(monkeypatch):
     """Weights under the lean threshold, their gradient model (weights and flipped kernels)
     over it: the inversion holds the graph's arrays instead of copying them into its three
-    sessions, and distils the same inputs as without holding."""
+    sessions, keeps no flipped kernel in the caller's block once it is done, and distils the
+    same inputs as without holding."""
     from onnxprune.evidence.distill import Distiller
     from onnxprune.pipeline import analyse
 
@@ -148,8 +149,11 @@ def test_an_inversion_whose_gradient_model_is_large_shares_the_graphs_weights(mo
             if hold:
                 graph_arrays = {id(c.values) for c in analysis.graph.tensors().values() if hasattr(c, "values")}
                 assert {id(held.held_array(t)) for t in tensors} <= graph_arrays, "shared, not copied"
+            before = len(held._tables[-1]) if hold else 0
             distilled.append(distiller.distill((5, 3, 8, 8), analysis.prior, np.random.default_rng(0), steps=3))
             assert distiller.failure is None, distiller.failure
+            if hold:  # the flipped kernels of its gradient graphs lived as long as their sessions
+                assert len(held._tables[-1]) == before and distiller._session is None
     np.testing.assert_allclose(distilled[0], distilled[1], rtol=1e-4, atol=1e-5)
 
 
