@@ -190,18 +190,32 @@ class ProbeModel:
         return {mask_name(group): 1.0, merge_src_name(group): 0.0, merge_dst_name(group): 0.0}
 
     def _base_run(self) -> np.ndarray:
-        """The unablated outputs [P, O] in float64, and what the frontier's cuts capture."""
-        wanted = self.frontier.wanted if self.frontier is not None else []
+        """The unablated outputs [P, O] in float64, and what the frontier's cuts capture (a
+        large model's when the first rows need them: see :meth:`_capture`)."""
+        self._uncaptured = self.frontier is not None and self._hold
+        wanted = self.frontier.wanted if self.frontier is not None and not self._uncaptured else []
+        y, *captured = self.session.run([self.output, *wanted], self._unablated())
+        self._output_shape = y.shape
+        self.runs += 1
+        if wanted:
+            self.frontier.capture(captured, self.probes)
+        return y.reshape(self.probes, -1).astype(np.float64)
+
+    def _unablated(self) -> dict[str, np.ndarray]:
         feeds = dict(self.inputs)
         for group in self.groups:
             for name, default in self._group_inputs(group).items():
                 feeds[name] = np.full((self.probes, group.size), default, np.float32)
-        y, *captured = self.session.run([self.output, *wanted], feeds)
-        self._output_shape = y.shape
-        self.runs += 1
-        if self.frontier is not None:
+        return feeds
+
+    def _capture(self) -> None:
+        """A large model's captures, taken by running the unablated probes again when the
+        first rows need them rather than in the base run: the first-order pass (between the
+        two) then does not hold them (resnet50 at 224x224: 137 MB a step)."""
+        if self._uncaptured:
+            self._uncaptured = False
+            _, *captured = self.session.run([self.output, *self.frontier.wanted], self._unablated())
             self.frontier.capture(captured, self.probes)
-        return y.reshape(self.probes, -1).astype(np.float64)
 
     def dense_model(self) -> Model:
         """The probe model with every space masked densely: any mask rows (several units per
@@ -366,6 +380,8 @@ class ProbeModel:
     def run_rows(self, masks: dict[str, np.ndarray]) -> np.ndarray:
         """:meth:`run` (``raw``), with each row that ablates one group alone run from where
         that group's masks enter the model (:class:`~onnxprune.evidence.frontier.Frontier`)."""
+        if self.frontier is not None and masks:
+            self._capture()
         if self.frontier is None or not self.frontier.cuts or not masks or not self.sparse_expresses(masks):
             return self.run(masks, raw=True)
         before = self.frontier.rows
