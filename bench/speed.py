@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is stopped")
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=150)
     rows = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,12 +163,14 @@ def main() -> None:
         r["vs_magnitude"] = r["seconds"] / ref if ref and not r["exit"] else None
     table = Table(title=f"onnxprune CLI at --ratio {args.ratio}: wall seconds (start-up included), "
                         "ratio to magnitude on the same model, peak RSS")
-    for col in ("set", "model", "method", "seconds", "x magnitude", "peak RSS MB", "aim MB"):
+    for col in ("set", "model", "method", "seconds", "x magnitude", "peak RSS MB", "aim MB", "over aim"):
         table.add_column(col, justify="left" if col in ("set", "model", "method") else "right")
     for r in rows:
+        aim = 1024 + 3 * r["model_mb"]  # #14: 1 GB plus 3x the model
+        r["over_aim_mb"] = max(r["peak_rss_mb"] - aim, 0.0)
         table.add_row(r["set"], r["model"], r["method"], f"{r['seconds']:.1f}" if not r["exit"] else f"exit {r['exit']}",
                       "-" if r["vs_magnitude"] is None else f"{r['vs_magnitude']:.1f}x", f"{r['peak_rss_mb']:.0f}",
-                      f"{1024 + 3 * r['model_mb']:.0f}")
+                      f"{aim:.0f}", f"[red]+{r['over_aim_mb']:.0f} MB[/]" if r["over_aim_mb"] else "-")
     console.print(table)
     console.print(f"bench took {time.perf_counter() - started:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
