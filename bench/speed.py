@@ -45,7 +45,11 @@ def light_entries(names: list[str], folder: Path) -> list[dict]:
     if not names:
         return []
     sys.path.insert(0, str(ROOT / "tests"))
-    from light_models import materialise
+    from light_models import LIGHT_MODELS, materialise
+
+    unknown = sorted(set(names) - set(LIGHT_MODELS))
+    if unknown:
+        sys.exit(f"speed.py: unknown light model(s) {', '.join(unknown)}; the onnx wheel has {', '.join(LIGHT_MODELS)}")
 
     from onnxprune.ir import save_model
 
