@@ -226,8 +226,7 @@ class Analysis:
             # 102 MB of weights resnet50 is under the lean threshold, its gradient model over it,
             # and each of its three sessions held a copy of the weights of its own (the parts'
             # forward pass, a plain session, two more for onnxruntime's packed kernels).
-            kernels = [t.values for t in self.graph.tensors().values() if isinstance(t, gs.Constant)]
-            model = to_model(self.graph.copy(), self.model, hold_large=holds_large(self.graph, kernels))
+            model = to_model(self.graph.copy(), self.model, hold_large=holds_large(self.graph, copies=2))
             return Distiller(model, self.shapes, classes, activations=self.activations // max(self.batch, 1))
 
     @property

@@ -45,15 +45,18 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto, hold: bool = False,
     return model
 
 
-def holds_large(graph: gs.Graph, arrays: list[np.ndarray] = ()) -> bool:
+def holds_large(graph: gs.Graph, arrays: list[np.ndarray] = (), copies: int = 1) -> bool:
     """Whether a model exported from ``graph`` with ``arrays`` as more constants is large
     enough for lean sessions (:func:`~onnxprune.ir.runtime.lean_weights`: its constants of
     ``LEAN_TENSOR_BYTES`` or more add up to ``LEAN_SESSION_BYTES``), inside an open holding
-    block: where exporting it with ``hold_large`` shares its weights instead of copying them."""
+    block: where exporting it with ``hold_large`` shares its weights instead of copying them.
+    ``copies``: how many times a model made from the export carries each of the graph's
+    constants (a gradient model: the weights and their flipped kernels, 2). Sizes are read off
+    shapes, so lazily loaded constants stay unloaded."""
     if not held_active():
         return False
     sizes = [math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in graph.tensors().values()
-             if isinstance(t, gs.Constant)] + [np.asarray(a).nbytes for a in arrays]
+             if isinstance(t, gs.Constant)] * copies + [np.asarray(a).nbytes for a in arrays]
     return sum(n for n in sizes if n >= runtime.LEAN_TENSOR_BYTES) >= runtime.LEAN_SESSION_BYTES
 
 
