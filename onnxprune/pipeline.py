@@ -336,7 +336,7 @@ class RewritePass(_Timed):
             if plan.refit:
                 with stage("refit"):
                     fitted = refit(job.pruned_graph, analysis.graph, analysis.model, pool.arrays,
-                                   removed_by_space(analysis.dep, plan), analysis.batch)
+                                   removed_by_space(analysis.dep, plan), analysis.batch, analysis.shapes)
             with stage("recalibrate"):
                 done = recalibrate(job.pruned_graph, analysis.model, pool.arrays, analysis.batch,
                                    skip=refitted_inputs(job.pruned_graph, fitted) if fitted else set())
@@ -534,7 +534,7 @@ def prune(model: Model | str | os.PathLike, ratio: float | None = None, *, metho
     :func:`onnxprune.evidence.calibration.load_calibration`) replaces the synthetic inputs:
     planning uses its first three quarters, the fidelity check the last quarter.
 
-    ``recalibrate``: with compensation, the pruned model's Conv and Gemm layers are re-fitted
+    ``recalibrate``: with compensation, the pruned model's Conv, Gemm and MatMul layers are re-fitted
     to the original's outputs, and the BatchNorms they do not feed re-estimated, on the
     planning inputs where those stand for real ones (distilled from the BatchNorm statistics,
     or ``calibration``; see :mod:`onnxprune.evidence.refit` and

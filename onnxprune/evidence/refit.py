@@ -3,9 +3,10 @@
 Compensation decides each removal as if everything upstream were intact: a consumer's weights
 absorb what a removed channel carried, estimated from the kept channels on the *original*
 model's activations. Upstream removals move those activations too, and the errors add up
-with depth. Here every linear layer (Conv, grouped and depthwise included, and Gemm) is
-re-fitted, in dependency order, to what the original layer computes, from what the pruned
-model actually feeds it on the planning inputs:
+with depth. Here every linear layer (Conv, grouped and depthwise included, Gemm, and a
+MatMul with a constant weight and an Add for its bias: a transformer's Linear) is re-fitted,
+in dependency order, to what the original layer computes, from what the pruned model
+actually feeds it on the planning inputs:
 
     X_orig ≈ A X_pruned + c          (per input-channel block, a ridge fit)
     W' = W_orig[kept outputs] ∘ A,   b' = b_orig[kept outputs] + W_orig ∘ c
@@ -58,6 +59,7 @@ class _Layer:
     blocks: list[tuple[np.ndarray, np.ndarray]]  # (original channels of the block, kept ones among them)
     kept_out: np.ndarray
     out_block: np.ndarray  # per kept output, its block (an index into ``blocks``)
+    axis: int = 1  # the input's channel axis (a MatMul's last)
 
     @property
     def reads(self) -> str:
@@ -65,19 +67,43 @@ class _Layer:
 
 
 def _weight(node: gs.Node) -> np.ndarray:
-    """The weight as [out, in, *kernel] (a Gemm's transposed where stored [in, out])."""
+    """The weight as [out, in, *kernel] (a Gemm's transposed where stored [in, out], a MatMul's
+    always)."""
     w = node.inputs[1].values
-    return w.T if node.op == "Gemm" and not node.attrs.get("transB", 0) else w
+    return w.T if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)) else w
 
 
-def _bias(node: gs.Node, outputs: int) -> np.ndarray:
-    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-        b = node.inputs[2].values.astype(np.float64).reshape(-1)  # a Gemm's may be [1, out]
-        return np.resize(b, outputs) if b.size in (1, outputs) else None
-    return np.zeros(outputs)
+def _bias_site(node: gs.Node) -> tuple[gs.Node, int] | None:
+    """Where ``node``'s bias is: its own third input (Conv, Gemm), or for a MatMul the constant
+    term of the Add that alone reads its output (a Linear as exporters write it). None where it
+    has none."""
+    if node.op != "MatMul":
+        return (node, 2) if len(node.inputs) > 2 else None
+    readers = node.outputs[0].outputs
+    if len(readers) != 1 or readers[0].op != "Add" or len(readers[0].inputs) != 2:
+        return None
+    add = readers[0]
+    k = 1 - add.inputs.index(node.outputs[0])
+    return (add, k) if isinstance(add.inputs[k], gs.Constant) and add.inputs[k].values.ndim >= 1 else None
 
 
-def _layer(node: gs.Node, original: gs.Node, removed: dict) -> _Layer | None:
+def _bias(node: gs.Node, outputs: int) -> np.ndarray | None:
+    """``node``'s bias as [outputs] float64: zeros for a Conv or Gemm without one; None where it
+    is not a constant of that size (or a MatMul has no Add to carry one)."""
+    site = _bias_site(node)
+    if site is None:
+        return None if node.op == "MatMul" else np.zeros(outputs)
+    holder, k = site
+    if not isinstance(holder.inputs[k], gs.Constant):
+        return None
+    values = holder.inputs[k].values
+    if node.op == "MatMul" and (values.shape[-1] != outputs or values.size != outputs):
+        return None  # a MatMul's Add must add one value per output, on the last axis
+    b = values.astype(np.float64).reshape(-1)  # a Gemm's may be [1, out]
+    return np.resize(b, outputs) if b.size in (1, outputs) else None
+
+
+def _layer(node: gs.Node, original: gs.Node, removed: dict, shapes: dict) -> _Layer | None:
     """What re-fitting ``node`` needs, or None where its form is not one this module fits."""
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return None
@@ -87,12 +113,18 @@ def _layer(node: gs.Node, original: gs.Node, removed: dict) -> _Layer | None:
     if w0.ndim != w.ndim or node.inputs[0].name != original.inputs[0].name \
             or node.outputs[0].name != original.outputs[0].name:
         return None
+    axis = 1
+    if node.op == "MatMul":  # x [..., in] @ W [in, out]: channels on the input's last axis
+        rank = len(shapes.get(original.inputs[0].name) or original.inputs[0].shape or ())
+        if w.ndim != 2 or rank < 2 or _bias(node, w.shape[0]) is None:
+            return None
+        axis = rank - 1
     groups = int(original.attrs.get("group", 1)) if node.op == "Conv" else 1
     outputs, per_group = w0.shape[0], w0.shape[1]
     if outputs % groups or per_group > MAX_WIDTH:
         return None
-    gone_in = removed.get((original.inputs[0].name, 1), np.zeros(0, np.int64))
-    gone_out = removed.get((original.outputs[0].name, 1), np.zeros(0, np.int64))
+    gone_in = removed.get((original.inputs[0].name, axis), np.zeros(0, np.int64))
+    gone_out = removed.get((original.outputs[0].name, axis), np.zeros(0, np.int64))
     kept_in = np.setdiff1d(np.arange(groups * per_group), gone_in)
     kept_out = np.setdiff1d(np.arange(outputs), gone_out)
     blocks, index = [], {}
@@ -106,20 +138,22 @@ def _layer(node: gs.Node, original: gs.Node, removed: dict) -> _Layer | None:
     if any(g not in index for g in np.unique(out_groups)) or len(kept_out) != w.shape[0] \
             or {len(kept) for _, kept in blocks} != {w.shape[1]} or _bias(original, outputs) is None:
         return None
-    return _Layer(node, original, blocks, kept_out, np.array([index[g] for g in out_groups], np.int64))
+    return _Layer(node, original, blocks, kept_out, np.array([index[g] for g in out_groups], np.int64), axis)
 
 
-def layers(graph: gs.Graph, original: gs.Graph, removed: dict) -> list[_Layer]:
-    """The Conv and Gemm nodes of ``graph`` (pruned from ``original``, whose removed indices
-    per space are ``removed``) with constant weights that can be re-fitted."""
+def layers(graph: gs.Graph, original: gs.Graph, removed: dict, shapes: dict | None = None) -> list[_Layer]:
+    """The Conv, Gemm and MatMul nodes of ``graph`` (pruned from ``original``, whose removed
+    indices per space are ``removed``; ``shapes``: tensor shapes by name, where the graph's own
+    are not inferred: a MatMul's input rank says its channel axis) with constant weights that
+    can be re-fitted."""
     by_name = {n.name: n for n in original.nodes}
     found = []
     for node in graph.nodes:
         twin = by_name.get(node.name)
-        if node.op not in ("Conv", "Gemm") or twin is None or twin.op != node.op \
+        if node.op not in ("Conv", "Gemm", "MatMul") or twin is None or twin.op != node.op \
                 or not all(isinstance(n.inputs[1], gs.Constant) for n in (node, twin)):
             continue
-        layer = _layer(node, twin, removed)
+        layer = _layer(node, twin, removed, shapes or {})
         if layer is not None:
             found.append(layer)
     return found
@@ -138,8 +172,9 @@ class _Moments:
 
     def add(self, x_orig: np.ndarray, x_pruned: np.ndarray) -> None:
         blocks = len(self.layer.blocks)
-        a = _rows(x_orig)[:, self.channels].reshape(-1, blocks, len(self.channels) // blocks).transpose(1, 0, 2)
-        b = _rows(x_pruned).reshape(len(a[0]), blocks, -1).transpose(1, 0, 2)  # [block, rows, kept]
+        axis = self.layer.axis
+        a = _rows(x_orig, axis)[:, self.channels].reshape(-1, blocks, len(self.channels) // blocks).transpose(1, 0, 2)
+        b = _rows(x_pruned, axis).reshape(len(a[0]), blocks, -1).transpose(1, 0, 2)  # [block, rows, kept]
         bt = b.transpose(0, 2, 1)
         found = (a.sum(1), b.sum(1), a.transpose(0, 2, 1) @ b, bt @ b)
         self.sums = found if self.sums is None else tuple(s + f for s, f in zip(self.sums, found))
@@ -170,24 +205,25 @@ class _Moments:
             new_w[mine] = np.einsum("oi...,ij->oj...", rows[mine], a)
             new_b[mine] += rows[mine].reshape(int(mine.sum()), len(c), -1).sum(axis=2) @ c
         stored = layer.node.inputs[1].values
-        if layer.node.op == "Gemm" and not layer.node.attrs.get("transB", 0):
+        if layer.node.op == "MatMul" or (layer.node.op == "Gemm" and not layer.node.attrs.get("transB", 0)):
             new_w = new_w.T
         return new_w.astype(stored.dtype), new_b.astype(stored.dtype)
 
 
-def _rows(x: np.ndarray) -> np.ndarray:
-    """[N, C, ...] as [N * positions, C] in float64."""
+def _rows(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Channels on ``axis`` ([N, C, ...], or [N, ..., C] for a MatMul's input) as
+    [samples * positions, C] in float64."""
     x = x.astype(np.float64)
-    return x if x.ndim == 2 else np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+    return x if x.ndim == 2 and axis == 1 else np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
 
 
 def refit(graph: gs.Graph, original: gs.Graph, template: Model, inputs: dict[str, np.ndarray], removed: dict,
-          batch: int = 1) -> set[str]:
+          batch: int = 1, shapes: dict | None = None) -> set[str]:
     """In place: re-fit the linear layers of ``graph`` (toposorted; pruned from ``original``,
     ``removed`` its removed indices per space) to the original's outputs on ``inputs``, a
     level of layers at a time. Returns the names of the re-fitted nodes (none, and ``graph``
     untouched, where the models do not run the inputs in chunks)."""
-    found = layers(graph, original, removed)
+    found = layers(graph, original, removed, shapes)
     if not found:
         return set()
     try:
@@ -201,11 +237,24 @@ def refit(graph: gs.Graph, original: gs.Graph, template: Model, inputs: dict[str
         w, b = fitted[layer.node.name]
         node = layer.node
         node.inputs[1] = gs.Constant(f"{node.name}_refit_weight", w)
-        if len(node.inputs) > 2:
-            node.inputs[2] = gs.Constant(f"{node.name}_refit_bias", b)
-        elif node.outputs[0] in graph.outputs or not _into_batchnorm(node, b):
-            node.inputs.append(gs.Constant(f"{node.name}_refit_bias", b))
+        if _bias_site(node) is not None or node.outputs[0] in graph.outputs or not _into_batchnorm(node, b):
+            _set_bias(node, gs.Constant(f"{node.name}_refit_bias", b.reshape(_bias_shape(node, len(b)))))
     return set(fitted)
+
+
+def _bias_shape(node: gs.Node, outputs: int) -> tuple[int, ...]:
+    """The shape ``node``'s bias is stored in (a MatMul's Add may hold [1, 1, out])."""
+    site = _bias_site(node)
+    return tuple(site[0].inputs[site[1]].shape) if node.op == "MatMul" and site is not None else (outputs,)
+
+
+def _set_bias(node: gs.Node, tensor: gs.Tensor) -> None:
+    """``tensor`` in place of ``node``'s bias (appended to a Conv or Gemm that had none)."""
+    site = _bias_site(node)
+    if site is None:
+        node.inputs.append(tensor)
+    else:
+        site[0].inputs[site[1]] = tensor
 
 
 def _into_batchnorm(node: gs.Node, bias: np.ndarray) -> bool:
@@ -234,12 +283,10 @@ def _fit_levels(graph, original, template, inputs, batch, found: list[_Layer]) -
         w = layer.node.inputs[1].values
         twin.inputs[1] = gs.Variable(f"onnxprune_refit_w{k}", dtype=w.dtype, shape=list(w.shape))
         feeds[twin.inputs[1].name] = w
-        b = _bias(layer.node, len(layer.kept_out)).astype(w.dtype)
-        variable = gs.Variable(f"onnxprune_refit_b{k}", dtype=w.dtype, shape=[len(b)])
-        if len(twin.inputs) > 2:
-            twin.inputs[2] = variable
-        else:
-            twin.inputs.append(variable)
+        shape = _bias_shape(layer.node, len(layer.kept_out))
+        b = _bias(layer.node, len(layer.kept_out)).astype(w.dtype).reshape(shape)
+        variable = gs.Variable(f"onnxprune_refit_b{k}", dtype=w.dtype, shape=list(shape))
+        _set_bias(twin, variable)
         feeds[variable.name] = b
         g.inputs.extend([twin.inputs[1], variable])
     read = [layer.reads for layer in found if layer.reads not in inputs]  # a graph input is fed, not run
@@ -262,6 +309,7 @@ def _fit_levels(graph, original, template, inputs, batch, found: list[_Layer]) -
                 continue
             fitted[layer.node.name] = new
             k = index[id(layer.node)]
-            feeds[f"onnxprune_refit_w{k}"], feeds[f"onnxprune_refit_b{k}"] = new
+            feeds[f"onnxprune_refit_w{k}"] = new[0]
+            feeds[f"onnxprune_refit_b{k}"] = new[1].reshape(feeds[f"onnxprune_refit_b{k}"].shape)
     return fitted
 
