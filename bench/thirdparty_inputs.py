@@ -295,3 +295,81 @@ def picodet_boxes(outs: list[np.ndarray], size=(800, 608), conf: float = 0.5):
         scores.append(sc.max(1)[sel])
         labels.append(sc.argmax(1)[sel])
     return nms(np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels), 0.5)
+
+
+# -- calibration sets: unlabelled inputs of the same kind, none of them one the fidelity is read on --
+#: Words the calibration text is drawn from (the evaluation lines are LINES: fresh lines, the same kind of text).
+WORDS = ("Order Receipt Account Total Amount Date Street Road Phone Email Paid Due Net Tax Qty Unit Price Item "
+         "Code Ref Page Section Table Figure Model Data Layer Channel Report North South Station Office Hotel "
+         "Ticket Seat Gate Flight Train Delivery Customer Service Number Balance Credit Card Name City").split()
+ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789"
+
+
+def calibration_line(rng: np.random.Generator) -> str:
+    parts = [str(rng.choice(WORDS)) for _ in range(int(rng.integers(2, 5)))]
+    parts.insert(int(rng.integers(0, len(parts) + 1)), str(rng.integers(1, 99999)))
+    return " ".join(parts)
+
+
+def _stack(feeds: list[dict]) -> dict[str, np.ndarray]:
+    """Single-sample feeds ([1, ...] each) as one array per input, samples on the first axis."""
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+
+
+def ocr_rec_calibration(count: int, h=48, w=320):
+    rng = np.random.default_rng(1000)
+    return _stack([{"x": chw(text_line(calibration_line(rng), h, w, k % 6), 0.5, 0.5, bgr=True)} for k in range(count)])
+
+
+def ocr_cls_calibration(count: int, h=48, w=192):
+    rng = np.random.default_rng(1001)
+    lines = [text_line(calibration_line(rng), h, w, k % 6) for k in range(count)]
+    return _stack([{"x": chw(rotate(line, 2 * (k % 2)), 0.5, 0.5, bgr=True)} for k, line in enumerate(lines)])
+
+
+def orientation_calibration(count: int, name="x"):
+    return _stack([{name: chw(resized(rotate(page(448, 448, 100 + k), k % 4), 224, 224), *IMAGENET)}
+                   for k in range(count)])
+
+
+def ocr_det_calibration(count: int, h=640, w=640):
+    return _stack([{"x": chw(page(h, w, 100 + k), *IMAGENET, bgr=True)} for k in range(count)])
+
+
+def layout_calibration(count: int):
+    return _stack([{"image": chw(page(800, 608, 100 + k), *IMAGENET)} for k in range(count)])
+
+
+def _captcha_text(rng: np.random.Generator) -> str:
+    return "".join(rng.choice(list(ALPHABET), 5))
+
+
+def ddddocr_calibration(count: int, w=200):
+    rng = np.random.default_rng(1002)
+    out = []
+    for k in range(count):
+        gray = captcha(_captcha_text(rng), 64, w, 100 + k).mean(axis=2, dtype=np.float32)
+        out.append({"input1": ((gray / 255.0 - 0.5) / 0.5)[None, None].astype(np.float32)})
+    return _stack(out)
+
+
+def ddddocr_det_calibration(count: int):
+    rng = np.random.default_rng(1003)
+    return _stack([{"images": captcha(_captcha_text(rng), 416, 416, 100 + k).astype(np.float32).transpose(2, 0, 1)[None]}
+                   for k in range(count)])
+
+
+def yolov8_calibration(count: int, size=320):
+    out = []
+    for k in range(count):
+        img = page(size * 2, size * 2, 100 + k).copy()
+        img[size // 2: size, size // 3: size] = captcha("cd", size - size // 2, size - size // 3, 100 + k)
+        out.append({"images": chw(resized(img, size, size), 0.0, 1.0)})
+    return _stack(out)
+
+
+#: Each image model's evaluation inputs -> its calibration set (count -> arrays by input name).
+CALIBRATION = {ocr_rec_inputs: ocr_rec_calibration, ocr_cls_inputs: ocr_cls_calibration,
+               orientation_inputs: orientation_calibration, ocr_det_inputs: ocr_det_calibration,
+               layout_inputs: layout_calibration, ddddocr_inputs: ddddocr_calibration,
+               ddddocr_det_inputs: ddddocr_det_calibration, yolov8_inputs: yolov8_calibration}
