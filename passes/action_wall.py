@@ -120,9 +120,11 @@ class ActionWall:
             moves = self._moves(counts)
             rows = np.array([counts + m for m in moves]) if moves else np.zeros((0, len(counts)))
             if len(rows) and len(self.options) <= PAIRED_MOVES:
-                singles = list(moves)
-                rows = np.concatenate([rows, [counts + a + b for i, a in enumerate(singles) for b in singles[i + 1:]
-                                              if not np.any((a != 0) & (b != 0))]])
+                # two groups' steps at once (none where one group alone can move)
+                pairs = [counts + a + b for i, a in enumerate(moves) for b in moves[i + 1:]
+                         if not np.any((a != 0) & (b != 0))]
+                if pairs:
+                    rows = np.concatenate([rows, pairs])
             if not len(rows):
                 return counts
             gaps = np.abs(self.cost.totals(rows) - self.goal)

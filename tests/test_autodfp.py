@@ -99,6 +99,18 @@ def test_the_action_wall_keeps_the_target_reachable_and_lands_on_it(want):
         assert abs(left - wall.goal) <= step + 1e-6
 
 
+def test_settling_with_one_group_free_to_move_takes_its_own_steps():
+    """Only one group has options besides 0: its steps down and up pair with nothing, and
+    settling must still move it (it raised, and the CLI exited 1, on models/encoders/mha.onnx
+    at --ratio 0.4)."""
+    _, groups, _, cost, _ = _resnet_wall(0.5)
+    options = [np.arange(0, groups[0].size)] + [np.zeros(1) for _ in groups[1:]]
+    goal = float(cost.totals(np.eye(len(groups))[:1] * 3)[0])  # three units of the first group
+    wall = ActionWall(cost, goal, options)
+    settled = wall.settle(np.zeros(len(groups)))
+    assert settled[0] == 3 and not settled[1:].any()
+
+
 def test_mlp_gradients_match_finite_differences():
     rng = np.random.default_rng(0)
     net = Mlp([3, 5, 2], rng)
