@@ -66,11 +66,15 @@ class _Layer:
         return self.node.inputs[0].name
 
 
+def _stored_in_out(node: gs.Node) -> bool:
+    """Whether ``node`` stores its weight as [in, out]: a MatMul always, a Gemm without transB."""
+    return node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0))
+
+
 def _weight(node: gs.Node) -> np.ndarray:
-    """The weight as [out, in, *kernel] (a Gemm's transposed where stored [in, out], a MatMul's
-    always)."""
+    """The weight as [out, in, *kernel] (transposed where stored [in, out])."""
     w = node.inputs[1].values
-    return w.T if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)) else w
+    return w.T if _stored_in_out(node) else w
 
 
 def _bias_site(node: gs.Node) -> tuple[gs.Node, int] | None:
@@ -205,7 +209,7 @@ class _Moments:
             new_w[mine] = np.einsum("oi...,ij->oj...", rows[mine], a)
             new_b[mine] += rows[mine].reshape(int(mine.sum()), len(c), -1).sum(axis=2) @ c
         stored = layer.node.inputs[1].values
-        if layer.node.op == "MatMul" or (layer.node.op == "Gemm" and not layer.node.attrs.get("transB", 0)):
+        if _stored_in_out(layer.node):
             new_w = new_w.T
         return new_w.astype(stored.dtype), new_b.astype(stored.dtype)
 
