@@ -1,4 +1,5 @@
-"""Command line: ``onnxprune IN OUT --ratio R``, ``onnxprune inspect IN``, ``onnxprune eval MODEL``.
+"""Command line: ``onnxprune IN OUT --ratio R``, ``onnxprune inspect IN``, ``onnxprune eval MODEL``,
+``onnxprune calib MODEL IMAGES... -o SET.npz``.
 
 User errors print one line and exit 2; a fidelity check below ``--min-cosine`` exits 3 (the
 output is written only with ``--keep-failed``); anything else is a bug and exits 1.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -114,7 +116,8 @@ def _target(args) -> str:
 
 def _prune_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune", description="Data-free structured pruning of ONNX models. "
-                "Other commands: 'onnxprune inspect IN', 'onnxprune eval MODEL --data D.npz'.")
+                "Other commands: 'onnxprune inspect IN', 'onnxprune eval MODEL --data D.npz', "
+                "'onnxprune calib MODEL IMAGES... -o SET.npz' (a --calibration set from image files).")
     p.add_argument("input", help="the model to prune (.onnx, external data beside it)")
     p.add_argument("output", help="where to write the pruned model")
     size = p.add_mutually_exclusive_group()
@@ -400,10 +403,130 @@ def run_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"inspect": run_inspect, "eval": run_eval}
+#: ``calib --norm``: (scale, mean, std) that take 8-bit pixels to what common models expect.
+NORMS = {
+    "unit": (1 / 255, "0", "1"),
+    "pm1": (1 / 255, "0.5", "0.5"),
+    "imagenet": (1 / 255, "0.485,0.456,0.406", "0.229,0.224,0.225"),
+    "raw": (1.0, "0", "1"),
+}
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W (two integers), got '{text}'") from None
+    if not (0 < height <= 2**15 and 0 < width <= 2**15):
+        raise argparse.ArgumentTypeError(f"expected a height and width in 1..32768, got '{text}'")
+    return height, width
+
+
+def run_calib(argv: list[str]) -> int:
+    p = _Parser(prog="onnxprune calib", description="Build a --calibration set (.npz) for MODEL from image files: "
+                "decoded, resized to the model's input, normalised and laid out as it takes them. Files are "
+                "shuffled (seeded) before the first --limit are taken, as --calibration holds out the last quarter.")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files (PNG, JPEG, BMP... with Pillow; .npy arrays [H,W] or [H,W,C]) or folders of them")
+    p.add_argument("-o", "--output", required=True, metavar="SET.npz", help="the calibration file to write")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
+                   help="the input's shape where the model leaves it open (only H and W are read; --size also does)")
+    p.add_argument("--size", type=_size, metavar="H,W", help="height and width (default: the input's, when fixed)")
+    p.add_argument("--fit", choices=["stretch", "pad"], default="stretch",
+                   help="stretch to H,W (default), or scale to fit keeping the aspect ratio, top-left, padded "
+                        "(text lines for OCR)")
+    p.add_argument("--pad-value", type=float, default=0.0, metavar="V", help="pixel value of the padding (default 0)")
+    p.add_argument("--norm", choices=list(NORMS), default="unit",
+                   help="pixels/255 (unit, default), to [-1,1] (pm1), ImageNet mean/std (imagenet), 0..255 (raw)")
+    p.add_argument("--scale", type=float, metavar="S", help="pixel multiplier, before --mean and --std (overrides --norm)")
+    p.add_argument("--mean", metavar="M[,M,M]", help="subtracted after --scale, one value or one per channel")
+    p.add_argument("--std", metavar="S[,S,S]", help="divided by after --mean, one value or one per channel")
+    p.add_argument("--channels", choices=["rgb", "bgr", "gray"],
+                   help="channel order (default: gray for a 1-channel input, else rgb; OpenCV-trained models: bgr)")
+    p.add_argument("--layout", choices=["nchw", "nhwc", "nhw"], help="default: guessed from where the 1 or 3 channels are")
+    p.add_argument("--limit", type=_positive, default=256, metavar="N",
+                   help="at most N images (default 256: planning reads up to 128, the check holds out up to 64)")
+    p.add_argument("--seed", type=_count, default=0, help="the shuffle's seed")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the files in the order given (folders sorted)")
+    args = p.parse_args(argv)
+    return _calib(args)
+
+
+def _calib(args) -> int:
+    import numpy as np
+
+    from onnxprune.images import Preprocess, build, collect, input_layout, per_channel
+    from onnxprune.ir import input_specs, load_model_info, parse_input_shapes
+
+    files = collect(args.images)
+    model_path = Path(args.model)
+    check_target(args.output, "--output", protect=[model_path, *files])
+    model, external = load_model_info(model_path)
+    check_target(args.output, "--output", protect=[model_path, *external, *files])
+    specs = input_specs(model)
+    if len(specs) != 1:
+        raise UserError(f"the model has {len(specs)} inputs {[s.name for s in specs]}; onnxprune calib builds sets "
+                        "for one image input (write the others' arrays with numpy.savez(path, **{name: samples}))")
+    spec = specs[0]
+    dims = spec.dims
+    shapes = parse_input_shapes(args.input_shape) if args.input_shape else {}
+    if shapes:
+        if set(shapes) != {spec.name}:
+            raise UserError(f"--input-shape names {sorted(shapes)}; the model's input is {spec.name!r}")
+        dims = tuple(shapes[spec.name])
+    at = input_layout(spec.name, dims, args.layout)
+    height, width = args.size or (at.height, at.width)
+    if not height or not width:
+        raise UserError(f"the model input {spec.name!r} leaves its height or width open; give --size H,W")
+    if args.size and ((at.height and at.height != height) or (at.width and at.width != width)):
+        raise UserError(f"--size {height},{width} differs from the input {spec.name!r}'s fixed {at.height},{at.width}")
+    channels = args.channels or ("gray" if at.depth == 1 else "rgb")
+    depth = 1 if channels == "gray" else 3
+    if at.depth and at.depth != depth:
+        raise UserError(f"--channels {channels} gives {depth} channel(s); the input {spec.name!r} takes {at.depth}")
+    scale, mean, std = NORMS[args.norm]
+    scale = scale if args.scale is None else args.scale
+    mean = per_channel(args.mean or mean, depth, "--mean")
+    std = per_channel(args.std or std, depth, "--std")
+    if not math.isfinite(scale) or any(s == 0 for s in std):
+        raise UserError("--scale must be finite and --std nonzero")
+    integer = spec.dtype.kind in "iub"
+    if integer and (args.norm != "unit" or args.scale is not None or args.mean or args.std):
+        raise UserError(f"the input {spec.name!r} takes {spec.dtype} values: its pixels go in as they are "
+                        "(no --norm, --scale, --mean or --std)")
+    if integer:
+        scale, mean, std = 1.0, (0.0,), (1.0,)
+    pre = Preprocess(height, width, channels, at.layout, scale, mean, std, args.fit, args.pad_value)
+
+    from onnxprune.tables import calib_table, out, progress
+
+    with progress() as update:
+        built = build(files, pre, spec.dtype, args.limit, None if args.no_shuffle else args.seed,
+                      progress=lambda done, total: update("reading images", done, total))
+    from onnxprune.evidence.calibration import check_calibration
+    from onnxprune.ir import runs_on
+
+    arrays = check_calibration({spec.name: built.array}, specs, Path(args.output).name)
+    problem = runs_on(model, {spec.name: built.array[:1]})
+    if problem:
+        raise UserError(f"the model does not run on the first sample ({built.used[0]}): {problem}")
+    with Transaction() as tx:
+        with open(tx.temporary(args.output), "wb") as f:
+            np.savez(f, **arrays)
+        tx.commit()
+    out.print(calib_table(args.output, spec.name, built, pre, len(files), arrays.held_out_count))
+    for _, why in built.skipped[:5]:
+        _say(f"onnxprune calib: skipped {why}")
+    if len(built.skipped) > 5:
+        _say(f"onnxprune calib: skipped {len(built.skipped) - 5} more unreadable files")
+    return 0
+
+
+COMMANDS = {"inspect": run_inspect, "eval": run_eval, "calib": run_calib}
 #: Options whose value may start with a minus sign that argparse would take for an option
 #: (``--input-range -0.95,2.15``).
-SIGNED_VALUES = ("--input-range",)
+SIGNED_VALUES = ("--input-range", "--mean", "--pad-value")
 
 
 def attach_signed_values(argv: list[str]) -> list[str]:

@@ -155,3 +155,33 @@ def eval_table(title: str, reports: dict, agreement: tuple[float, float] | None)
         table.add_row("output cosine", "", f"{agreement[1]:.4f}")
     table.add_row("gradient", *[r.gradient for r in reports.values()])
     return table
+
+
+def calib_table(path: str, name: str, built, pre, found: int, held: int) -> Table:
+    """What ``onnxprune calib`` wrote: how many images, at what shape, with what values per
+    channel (a mean far from what the model was trained on says the normalisation is off)."""
+    import numpy as np
+
+    x = built.array
+    table = Table(title=f"onnxprune calib: {path}, input {name!r}", title_justify="left")
+    table.add_column("")
+    table.add_column("")
+    table.add_row("images", f"{len(built.used)} of {found} found" + (f", {len(built.skipped)} unreadable skipped"
+                                                                    if built.skipped else ""))
+    table.add_row("array", f"{x.dtype} {list(x.shape)} ({pre.layout}, {pre.channels})")
+    table.add_row("resize", f"{pre.height}x{pre.width}, " + ("stretched" if pre.fit == "stretch" else
+                                                            f"aspect kept, padded with {pre.pad_value:g}"))
+    table.add_row("normalised", f"(pixel * {pre.scale:.6g} - mean {_values(pre.mean)}) / std {_values(pre.std)}")
+    axis = {"nchw": 1, "nhwc": 3}.get(pre.layout)
+    values = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]) if axis is not None else x.reshape(-1, 1)
+    values = values.astype(np.float64)
+    table.add_row("range", f"{values.min():.4g} .. {values.max():.4g}")
+    table.add_row("mean per channel", _values(values.mean(axis=0)))
+    table.add_row("std per channel", _values(values.std(axis=0)))
+    table.add_row("use", f"--calibration {path}: the last {held} held out for the fidelity check, "
+                         f"the first {len(x) - held} for planning")
+    return table
+
+
+def _values(values) -> str:
+    return ",".join(f"{float(v):.4g}" for v in values)

@@ -43,7 +43,7 @@ from onnxprune.ir.shapes import (
 from onnxprune.ir.slicing import Cut, Slicer
 from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
 from onnxprune.ir.timing import OpChain, interleaved_medians
-from onnxprune.ir.validate import check_runs, check_structure
+from onnxprune.ir.validate import check_runs, check_structure, runs_on
 
 #: A model as onnx holds it; modules outside ``ir`` name the type through this alias.
 Model = onnx.ModelProto
@@ -57,6 +57,7 @@ __all__ = [
     "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model",
     "load_model_info",
     "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
-    "random_inputs", "release_memory", "resolve_shapes", "sample_axes", "save_model", "session", "signature", "skeleton",
+    "random_inputs", "release_memory", "resolve_shapes", "runs_on", "sample_axes", "save_model", "session", "signature",
+    "skeleton",
     "stack_samples", "template_for", "to_model", "toposort_nodes",
 ]

@@ -358,3 +358,13 @@ def _check_overrides(model: onnx.ModelProto, overrides: dict[str, Shape]) -> Non
             if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != g:
                 raise UserError(f"--input-shape {value.name}: dimension {k} is {g}, the model fixes it at "
                                 f"{d.dim_value}")
+
+
+def runs_on(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> str | None:
+    """None when onnxruntime loads ``model`` and runs it on ``feeds``, else why not (one line)."""
+    try:
+        sess = session(model)
+        sess.run(None, feeds)
+    except ORT_ERRORS as exc:
+        return _first_line(exc)
+    return None
