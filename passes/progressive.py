@@ -180,7 +180,7 @@ class Progressive(Method):
         odd = [name for name, axis in analysis.sample_axes.items() if axis != 0]
         if odd:
             return f"probes need every input batch-first, and {', '.join(map(repr, odd))} is not"
-        if not stacks_samples(analysis.model, analysis.input_shapes, analysis.prior):
+        if not stacks_samples(analysis.graph, analysis.model, analysis.input_shapes, analysis.prior):
             return "probes stack samples on the first axis, and this model does not run them apart there"
         return None
 

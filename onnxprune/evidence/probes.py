@@ -28,12 +28,12 @@ from onnxprune.ir import (
     Model,
     ModelEditor,
     NodeEmitter,
-    copy_model,
     hold_lean,
     holds_large,
     input_dtypes,
     make_batch_dynamic,
     session,
+    to_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -525,20 +525,23 @@ def probeable(group: ChannelGroup, shapes: dict, batch: int = 1) -> bool:
     return bool(spaces) and all(shapes.get(t, (0,))[0] == batch for t, _ in spaces)
 
 
-def stacks_samples(model: Model, input_shapes: dict, prior: InputPrior) -> bool:
+def stacks_samples(graph: gs.Graph, template: Model, input_shapes: dict, prior: InputPrior) -> bool:
     """Whether the model, its first axes made dynamic, runs two samples stacked on them as it
     runs each alone: what probe rows need. A sequence-first recurrent model (or one that mixes
-    its batch) does not."""
+    its batch) does not. Checked on ``graph`` as the probes build their models from it (the
+    lowered graph, exported): a head's Reshape to ``[1, C, -1]`` whose shape a Constant node
+    holds (Paddle's exports) mixes two samples in the file, and copies the batch once lowering
+    has made the shape an initializer that :func:`~onnxprune.ir.make_batch_dynamic` rewrites."""
     rng = np.random.default_rng(0)
+    batched = to_model(graph.copy(), template, hold=True)
     samples = []
     for _ in range(2):
         feed = {}
-        for name, dtype in input_dtypes(model).items():
+        for name, dtype in input_dtypes(batched).items():
             shape = tuple(input_shapes[name])
             feed[name] = (prior.sample(shape, rng) if np.issubdtype(dtype, np.floating)
                           else np.zeros(shape)).astype(dtype)
         samples.append(feed)
-    batched = copy_model(model)
     make_batch_dynamic(batched)
     try:
         sess = session(batched)
