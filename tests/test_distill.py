@@ -166,3 +166,19 @@ def test_a_folded_net_is_inverted_in_parts_with_the_whole_batchs_gradient():
     x = InputPrior.uniform(0.0, 1.0).sample((8, 1, 12, 12), np.random.default_rng(0)).astype(np.float32)
     whole, parts = _gradients_whole_and_in_parts(d, x)
     np.testing.assert_allclose(parts, whole, rtol=1e-3, atol=1e-4 * np.abs(whole).max())
+
+
+def test_a_model_one_input_of_which_is_too_large_to_invert_is_planned_on_the_prior_and_says_why(monkeypatch):
+    """One input's reverse pass past INVERSION_INPUT_BYTES cannot be cut into smaller parts:
+    a detector at 800x608 (3 GB an input) held 4.3 GB for its fidelity check alone. Such a
+    model is not inverted, and the report says why instead of "the inversion failed"."""
+    import onnxprune.analysis as analysis
+
+    distilled, report = prune(nets.resnet(), 0.4, method="paoding", check=4)
+    assert report.fidelity.inputs.startswith("held-out synthetic inputs, distilled")
+    monkeypatch.setattr(analysis, "INVERSION_INPUT_BYTES", 1000)  # nets.resnet: ~40 kB an input
+    prior, report = prune(nets.resnet(), 0.4, method="paoding", check=4)
+    assert "not inverted: one input's reverse pass would hold" in report.fidelity.inputs
+    assert any(w.startswith("no inputs were distilled: the model is too large to invert (one input's reverse pass")
+               for w in report.warnings), report.warnings
+    assert prior.SerializeToString() != distilled.SerializeToString()  # planned on other inputs
