@@ -163,7 +163,7 @@ def calib_table(path: str, name: str, built, pre, found: int, held: int) -> Tabl
     import numpy as np
 
     x = built.array
-    table = Table(title=f"onnxprune calib: {path}, input {name!r}", title_justify="left")
+    table = Table(title=f"onnxprune calib: {path}, input {name!r}", title_justify="left", show_header=False)
     table.add_column("")
     table.add_column("")
     table.add_row("images", f"{len(built.used)} of {found} found" + (f", {len(built.skipped)} unreadable skipped"
