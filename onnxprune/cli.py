@@ -456,7 +456,7 @@ def run_calib(argv: list[str]) -> int:
 def _calib(args) -> int:
     import numpy as np
 
-    from onnxprune.images import Preprocess, build, collect, input_layout, per_channel
+    from onnxprune.images import Preprocess, build, collect, depth, input_layout, per_channel
     from onnxprune.ir import input_specs, load_model_info, parse_input_shapes
 
     files = collect(args.images)
@@ -482,13 +482,13 @@ def _calib(args) -> int:
     if args.size and ((at.height and at.height != height) or (at.width and at.width != width)):
         raise UserError(f"--size {height},{width} differs from the input {spec.name!r}'s fixed {at.height},{at.width}")
     channels = args.channels or ("gray" if at.depth == 1 else "rgb")
-    depth = 1 if channels == "gray" else 3
-    if at.depth and at.depth != depth:
-        raise UserError(f"--channels {channels} gives {depth} channel(s); the input {spec.name!r} takes {at.depth}")
+    if at.depth and at.depth != depth(channels):
+        raise UserError(f"--channels {channels} gives {depth(channels)} channel(s); the input {spec.name!r} takes "
+                        f"{at.depth}")
     scale, mean, std = NORMS[args.norm]
     scale = scale if args.scale is None else args.scale
-    mean = per_channel(args.mean or mean, depth, "--mean")
-    std = per_channel(args.std or std, depth, "--std")
+    mean = per_channel(args.mean or mean, depth(channels), "--mean")
+    std = per_channel(args.std or std, depth(channels), "--std")
     if not math.isfinite(scale) or any(s == 0 for s in std):
         raise UserError("--scale must be finite and --std nonzero")
     integer = spec.dtype.kind in "iub"

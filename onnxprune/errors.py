@@ -29,3 +29,10 @@ class InternalError(OnnxPruneError):
     """An invariant of onnxprune itself broke (a bug): the message says what and where."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of ``exc``'s message, stripped (its type's name when it has
+    none): what a one-line report quotes of onnxruntime's or Pillow's multi-line errors."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

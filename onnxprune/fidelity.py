@@ -98,23 +98,24 @@ def fidelity_on(original: Model, pruned: Model, feeds: list[dict[str, np.ndarray
     return found
 
 
+#: What a warning about noise inputs ends with.
+_NOISE = ("planning and the fidelity row used noise from the input prior, which can read near 1 while real inputs "
+          "disagree; give --calibration, or check the result with onnxprune eval")
+
+
 def evidence_warnings(held_out: SyntheticInputs) -> list[str]:
     """What the fidelity row cannot vouch for, given the inputs it was measured on."""
     if held_out.kind != "synthetic":
         return []
     if "the inversion failed" in held_out.source:
         return [f"the inversion of the model's statistics failed ({held_out.source.split('the inversion failed: ')[1]}): "
-                "planning and the fidelity row used noise from the input prior, which can read near 1 while real "
-                "inputs disagree; give --calibration, or check the result with onnxprune eval"]
+                + _NOISE]
     if "not inverted: " in held_out.source:
         return [f"no inputs were distilled: the model is too large to invert "
-                f"({held_out.source.split('not inverted: ')[1]}): planning and the fidelity row used noise from the "
-                "input prior, which can read near 1 while real inputs disagree; give --calibration, or check the result "
-                "with onnxprune eval"]
+                f"({held_out.source.split('not inverted: ')[1]}): " + _NOISE]
     if not held_out.source.startswith("distilled"):
         return ["no inputs were distilled (no BatchNorm statistics, and nothing else to invert or a model too large "
-                "to invert without them): planning and the fidelity row used noise from the input prior, which can "
-                "read near 1 while real inputs disagree; give --calibration, or check the result with onnxprune eval"]
+                "to invert without them): " + _NOISE]
     warnings = []
     if "centred pre-activations" in held_out.source:
         warnings.append("the model has no BatchNorm statistics (folded into its convolutions?): inputs were "

@@ -28,15 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxprune.errors import UserError
+from onnxprune.errors import UserError, first_line
 
 #: Suffixes a folder is searched for (any file named on the command line is tried whatever it
 #: is called).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                             ".pbm", ".npy"})
-#: Samples taken by default: planning reads at most 128 and the check holds out at most 64, so
-#: a set of 256 is used whole (the last quarter held out).
-DEFAULT_LIMIT = 256
 PILLOW_HINT = "pip install pillow (or pip install 'onnxprune[images]')"
 
 
@@ -54,9 +51,10 @@ class Preprocess:
     fit: str = "stretch"      # "stretch" or "pad"
     pad_value: float = 0.0    # a pixel value, before normalisation
 
-    @property
-    def depth(self) -> int:
-        return 1 if self.channels == "gray" else 3
+
+def depth(channels: str) -> int:
+    """Channels a sample has in ``channels`` order ("rgb", "bgr" or "gray")."""
+    return 1 if channels == "gray" else 3
 
 
 @dataclass(frozen=True)
@@ -166,13 +164,8 @@ def _decode(path: Path) -> np.ndarray:
             else:  # palette, alpha, CMYK, YCbCr...: RGB
                 arr = np.asarray(im.convert("RGB"), dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"{path}: not an image Pillow can read ({_first_line(exc)})") from None
+        raise UserError(f"{path}: not an image Pillow can read ({first_line(exc)})") from None
     return arr
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _filter(size_in: int, size_out: int) -> np.ndarray:
@@ -239,7 +232,7 @@ class Built:
     skipped: list[tuple[Path, str]]
 
 
-def build(files: Sequence[Path], pre: Preprocess, dtype: np.dtype, limit: int = DEFAULT_LIMIT,
+def build(files: Sequence[Path], pre: Preprocess, dtype: np.dtype, limit: int,
           seed: int | None = 0, progress=None) -> Built:
     """Up to ``limit`` of ``files`` (shuffled with ``seed``; None keeps their order) as one
     array ``[N, ...]`` of ``dtype``; unreadable files are skipped and listed; a UserError when

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.passes.planning import aligned_step, removal_count
 
 from onnxprune.depgraph import ChannelGroup, DependencyGraph
-from onnxprune.ir import node_macs
+from onnxprune.ir import MAC_OPS, node_macs
 
 #: Above this many groups, a target share is reached by the uniform ratio's counts alone.
 STEPWISE_GROUPS = 48
@@ -216,7 +216,3 @@ def node_mac_spaces(node, shapes) -> tuple[int, tuple] | None:
     if node.op == "Gemm":
         return macs, ((x, 0 if trans_a else 1), (y, 1))
     return macs, ((x, len(in_shapes[0]) - 1), *((y, a) for a in range(1, len(out))))
-
-
-#: The ops a MAC budget counts: the report's (onnxprune.ir.node_macs).
-MAC_OPS = ("Conv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger")

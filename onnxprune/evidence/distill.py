@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxprune.errors import first_line
 from onnxprune.evidence.priors import InputPrior
 from onnxprune.gradient import INPUT_GRAD, LABELS, input_gradient_model
 from onnxprune.ir import (
@@ -148,7 +149,7 @@ class Distiller:
                     self._session = session(input_gradient_model(aux))
             except Exception as exc:  # no gradient graph (GradientUnsupported) or no session: use plain noise
                 logger.info("no gradient graph for distillation: %s", exc)
-                self.failure = f"no gradient graph: {_first_line(exc)}"
+                self.failure = f"no gradient graph: {first_line(exc)}"
                 self._aux = None
         return self._session
 
@@ -175,8 +176,8 @@ class Distiller:
             try:
                 grad = self._gradient(_roll(x, shift), feeds, t == steps)
             except Exception as exc:  # a model that does not batch: fall back to noise
-                logger.info("distillation stopped: %s", _first_line(exc))
-                self.failure = f"onnxruntime could not run its reverse pass on {shape[0]} inputs: {_first_line(exc)}"
+                logger.info("distillation stopped: %s", first_line(exc))
+                self.failure = f"onnxruntime could not run its reverse pass on {shape[0]} inputs: {first_line(exc)}"
                 self._parts = None
                 return None
             if not np.all(np.isfinite(grad)):  # statistics overflowed: keep the last finite inputs
@@ -219,11 +220,6 @@ def _own_block(hold: bool):
     """A holding block whose arrays live as long as what references them (the sessions made in
     it feed theirs), where the model holds; otherwise nothing."""
     return held.holding() if hold else contextlib.nullcontext()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Parts:

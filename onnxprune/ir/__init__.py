@@ -41,7 +41,7 @@ from onnxprune.ir.shapes import (
     skeleton,
 )
 from onnxprune.ir.slicing import Cut, Slicer
-from onnxprune.ir.stats import ModelStats, count_macs, model_stats, node_macs
+from onnxprune.ir.stats import MAC_OPS, ModelStats, count_macs, model_stats, node_macs
 from onnxprune.ir.timing import OpChain, interleaved_medians
 from onnxprune.ir.validate import check_runs, check_structure, runs_on
 
@@ -49,8 +49,8 @@ from onnxprune.ir.validate import check_runs, check_structure, runs_on
 Model = onnx.ModelProto
 
 __all__ = [
-    "AVAILABLE_SINCE", "PARAMS_AS_INPUTS_SINCE", "SHRINK_ARENA", "Cut", "InputSpec", "Model", "ModelEditor", "ModelStats",
-    "NodeEmitter",
+    "AVAILABLE_SINCE", "MAC_OPS", "PARAMS_AS_INPUTS_SINCE", "SHRINK_ARENA", "Cut", "InputSpec", "Model", "ModelEditor",
+    "ModelStats", "NodeEmitter",
     "NodeView", "OpChain", "Opset", "Session", "Shape", "Slicer", "check_model", "check_runs", "check_structure",
     "concrete_input_shapes", "control_values", "copy_model", "count_macs", "evaluate_node", "fix_input_dims", "graph_inputs",
     "hold_lean", "holding", "holds_large",

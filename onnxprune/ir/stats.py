@@ -50,6 +50,10 @@ def _float_params(model: onnx.ModelProto) -> int:
     return count
 
 
+#: The ops whose multiply-accumulates :func:`node_macs` counts: the report's and the budgets'.
+MAC_OPS = ("Conv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger")
+
+
 def node_macs(op: str, inputs: list[tuple[int, ...] | None], output: tuple[int, ...] | None,
               trans_a: bool = False) -> int | None:
     """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul (or their integer forms)
@@ -90,4 +94,4 @@ def model_stats(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> M
 
 
 
-__all__ = ["ModelStats", "model_stats", "count_macs"]
+__all__ = ["MAC_OPS", "ModelStats", "model_stats", "count_macs"]

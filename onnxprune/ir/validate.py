@@ -20,7 +20,7 @@ import onnx
 import onnx.inliner
 from onnx import helper, numpy_helper
 
-from onnxprune.errors import UserError
+from onnxprune.errors import UserError, first_line
 from onnxprune.ir.held import is_held
 from onnxprune.ir.runtime import ORT_ERRORS, lean_weights, session, weights_as_inputs
 from onnxprune.ir.shapes import Shape, concrete_input_shapes, graph_inputs, random_inputs
@@ -305,14 +305,9 @@ def _checker(model: onnx.ModelProto, where: str) -> None:
     try:
         onnx.checker.check_model(subject, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise UserError(f"{where}: onnx.checker refuses it: {_first_line(exc)}") from None
+        raise UserError(f"{where}: onnx.checker refuses it: {first_line(exc)}") from None
     except ValueError as exc:  # a model too large for one protobuf, or an unknown type
-        raise UserError(f"{where}: onnx.checker cannot check it: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+        raise UserError(f"{where}: onnx.checker cannot check it: {first_line(exc)}") from None
 
 
 def check_runs(model: onnx.ModelProto, overrides: dict[str, Shape]) -> dict[str, Shape]:
@@ -336,13 +331,13 @@ def check_runs(model: onnx.ModelProto, overrides: dict[str, Shape]) -> dict[str,
     try:
         sess = session(model)
     except ORT_ERRORS as exc:
-        raise UserError(f"onnxruntime cannot load the input model: {_first_line(exc)}") from None
+        raise UserError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
     feeds = random_inputs(model, shapes, np.random.default_rng(0))
     try:
         sess.run(None, feeds)
     except ORT_ERRORS as exc:
         shown = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())
-        raise UserError(f"onnxruntime cannot run the input model at {shown}: {_first_line(exc)}") from None
+        raise UserError(f"onnxruntime cannot run the input model at {shown}: {first_line(exc)}") from None
     return shapes
 
 
@@ -366,5 +361,5 @@ def runs_on(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> str | None:
         sess = session(model)
         sess.run(None, feeds)
     except ORT_ERRORS as exc:
-        return _first_line(exc)
+        return first_line(exc)
     return None
