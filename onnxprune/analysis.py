@@ -263,7 +263,8 @@ class Analysis:
         per space and gets the cross-validated choice for the spaces it lacks."""
         inputs = self.probe_inputs(self.statistics_count, seed)
         with stage("statistics"):
-            return measure_stats(corrected(self.graph, corrections), self.model, inputs, spaces, ridges=ridges)
+            return measure_stats(corrected(self.graph, corrections), self.model, inputs, spaces, ridges=ridges,
+                                 shapes=self.shapes)
 
     @cached_property
     def params(self) -> int:

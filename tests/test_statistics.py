@@ -82,6 +82,29 @@ def test_measured_statistics_match_numpy():
     assert stats["x", 1].ridge == ridges["x", 1] >= RIDGE
 
 
+@pytest.mark.parametrize("positions", [MAX_POSITIONS, 50])
+def test_runs_in_parts_see_what_whole_runs_see(positions, monkeypatch):
+    """Where a chunk's measured tensors pass RUN_BYTES, its inputs run in parts: the same
+    positions (strided over the whole chunk where it holds too many), the same folds and
+    ridges, and the same moments but for the order of their sums."""
+    from onnxprune.evidence import statistics
+
+    monkeypatch.setattr(statistics, "MAX_POSITIONS", positions)
+    analysis = analyse(nets.resnet())
+    inputs = analysis.probe_inputs(14, 0)  # three chunks and a part: 4, 4, 4, 2
+    spaces = sorted({space for g in analysis.dep.prunable_groups() for space in g.atoms})
+    whole = measure(analysis.graph, analysis.model, inputs, spaces, shapes=analysis.shapes)
+    per_input = sum(4 * int(np.prod(analysis.shapes[t][1:])) for t in {t for t, _ in spaces})
+    for part in (1, 3):
+        monkeypatch.setattr(statistics, "RUN_BYTES", part * per_input)
+        parts = measure(analysis.graph, analysis.model, inputs, spaces, shapes=analysis.shapes)
+        for key, want in whole.items():
+            got = parts[key]
+            assert got.count == want.count and got.ridge == want.ridge
+            for a, b in ((got.mean, want.mean), (got.var, want.var), (got.cov, want.cov)):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
 def _reference_moments(runs, axis):
     """Sum, count and second moment the plain way: positions as rows, strided per run, the
     positions with a non-finite channel dropped."""

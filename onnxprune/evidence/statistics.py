@@ -35,6 +35,9 @@ RIDGE_PER_POSITION = 0.1
 MAX_POSITIONS = 16384
 #: Wider tensors (a flattened VGG feature map) keep variances only: removal by the mean.
 MAX_CHANNELS = 4096
+#: Bytes of measured tensors a run returns at most: past it a chunk of inputs runs in parts,
+#: which see the same positions (a layout detector at 800x608 returned 1.6 GB for 4 inputs).
+RUN_BYTES = 1e8
 
 
 @dataclass
@@ -130,10 +133,12 @@ def cross_validated_ridge(folds: list[tuple[np.ndarray, np.ndarray]]) -> float:
 
 def measure(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray],
             spaces: list[tuple[str, int]], chunk: int = 4,
-            ridges: dict[tuple[str, int], float] | None = None) -> dict[tuple[str, int], ChannelStats]:
+            ridges: dict[tuple[str, int], float] | None = None,
+            shapes: dict[str, tuple] | None = None) -> dict[tuple[str, int], ChannelStats]:
     """Means and covariances of the channels of each ``(tensor, axis)`` on ``inputs``, with a
     ridge per tensor chosen by two-fold cross-validation (alternate chunks of inputs), unless
-    ``ridges`` has it already; new choices are added to ``ridges``."""
+    ``ridges`` has it already; new choices are added to ``ridges``. ``shapes`` (as analysed,
+    batch first) size the runs: see RUN_BYTES."""
     if not spaces:
         return {}
     g = graph.copy()
@@ -150,17 +155,22 @@ def measure(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray],
     folds = 2 if count >= 2 * chunk else 1
     moments: dict[tuple[str, int], list[_Moments]] = {}
     widths: dict[tuple[str, int], int] = {}
+    part = _part(shapes or {}, names, chunk)
     for start in range(0, count, chunk):
         fold = (start // chunk) % folds
-        feeds = {k: v[start:start + chunk] for k, v in inputs.items()}
-        outs = dict(zip(names, sess.run(names, feeds)))
-        for tensor, axis in spaces:
-            key = (tensor, axis)
-            out = np.asarray(outs[tensor])
-            widths[key] = out.shape[axis]
-            if key not in moments:
-                moments[key] = [_Moments(out.shape[axis]) for _ in range(folds)]
-            moments[key][fold].add(out, axis)
+        stop = min(count, start + chunk)
+        for lo in range(start, stop, part):
+            hi = min(stop, lo + part)
+            feeds = {k: v[lo:hi] for k, v in inputs.items()}
+            outs = dict(zip(names, sess.run(names, feeds)))
+            for tensor, axis in spaces:
+                key = (tensor, axis)
+                out = np.asarray(outs[tensor])
+                widths[key] = out.shape[axis]
+                if key not in moments:
+                    moments[key] = [_Moments(out.shape[axis]) for _ in range(folds)]
+                moments[key][fold].add(out, axis, (lo - start, hi - lo, stop - start))
+            del outs
     stats = {}
     del sess  # its activations and buffers, before the products are finished
     for key in dict.fromkeys(spaces):
@@ -187,6 +197,17 @@ def measure(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray],
     return stats
 
 
+def _part(shapes: dict[str, tuple], names: list[str], chunk: int) -> int:
+    """Inputs a run takes: ``chunk``, or fewer where that many inputs' measured tensors pass
+    RUN_BYTES (``shapes`` batch first; unknown sizes count nothing)."""
+    per_input = 0
+    for name in names:
+        shape = shapes.get(name)
+        if shape and all(isinstance(d, int) for d in shape):
+            per_input += 4 * int(np.prod(shape[1:], dtype=np.int64))
+    return int(np.clip(RUN_BYTES // max(per_input, 1), 1, chunk))
+
+
 class _Moments:
     """Sum and second moment (``X^T X``, or the squares alone past MAX_CHANNELS) of the
     positions of one tensor's channels, accumulated run by run in float64.
@@ -205,7 +226,13 @@ class _Moments:
         self._blocks: list[tuple[np.ndarray, bool]] = []  # (block, channels last)
         self._buffered = 0
 
-    def add(self, out: np.ndarray, axis: int) -> None:
+    def add(self, out: np.ndarray, axis: int, part: tuple[int, int, int] | None = None) -> None:
+        """One run's positions of ``out``; ``part`` ``(first, inputs, of)`` where the run
+        holds inputs ``first`` to ``first + inputs`` of a run of ``of`` split in parts: the
+        positions kept are those the whole run keeps (its inputs' positions lie one after
+        another). Parts are multiplied out as they come, as runs are (holding every tensor's
+        parts until the last part of the run peaked at 1.1 GB on a layout detector): the same
+        products summed in another order, equal to rounding (about 1e-15)."""
         axis %= out.ndim
         if not np.isfinite(out).all():
             # Overflowing positions (random weights) say nothing: drop them, position by position.
@@ -219,9 +246,12 @@ class _Moments:
             block = out.reshape(lead, self.channels, -1).transpose(1, 0, 2).reshape(self.channels, -1)
             last = False
         positions = block.shape[0] if last else block.shape[1]
-        if positions > MAX_POSITIONS:
-            step = int(np.ceil(positions / MAX_POSITIONS))
-            block = block[::step] if last else block[:, ::step]
+        first, inputs, of = part or (0, 1, 1)
+        offset, total = positions * first // inputs, positions * of // inputs
+        if total > MAX_POSITIONS:
+            step = int(np.ceil(total / MAX_POSITIONS))
+            keep = slice(-offset % step, None, step)
+            block = block[keep] if last else block[:, keep]
             positions = block.shape[0] if last else block.shape[1]
         if not positions:
             return
