@@ -132,7 +132,7 @@ class Environment:
         batch = analysis.batch
         per_sample = max(analysis.macs / max(batch, 1), 1)
         # a consumer input's substitution holds a copy of it: half the samples a run holds
-        max_batch = max(probes, run_batch(analysis, per_sample, probes) // 2)
+        max_batch = max(probes, run_batch(analysis, per_sample) // 2)
         with stage("statistics"):
             self.rows = PlanRows(analysis, groups, reconstruction, budget.compensate, budget.seed)
         with stage("similarity"):

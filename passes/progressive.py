@@ -89,14 +89,14 @@ RUN_MACS = 1.5e11
 RUN_BYTES = 2e8
 
 
-def run_batch(analysis, per_sample: float, probes: int) -> int:
+def run_batch(analysis, per_sample: float) -> int:
     """Samples per probe run: as many as RUN_MACS buy and RUN_BYTES of activations hold (a
-    detector at 640x640 holds ~100 MB of activations per sample), 2048 at most; at least one
-    row of ``probes``."""
+    detector at 640x640 holds ~100 MB of activations per sample), 2048 at most, at least one.
+    Below a row of probes a row runs in parts (the same outputs: samples are independent)."""
     batch = analysis.batch
     floats = sum(int(np.prod(s)) for s in analysis.shapes.values() if s and all(isinstance(d, int) for d in s))
     per_sample_bytes = 4 * floats / max(batch, 1)
-    return int(max(probes, min(RUN_MACS / per_sample, RUN_BYTES / max(per_sample_bytes, 1), 2048)))
+    return int(max(1, min(RUN_MACS / per_sample, RUN_BYTES / max(per_sample_bytes, 1), 2048)))
 
 
 def _per_saving(score: np.ndarray, saving: np.ndarray | None) -> np.ndarray:
@@ -229,7 +229,7 @@ class Progressive(Method):
                     cost=cost, goal=goal, steps=steps, plans=plans, plan=plan,
                     reconstructor=reconstructor, norms={g.id: consumer_weight_norms(g) for g in groups},
                     probe_inputs=analysis.probe_inputs(probes, budget.seed), row_limit=row_limit,
-                    run_batch=run_batch(analysis, per_sample, probes), scheduled=scheduled,
+                    run_batch=run_batch(analysis, per_sample), scheduled=scheduled,
                     rng=np.random.default_rng(budget.seed),
                     free=[g for g in groups if g.id not in scheduled], first_order=first_order)
 

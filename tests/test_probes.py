@@ -300,6 +300,46 @@ def test_rows_run_from_where_their_masks_enter_as_through_the_whole_model(name, 
     assert probe.runs - runs == 2 * rows
 
 
+@pytest.mark.parametrize("max_batch, held", [(1, True), (2, True), (2, False), (2048, False)])
+def test_rows_larger_than_a_run_run_in_parts_with_the_same_outputs(max_batch, held, monkeypatch):
+    """A model whose row of probes passes a run's samples (a detector at 800x608) runs each
+    row, and the unablated base with its captures, in parts; one whose captures pass
+    CAPTURE_BYTES takes each block's when the block runs (``held`` False). The same outputs,
+    whole model and sub-models alike."""
+    from onnxprune.evidence import frontier
+
+    analysis = analyse(nets.resnet(), {"x": (1, 3, 8, 8)}, input_range=(0.0, 1.0))
+    groups = analysis.dep.prunable_groups()
+
+    def probe_with(batch):
+        probe = ProbeModel(analysis.graph, analysis.model, groups, analysis.moments, analysis.prior,
+                           analysis.input_shapes, probes=5, seed=0, max_batch=batch)
+        probe.frontier.session_seconds = 0.0  # every group with a cut runs its own sub-model
+        return probe
+
+    whole = probe_with(2048)
+    if not held:
+        monkeypatch.setattr(frontier, "CAPTURE_BYTES", 0)
+    parts = probe_with(max_batch)
+    assert whole.frontier.holds and parts.frontier.holds == held
+    assert bool(parts.frontier.captured) == held
+    np.testing.assert_array_equal(parts.base, whole.base)
+    masks = {}
+    for k, g in enumerate(groups):
+        m = np.ones((4 * len(groups) + 1, g.size), np.float32)
+        for r in range(4):  # four rows a group (a block pays for its captures), all at once in the last
+            m[4 * k + r, r % g.size] = m[-1, 0] = 0
+        masks[mask_name(g)] = m
+    assert parts.frontier.cuts
+    np.testing.assert_array_equal(parts.run(masks, raw=True), whole.run(masks, raw=True))
+    if held:
+        np.testing.assert_array_equal(parts.run_rows(masks), whole.run_rows(masks))
+        assert parts.runs == whole.runs
+    else:  # a block that takes its captures costs a run more: some rows run whole instead
+        np.testing.assert_allclose(parts.run_rows(masks), whole.run(masks, raw=True), rtol=1e-5, atol=1e-6)
+        assert parts.frontier.rows > 0 and not parts.frontier.captured  # blocks took their own
+
+
 def test_a_cut_recomputes_shape_tensors_instead_of_capturing_them():
     """A tensor that depends on the batch's size (a Shape) cannot be repeated over rows: its
     producer joins the sub-model and reads the map it measures, which is captured."""

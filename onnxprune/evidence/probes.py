@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.coupling import CONSUMER
 from onnxprune.depgraph import ChannelGroup
-from onnxprune.evidence.frontier import Frontier, Throughput
+from onnxprune.evidence.frontier import Frontier, Throughput, assemble, sample_runs
 from onnxprune.evidence.priors import InputPrior, MomentPropagation
 from onnxprune.ir import (
     Model,
@@ -190,23 +190,39 @@ class ProbeModel:
         return {mask_name(group): 1.0, merge_src_name(group): 0.0, merge_dst_name(group): 0.0}
 
     def _base_run(self) -> np.ndarray:
-        """The unablated outputs [P, O] in float64, and what the frontier's cuts capture (a
-        large model's when the first rows need them: see :meth:`_capture`)."""
-        self._uncaptured = self.frontier is not None and self._hold
-        wanted = self.frontier.wanted if self.frontier is not None and not self._uncaptured else []
-        y, *captured = self.session.run([self.output, *wanted], self._unablated())
+        """The unablated outputs [P, O] in float64, and what the frontier's cuts capture where
+        it holds them (a large model's when the first rows need them: see :meth:`_capture`)."""
+        held = self.frontier is not None and self.frontier.holds
+        self._uncaptured = held and self._hold
+        wanted = self.frontier.wanted if held and not self._uncaptured else []
+        y, *captured = self._unablated_run([self.output, *wanted])
         self._output_shape = y.shape
         self.runs += 1
         if wanted:
             self.frontier.capture(captured, self.probes)
         return y.reshape(self.probes, -1).astype(np.float64)
 
-    def _unablated(self) -> dict[str, np.ndarray]:
-        feeds = dict(self.inputs)
-        for group in self.groups:
-            for name, default in self._group_inputs(group).items():
-                feeds[name] = np.full((self.probes, group.size), default, np.float32)
-        return feeds
+    def _unablated_run(self, names: list[str]) -> list[np.ndarray]:
+        """``names`` on the unablated probes, in runs of at most ``max_batch`` of them (each
+        run's part written into the whole: the captures of a detector at 800x608 are about
+        100 MB a probe, and concatenating parts held them twice)."""
+        whole = None
+        for _, kept in sample_runs(1, self.probes, self.max_batch):
+            feeds = {name: x[kept] for name, x in self.inputs.items()}
+            for group in self.groups:
+                for name, default in self._group_inputs(group).items():
+                    feeds[name] = np.full((kept.stop - kept.start, group.size), default, np.float32)
+            part = self.session.run(names, feeds)
+            if kept.stop - kept.start == self.probes:
+                return part
+            if whole is None:
+                # a first axis that is not the probes' (a shape tensor) stays as the first run left it
+                whole = [np.empty((self.probes, *a.shape[1:]), a.dtype) if a.ndim and len(a) == len(part[0])
+                         else a for a in part]
+            for k, a in enumerate(part):
+                if whole[k] is not a and whole[k].shape[1:] == a.shape[1:]:
+                    whole[k][kept] = a
+        return whole
 
     def _capture(self) -> None:
         """A large model's captures, taken by running the unablated probes again when the
@@ -214,7 +230,7 @@ class ProbeModel:
         two) then does not hold them (resnet50 at 224x224: 137 MB a step)."""
         if self._uncaptured:
             self._uncaptured = False
-            _, *captured = self.session.run([self.output, *self.frontier.wanted], self._unablated())
+            _, *captured = self._unablated_run([self.output, *self.frontier.wanted])
             self.frontier.capture(captured, self.probes)
 
     def dense_model(self) -> Model:
@@ -299,22 +315,21 @@ class ProbeModel:
             if self._dense_session is None:
                 self._dense_session = session(self.dense_model())
             run_session = self._dense_session
-        per_chunk = max(1, self.max_batch // self.probes)
         results = []
-        for start in range(0, rows, per_chunk):
-            stop = min(rows, start + per_chunk)
-            feeds = {name: np.concatenate([x] * (stop - start)) for name, x in self.inputs.items()}
+        for part, kept in sample_runs(rows, self.probes, self.max_batch):
+            n, width = part.stop - part.start, kept.stop - kept.start
+            feeds = {name: np.concatenate([x[kept]] * n) for name, x in self.inputs.items()}
             for group in self.groups:
                 for name, default in self._group_inputs(group).items():
                     m = masks.get(name)
-                    block = np.full((stop - start, group.size), default, np.float32) if m is None else m[start:stop]
-                    feeds[name] = np.repeat(block.astype(np.float32), self.probes, axis=0)
+                    block = np.full((n, group.size), default, np.float32) if m is None else m[part]
+                    feeds[name] = np.repeat(block.astype(np.float32), width, axis=0)
             (y,) = run_session.run([self.output], feeds)
             self._output_shape = y.shape  # samples first
-            self.runs += stop - start
-            y = y.reshape(stop - start, self.probes, -1)
-            results.append(y if raw else y.astype(np.float64))
-        return np.concatenate(results)
+            self.runs += n if kept.start == 0 else 0
+            y = y.reshape(n, width, -1)
+            results.append((part, kept, y if raw else y.astype(np.float64)))
+        return assemble(results, rows, self.probes)
 
     def first_order(self) -> dict[int, np.ndarray] | None:
         """d loss / d mask for every unit of every probed group, in one reverse pass.
@@ -385,7 +400,8 @@ class ProbeModel:
         if self.frontier is None or not self.frontier.cuts or not masks or not self.sparse_expresses(masks):
             return self.run(masks, raw=True)
         before = self.frontier.rows
-        out = self.frontier.run(masks, self.probes, self.max_batch, lambda m: self.run(m, raw=True))
+        out = self.frontier.run(masks, self.probes, self.max_batch, lambda m: self.run(m, raw=True),
+                                self._unablated_run)
         if out is None:
             return self.run(masks, raw=True)
         self.runs += self.frontier.rows - before
