@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxprune.ir import Cut, Model, Slicer, session
+from onnxprune.ir import Cut, Model, Slicer, sample_bytes, session
 
 #: Bytes of captures a probe step holds at most (all cuts', for every probe): past it each
 #: block takes its own when it runs, at the price of an unablated run of the probes (a layout
@@ -136,9 +136,7 @@ class Frontier:
         self.slicer.expose(self.wanted)
         self.captured: dict[str, np.ndarray] = {}
         probes = len(next(iter(samples.values()))) if samples else 1
-        per_probe = sum(4 * int(np.prod(shapes[n][1:], dtype=np.int64)) for n in self.wanted
-                        if n in shapes and all(isinstance(d, int) for d in shapes[n]))
-        self.holds = per_probe * probes <= CAPTURE_BYTES
+        self.holds = sample_bytes(shapes, self.wanted) * probes <= CAPTURE_BYTES
         self.session_seconds = 0.0  # per node: the probe model's own session, timed by the caller
         self.rows = 0  # rows run through cuts
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.ir import Model, make_batch_dynamic, session, to_model
+from onnxprune.ir import Model, make_batch_dynamic, sample_bytes, session, to_model
 
 #: Ridge, relative to the mean channel variance of the tensor.
 RIDGE = 1e-2
@@ -200,12 +200,7 @@ def measure(graph: gs.Graph, template: Model, inputs: dict[str, np.ndarray],
 def _part(shapes: dict[str, tuple], names: list[str], chunk: int) -> int:
     """Inputs a run takes: ``chunk``, or fewer where that many inputs' measured tensors pass
     RUN_BYTES (``shapes`` batch first; unknown sizes count nothing)."""
-    per_input = 0
-    for name in names:
-        shape = shapes.get(name)
-        if shape and all(isinstance(d, int) for d in shape):
-            per_input += 4 * int(np.prod(shape[1:], dtype=np.int64))
-    return int(np.clip(RUN_BYTES // max(per_input, 1), 1, chunk))
+    return int(np.clip(RUN_BYTES // max(sample_bytes(shapes, names), 1), 1, chunk))
 
 
 class _Moments:

@@ -38,6 +38,7 @@ from onnxprune.ir.shapes import (
     parse_input_shapes,
     random_inputs,
     resolve_shapes,
+    sample_bytes,
     skeleton,
 )
 from onnxprune.ir.slicing import Cut, Slicer
@@ -57,7 +58,7 @@ __all__ = [
     "import_graph", "input_dtypes", "interleaved_medians", "input_specs", "keep_ir_version", "load_model",
     "load_model_info",
     "make_batch_dynamic", "model_stats", "node_macs", "np_dtype", "output_names", "parse_input_shapes",
-    "random_inputs", "release_memory", "resolve_shapes", "runs_on", "sample_axes", "save_model", "session", "signature",
-    "skeleton",
+    "random_inputs", "release_memory", "resolve_shapes", "runs_on", "sample_bytes", "sample_axes", "save_model", "session",
+    "signature", "skeleton",
     "stack_samples", "template_for", "to_model", "toposort_nodes",
 ]

@@ -324,3 +324,14 @@ def _run_for_shapes(model: onnx.ModelProto, input_shapes: dict[str, Shape], name
     except Exception as exc:
         raise UserError(f"onnxruntime cannot run the model at {input_shapes}: {str(exc).splitlines()[0]}") from None
     return {n: tuple(np.shape(v)) for n, v in zip(wanted, values) if n in set(names)}
+
+
+def sample_bytes(shapes: dict[str, tuple], names) -> int:
+    """Bytes one sample of the tensors ``names`` holds, in float32: ``shapes`` batch first,
+    unknown or symbolic shapes counting nothing."""
+    total = 0
+    for name in names:
+        shape = shapes.get(name)
+        if shape and all(isinstance(d, int) for d in shape):
+            total += 4 * int(np.prod(shape[1:], dtype=np.int64))
+    return total
